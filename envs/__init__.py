@@ -1,0 +1,1 @@
+"""Text environments with a common interface (see envs/base.py)."""

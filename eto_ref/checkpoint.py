@@ -1,0 +1,177 @@
+"""Hugging Face model directories <-> our Transformer.
+
+A model directory holds `config.json`, the weights as `model.safetensors` or as
+shards listed in `model.safetensors.index.json`, and the tokenizer files.
+Safetensors and JSON only: nothing here ever unpickles.
+
+Names: a checkpoint tensor is our parameter name with a `model.` prefix, except
+`lm_head.weight`. HF Llama checkpoints are already in the rotate-half RoPE
+layout, so weights load with no permutation. With tied embeddings `lm_head.weight`
+is absent from the checkpoint (it *is* the embedding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from eto_ref.model import ModelConfig, Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+IGNORED_CHECKPOINT_KEYS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and tensor."""
+
+
+def hf_name(our_name: str) -> str:
+    """`layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj.weight`; lm_head stays."""
+    return our_name if our_name.startswith("lm_head.") else "model." + our_name
+
+
+def our_name(hf: str) -> str:
+    return hf[len("model."):] if hf.startswith("model.") else hf
+
+
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """Map each checkpoint tensor name to the safetensors file that holds it."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        return {name: model_dir / fname for name, fname in weight_map.items()}
+    single = model_dir / SINGLE_FILE
+    if not single.is_file():
+        found = sorted(p.name for p in model_dir.glob("*"))
+        raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (found: {found})")
+    with _open_safetensors(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _open_safetensors(path: Path):
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weight file listed in the index is missing")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, Exception) as e:  # truncated or corrupt header
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, keyed by checkpoint (HF) name."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in weight_files(model_dir).items():
+        by_file.setdefault(path, []).append(name)
+    tensors = {}
+    for path, names in by_file.items():
+        with _open_safetensors(path) as f:
+            for name in names:
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
+                tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return tensors
+
+
+def check_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Raise CheckpointError on a missing, unexpected or wrongly shaped tensor (name + both shapes)."""
+    expected = {hf_name(n): p.shape for n, p in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints still store it: it is the embedding
+    for key in list(tensors):
+        if key.endswith(IGNORED_CHECKPOINT_KEYS):
+            tensors.pop(key)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]])})"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} (shape {tuple(tensors[unexpected[0]].shape)})"
+                              + f" not in a {model.config.architecture} model"
+                              + (f"; and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    for key, shape in expected.items():
+        if tensors[key].shape != shape:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                                  f"the model from config.json expects {tuple(shape)}")
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+    """Load a Hugging Face Llama/Mistral/Qwen2 directory into our Transformer.
+
+    The model is built on the meta device (no memory, no random init), then the
+    checkpoint tensors are assigned to it, gpt-fast style.
+    """
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_json(model_dir / "config.json")
+    with torch.device("meta"):
+        model = Transformer(config)
+    tensors = read_state_dict(model_dir, dtype)
+    check_state_dict(model, tensors, model_dir)
+    state = {our_name(k): v.to(device) for k, v in tensors.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Non-persistent buffers (RoPE frequencies) are not in checkpoints: rebuild them for real.
+    from eto_ref.model import rope_inverse_frequencies
+    model.inv_freq = rope_inverse_frequencies(config).to(device)
+    return model.to(device).eval()
+
+
+def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a Hugging Face directory (config.json + model.safetensors), atomically.
+
+    Files are written into a temporary directory beside `out_dir`, which then
+    replaces `out_dir` by rename, so a crash never leaves a half-written model.
+    Tokenizer files are copied from `tokenizer_dir` when given.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        config = model.config.to_hf_dict()
+        config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        state = {}
+        for name, t in model.state_dict().items():
+            if model.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            t = t.detach().to("cpu", dtype=dtype or t.dtype).contiguous()
+            state[hf_name(name)] = t
+        save_file(state, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copy2(src, tmp / fname)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory `src` to `dst`, replacing an existing `dst` with two renames (never a half state)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)

@@ -1,0 +1,194 @@
+"""Our hand-written model against `transformers` as an independent oracle.
+
+Each case builds a small random Hugging Face model, saves it with transformers,
+loads the directory with our loader, and compares float32 logits. Then the
+reverse: what we save loads in transformers with identical logits.
+"""
+
+import json
+
+import pytest
+import torch
+
+from eto_ref.checkpoint import CheckpointError, load_model, save_model
+from eto_ref.model import KVCache, ModelConfig, Transformer
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+CASES = {
+    "llama-mha": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, rope_theta=500000.0)),
+    "llama3-rope-scaling": ("LlamaConfig", "LlamaForCausalLM",
+                            dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)),
+    "llama-head-dim": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, head_dim=24)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=1, sliding_window=None)),
+    "qwen2-bias-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(case, tmp_path):
+    config_cls, model_cls, kw = CASES[case]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**BASE, **kw)
+    hf = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # make norms and biases non-trivial so they are really tested
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf"
+
+
+def hf_logits(hf, ids, position_ids=None):
+    with torch.no_grad():
+        return hf(input_ids=ids, position_ids=position_ids).logits
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(case, tmp_path):
+    hf, path = make_hf_model(case, tmp_path)
+    ours = load_model(path)
+    ids = torch.randint(0, BASE["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = ours(ids)
+    assert (got - hf_logits(hf, ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "llama3-rope-scaling", "qwen2-bias-tied"])
+def test_logits_match_with_explicit_position_ids(case, tmp_path):
+    hf, path = make_hf_model(case, tmp_path)
+    ours = load_model(path)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(50, 70).repeat(2, 1)  # far beyond the llama3 original length of 32
+    with torch.no_grad():
+        got = ours(ids, position_ids=pos)
+    assert (got - hf_logits(hf, ids, pos)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_our_saved_directory_loads_in_transformers(case, tmp_path):
+    _, path = make_hf_model(case, tmp_path)
+    ours = load_model(path)
+    save_model(ours, tmp_path / "ours")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), reloaded(input_ids=ids).logits) or \
+            (ours(ids) - reloaded(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf, _ = make_hf_model("llama-gqa", tmp_path)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ours = load_model(tmp_path / "sharded")
+    ids = torch.randint(0, BASE["vocab_size"], (1, 16))
+    with torch.no_grad():
+        assert (ours(ids) - hf_logits(hf, ids)).abs().max() < 1e-4
+
+
+def test_load_in_bfloat16(tmp_path):
+    hf, path = make_hf_model("llama-gqa", tmp_path)
+    ours = load_model(path, dtype=torch.bfloat16)
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, BASE["vocab_size"], (1, 16))
+    with torch.no_grad():
+        assert (ours(ids).float() - hf_logits(hf, ids)).abs().max() < 0.1
+
+
+def test_right_padding_does_not_change_real_tokens():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**BASE, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (1, 12))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 12), torch.zeros(1, 5)], dim=1).bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, attention_mask=mask)[:, :12], model(ids))
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**BASE, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 15))
+    cache = KVCache(model.config, batch_size=2, max_len=32)
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :10], kv_cache=cache)] + [model(ids[:, t:t + 1], kv_cache=cache) for t in range(10, 15)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_overflow_is_a_clear_error():
+    model = Transformer(ModelConfig(**BASE)).eval()
+    cache = KVCache(model.config, batch_size=1, max_len=8)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="KV cache overflow"):
+        model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+
+def _write_config(path, **overrides):
+    cfg = {"architectures": ["LlamaForCausalLM"], **BASE, "num_key_value_heads": 2, **overrides}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unknown_architecture_names_file_and_key(tmp_path):
+    _write_config(tmp_path, architectures=["GPTNeoXForCausalLM"])
+    with pytest.raises(ValueError, match=r"config.json.*GPTNeoXForCausalLM.*architectures"):
+        load_model(tmp_path)
+
+
+def test_missing_config_key_names_file_and_key(tmp_path):
+    _write_config(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json.*'hidden_size'"):
+        load_model(tmp_path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_missing_unexpected_and_misshaped_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, path = make_hf_model("llama-gqa", tmp_path)
+    state = load_file(path / "model.safetensors")
+
+    def write(d):
+        save_file(d, str(path / "model.safetensors"))
+
+    missing = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    write(missing)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'.*\(96, 64\)"):
+        load_model(path)
+    write({**state, "model.layers.0.extra.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.layers.0.extra.weight'"):
+        load_model(path)
+    write({**state, "model.norm.weight": torch.zeros(65)})
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \(65,\).*expects \(64,\)"):
+        load_model(path)
+
+
+def test_truncated_safetensors_file(tmp_path):
+    _, path = make_hf_model("llama-gqa", tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(path)
+
+
+def test_save_is_atomic_and_replaces(tmp_path):
+    model = Transformer(ModelConfig(**BASE))
+    save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
