@@ -1,0 +1,104 @@
+"""Contrastive trajectory pairs: the agent's explored trajectory vs the expert's.
+
+ETO (Song et al. 2024, Sec. 3.2) collects failure trajectories by letting the
+SFT policy explore the training tasks, then pairs each with the expert
+trajectory of the same task. This module is that rule, faithful to the official
+`construct_preference.py`:
+
+    r <  r_e  ->  chosen = expert,   rejected = explored   ("lose")
+    r >  r_e  ->  chosen = explored, rejected = expert     ("win")
+    r == r_e  ->  no pair                                   ("tie": equally good)
+
+The rejected side of a "lose" pair is cut to at most `len(expert) + 5` agent
+turns (failed runs are often much longer than successful ones). Both sides must
+end with an agent turn.
+
+Trajectories here are official ETO records: `{"id", "conversations": [{"from",
+"value"}, ...], "reward"}` whose conversations start with the 2-turn instruction
+part (instruction, "OK") followed by the task. A pair is `{"id", "prompt",
+"chosen", "rejected"}` with prompt = instruction part + task turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INSTRUCTION_TURNS = 2  # human instruction + gpt "OK"
+EXTRA_REJECTED_TURNS = 5  # the official code allows 5 more agent turns than the expert
+
+
+@dataclass
+class PairStats:
+    win: int = 0
+    tie: int = 0
+    lose: int = 0
+    dropped: int = 0  # a side did not end with an agent turn, or the explored run had no agent turn
+
+    def as_dict(self) -> dict:
+        return {"win": self.win, "tie": self.tie, "lose": self.lose, "dropped": self.dropped}
+
+
+def strip_trailing_observation(turns: list[dict]) -> list[dict]:
+    """An episode ends with the environment's last observation; a training side ends with the agent."""
+    return turns[:-1] if turns and turns[-1]["from"] == "human" else turns
+
+
+def truncate_agent_turns(turns: list[dict], max_agent_turns: int) -> list[dict]:
+    """Keep turns up to and including the `max_agent_turns`-th agent (gpt) turn."""
+    kept, agent_turns = [], 0
+    for turn in turns:
+        if turn["from"] == "gpt":
+            if agent_turns == max_agent_turns:
+                break
+            agent_turns += 1
+        kept.append(turn)
+    return kept
+
+
+def count_agent_turns(turns: list[dict]) -> int:
+    return sum(turn["from"] == "gpt" for turn in turns)
+
+
+def build_pair(expert: dict, explored: dict, truncate_rejected: bool = True) -> tuple[str, dict | None]:
+    """Apply the ETO pairing rule to one task. Returns (outcome, pair or None).
+
+    outcome is "win", "lose", "tie" or "dropped".
+    """
+    r_e, r = float(expert.get("reward", 1.0)), float(explored["reward"])
+    expert_turns = expert["conversations"][INSTRUCTION_TURNS:]  # task, a1, o1, ..., an
+    explored_turns = strip_trailing_observation(explored["conversations"][INSTRUCTION_TURNS:])
+    instruction = expert["conversations"][:INSTRUCTION_TURNS]
+    if r == r_e:
+        return "tie", None
+    if r < r_e:
+        outcome, winner, loser = "lose", expert_turns, explored_turns
+        if truncate_rejected:
+            loser = truncate_agent_turns(loser, count_agent_turns(expert_turns) + EXTRA_REJECTED_TURNS)
+    else:
+        outcome, winner, loser = "win", explored_turns, expert_turns
+    pair = {
+        "id": str(expert["id"]),
+        "prompt": instruction + winner[:1],  # instruction part + the task
+        "chosen": winner[1:],
+        "rejected": loser[1:],
+    }
+    if not pair["chosen"] or not pair["rejected"] or \
+            pair["chosen"][-1]["from"] != "gpt" or pair["rejected"][-1]["from"] != "gpt":
+        return "dropped", None
+    return outcome, pair
+
+
+def build_pairs(experts: list[dict], explored: list[dict], truncate_rejected: bool = True) -> tuple[list[dict], PairStats]:
+    """Pair every explored trajectory with the expert trajectory of the same task id."""
+    expert_by_id = {str(e["id"]): e for e in experts}
+    stats, pairs = PairStats(), []
+    for traj in explored:
+        expert = expert_by_id.get(str(traj["id"]))
+        if expert is None or traj.get("reward") is None:
+            stats.dropped += 1
+            continue
+        outcome, pair = build_pair(expert, traj, truncate_rejected)
+        setattr(stats, outcome, getattr(stats, outcome) + 1)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs, stats

@@ -1,0 +1,74 @@
+"""The ETO pairing rule on hand-made reward cases (lose, win, tie, truncation)."""
+
+from eto_ref.pairs import build_pair, build_pairs, truncate_agent_turns
+
+INSTRUCTION = [{"from": "human", "value": "You are an agent."}, {"from": "gpt", "value": "OK"}]
+
+
+def episode(task_id, actions, reward, final_observation=True):
+    """An ETO record: instruction part, task, then agent/observation turns."""
+    conv = INSTRUCTION + [{"from": "human", "value": f"Task {task_id}"}]
+    for i, a in enumerate(actions):
+        conv.append({"from": "gpt", "value": f"Thought: t\nAction: {a}"})
+        if i < len(actions) - 1 or final_observation:
+            conv.append({"from": "human", "value": f"Observation: after {a}"})
+    return {"id": task_id, "conversations": conv, "reward": reward}
+
+
+def actions_of(turns):
+    return [t["value"].split("Action: ")[1] for t in turns if t["from"] == "gpt"]
+
+
+def test_lose_pairs_expert_as_chosen_and_strips_the_final_observation():
+    expert = episode("1", ["a", "b"], 1.0, final_observation=False)
+    explored = episode("1", ["x", "y", "z"], 0.0)
+    outcome, pair = build_pair(expert, explored)
+    assert outcome == "lose"
+    assert pair["prompt"] == INSTRUCTION + [{"from": "human", "value": "Task 1"}]
+    assert actions_of(pair["chosen"]) == ["a", "b"]
+    assert actions_of(pair["rejected"]) == ["x", "y", "z"]
+    assert pair["rejected"][-1]["from"] == "gpt" and pair["chosen"][-1]["from"] == "gpt"
+
+
+def test_win_pairs_explored_as_chosen():
+    expert = episode("2", ["a", "b"], 0.5, final_observation=False)
+    explored = episode("2", ["x"], 0.75)
+    outcome, pair = build_pair(expert, explored)
+    assert outcome == "win"
+    assert actions_of(pair["chosen"]) == ["x"]
+    assert actions_of(pair["rejected"]) == ["a", "b"]
+
+
+def test_tie_gives_no_pair():
+    expert = episode("3", ["a"], 1.0, final_observation=False)
+    assert build_pair(expert, episode("3", ["a"], 1.0)) == ("tie", None)
+
+
+def test_rejected_is_truncated_to_expert_length_plus_five_agent_turns():
+    expert = episode("4", ["a", "b", "c"], 1.0, final_observation=False)
+    explored = episode("4", [f"x{i}" for i in range(20)], 0.0)
+    _, pair = build_pair(expert, explored)
+    assert actions_of(pair["rejected"]) == [f"x{i}" for i in range(3 + 5)]
+    assert pair["rejected"][-1]["from"] == "gpt"
+    _, untruncated = build_pair(expert, explored, truncate_rejected=False)
+    assert len(actions_of(untruncated["rejected"])) == 20
+
+
+def test_truncate_agent_turns_keeps_observations_between():
+    turns = [{"from": "gpt", "value": "1"}, {"from": "human", "value": "o"}, {"from": "gpt", "value": "2"}]
+    assert truncate_agent_turns(turns, 1) == turns[:2]
+    assert truncate_agent_turns(turns, 5) == turns
+
+
+def test_explored_run_without_agent_turn_is_dropped():
+    expert = episode("5", ["a"], 1.0, final_observation=False)
+    explored = {"id": "5", "conversations": INSTRUCTION + [{"from": "human", "value": "Task 5"}], "reward": 0.0}
+    assert build_pair(expert, explored) == ("dropped", None)
+
+
+def test_build_pairs_counts_outcomes_and_matches_by_id():
+    experts = [episode(str(i), ["a"], 1.0, final_observation=False) for i in range(4)]
+    explored = [episode("0", ["x"], 0.0), episode("1", ["a"], 1.0), episode("2", ["y"], 0.0), episode("99", ["z"], 0.0)]
+    pairs, stats = build_pairs(experts, explored)
+    assert [p["id"] for p in pairs] == ["0", "2"]
+    assert stats.as_dict() == {"win": 0, "tie": 1, "lose": 2, "dropped": 1}
