@@ -73,7 +73,8 @@ def build_pair(expert: dict, explored: dict, truncate_rejected: bool = True) -> 
     if r < r_e:
         outcome, winner, loser = "lose", expert_turns, explored_turns
         if truncate_rejected:
-            loser = truncate_agent_turns(loser, count_agent_turns(expert_turns) + EXTRA_REJECTED_TURNS)
+            limit = count_agent_turns(expert_turns) + EXTRA_REJECTED_TURNS
+            loser = strip_trailing_observation(truncate_agent_turns(loser, limit))
     else:
         outcome, winner, loser = "win", explored_turns, expert_turns
     pair = {
