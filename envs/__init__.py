@@ -1,1 +1,37 @@
-"""Text environments with a common interface (see envs/base.py)."""
+"""Text environments with a common interface (see envs/base.py).
+
+    from envs import make_env
+    env = make_env("household", seed=0)
+    task = env.reset(env.task_ids("train")[0])
+    obs, reward, done, info = env.step("go to cabinet 1")
+
+Built in (pure Python): "webshop", "household", "science". Optional:
+"scienceworld", an adapter for the real ScienceWorld (`pip install -r
+requirements-scienceworld.txt`, needs Java).
+"""
+
+from envs.base import SPLITS, TextEnv
+
+
+def _registry() -> dict:
+    from envs.household import HouseholdEnv
+    from envs.science import ScienceEnv
+    from envs.scienceworld import ScienceWorldAdapter
+    from envs.webshop import WebShopEnv
+
+    return {"webshop": WebShopEnv, "household": HouseholdEnv, "science": ScienceEnv,
+            "scienceworld": ScienceWorldAdapter}
+
+
+ENV_NAMES = ("webshop", "household", "science", "scienceworld")
+
+
+def make_env(name: str, seed: int = 0, **sizes) -> TextEnv:
+    """An environment by name; `sizes` are constructor arguments (train=, test_seen=, test_unseen= for the built-ins)."""
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown environment {name!r}; known: {', '.join(ENV_NAMES)}")
+    return registry[name](seed=seed, **sizes)
+
+
+__all__ = ["ENV_NAMES", "SPLITS", "TextEnv", "make_env"]
