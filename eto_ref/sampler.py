@@ -156,6 +156,27 @@ class Session:
         for row in gone:
             self._pending.pop(row, None)
 
+    def rewind(self, row: int, n: int) -> None:
+        """Take back the last `n` tokens of a row's conversation (queued ones first, then cached ones).
+
+        Cached tokens are taken back by marking their slots invalid, so they are never
+        attended again. The agent uses this to replace the model's own tokenization of
+        a reply by the tokenizer's canonical one.
+        """
+        if n <= 0:
+            return
+        if n > len(self._history[row]):
+            raise ValueError(f"rewind: row {row} has only {len(self._history[row])} tokens, asked to take back {n}")
+        del self._history[row][-n:]
+        queued = min(n, len(self._pending[row]))
+        if queued:
+            del self._pending[row][-queued:]
+        cached = n - queued
+        if cached:
+            i = self.rows.index(row)
+            slots = self.cache.valid[i, : self.cache.length].nonzero().flatten()  # this row's real tokens, in order
+            self.cache.valid[i, slots[-cached:]] = False
+
     def _select(self, rows: Sequence[int] | None) -> list[int]:
         rows = list(self.rows if rows is None else rows)
         unknown = [r for r in rows if r not in self.rows]

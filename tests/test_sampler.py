@@ -222,3 +222,22 @@ def test_seeded_sampling_repeats(model):
     assert run(7) != run(8)
     near_zero = [o.tokens for o in generate(model, prompts, 12, temperature=1e-6, seed=1)]
     assert near_zero == [o.tokens for o in generate(model, prompts, 12)]
+
+
+def test_rewind_takes_back_cached_and_queued_tokens():
+    """After rewinding k tokens and appending others, decoding equals a fresh session on the new history."""
+    torch.manual_seed(0)
+    from eto_ref.model import ModelConfig, Transformer
+    model = Transformer(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)).eval()
+    s = Session(model, batch_size=1, max_len=128)
+    s.append([[1, 2, 3, 4, 5]])
+    s.generate(6)
+    history = s.history(0)
+    s.rewind(0, 4)  # the queued last token and 3 cached ones
+    assert s.history(0) == history[:-4]
+    s.append([[7, 8]])
+    got = s.generate(5)[0].tokens
+    fresh = Session(model, batch_size=1, max_len=128)
+    fresh.append([history[:-4] + [7, 8]])
+    assert got == fresh.generate(5)[0].tokens
