@@ -1,0 +1,107 @@
+"""Exploration and evaluation: run the policy on a split's tasks, durably, and summarise.
+
+ETO step 1 (paper Sec. 3.2, Algorithm 1): the current policy explores every
+training task once (greedy by default); its trajectories, with their rewards,
+are paired with the expert's (`eto_ref.pairs`). Evaluation is the same run on
+a test split, summarised as the paper reports it: average reward x 100.
+
+Each finished episode is appended to `trajectories.jsonl` at once (flushed and
+fsynced), so an interrupted run resumes where it stopped: finished tasks are
+never lost and never repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from eto_ref.agent import AgentConfig, run_episodes
+from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
+from eto_ref.pairs import build_pairs
+
+TRAJECTORIES = "trajectories.jsonl"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class ExploreConfig:
+    env: str = "household"
+    split: str = "train"
+    out_dir: str = "runs/explore"
+    limit: int | None = None  # first N tasks of the split
+    env_seed: int = 0
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+def explore(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> list[dict]:
+    """Run one episode per task of the split (resuming), return all trajectory records in task order."""
+    from envs import make_env
+
+    env = make_env(cfg.env, seed=cfg.env_seed)
+    task_ids = env.task_ids(cfg.split)[: cfg.limit]
+    path = Path(cfg.out_dir) / TRAJECTORIES
+    done = {r["id"]: r for r in read_jsonl_records(path)}
+    todo = [t for t in task_ids if t not in done]
+    bar = tqdm(total=len(task_ids), initial=len(task_ids) - len(todo), desc=f"{cfg.env}/{cfg.split}",
+               unit="ep", disable=not progress, dynamic_ncols=True)
+    with JsonlWriter(path) as writer:
+        def finished(episode):
+            record = episode.record()
+            writer.write(record)
+            done[record["id"]] = record
+            bar.update(1)
+            rewards = [r["reward"] for r in done.values()]
+            bar.set_postfix(reward=f"{100 * sum(rewards) / len(rewards):.1f}")
+
+        run_episodes(model, tokenizer, lambda: make_env(cfg.env, seed=cfg.env_seed), todo, cfg.agent,
+                     on_episode_end=finished)
+    bar.close()
+    return [done[t] for t in task_ids if t in done]
+
+
+def summarize(records: list[dict], env: str, split: str) -> dict:
+    """Average reward x100 (the paper's metric), success rate, and how episodes ended."""
+    n = len(records)
+    rewards = [float(r["reward"]) for r in records]
+    reasons: dict[str, int] = {}
+    for r in records:
+        key = str(r.get("reason", "")).split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    return {
+        "env": env, "split": split, "episodes": n,
+        "average_reward": 100 * sum(rewards) / max(n, 1),
+        "success_rate": 100 * sum(x >= 1.0 for x in rewards) / max(n, 1),
+        "mean_steps": sum(r.get("steps", 0) for r in records) / max(n, 1),
+        "end_reasons": reasons,
+    }
+
+
+def expert_records(env_name: str, task_ids: list[str], env_seed: int = 0) -> list[dict]:
+    from envs import make_env
+
+    env = make_env(env_name, seed=env_seed)
+    return [env.expert_trajectory(t) for t in task_ids]
+
+
+def explore_and_pair(model, tokenizer, cfg: ExploreConfig, truncate_rejected: bool = True,
+                     progress: bool = True) -> tuple[Path, dict]:
+    """Explore the train split, pair failures (and wins) with the expert, write `pairs.json`."""
+    from eto_ref.trajectory import load_pairs  # noqa: F401  (the file we write is what load_pairs reads)
+
+    records = explore(model, tokenizer, cfg, progress)
+    experts = expert_records(cfg.env, [r["id"] for r in records], cfg.env_seed)
+    pairs, stats = build_pairs(experts, records, truncate_rejected)
+    out = Path(cfg.out_dir)
+    write_json_atomic(pairs, out / "pairs.json", indent=1)
+    summary = {**summarize(records, cfg.env, cfg.split), "pairs": len(pairs), **stats.as_dict()}
+    write_json_atomic(summary, out / SUMMARY)
+    return out / "pairs.json", summary
+
+
+def evaluate(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> dict:
+    records = explore(model, tokenizer, cfg, progress)
+    summary = summarize(records, cfg.env, cfg.split)
+    write_json_atomic(summary, Path(cfg.out_dir) / SUMMARY)
+    return summary
