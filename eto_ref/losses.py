@@ -1,13 +1,25 @@
-"""The losses of ETO, each a pure function of logits and masks.
+"""The losses of ETO (Song et al. 2024), each a pure function of logits and masks.
+
+Notation: B batch rows, T tokens per row, V vocabulary size.
 
 Conventions (one place for them, used everywhere):
-- `input_ids` (B, T) and `loss_mask` (B, T): True on agent tokens (assistant
-  turns and their end-of-turn tokens), False on instruction, observations,
-  headers and padding.
-- The logits at position t predict token t+1. A position is *scored* iff its
-  target token is an agent token. `next_token_targets` is the only place where
-  the shift happens; never shift twice.
-- Log-probabilities are computed in float32.
+- `input_ids` (B, T) and `loss_mask` (B, T): `loss_mask` is True on agent tokens
+  (the content of assistant turns and each turn's end-of-turn token), False on
+  the instruction, observations, role headers and padding.
+- The label shift lives in `next_token_targets` and nowhere else: the logits at
+  position t predict token t+1, and position t is *scored* iff its target token
+  t+1 is an agent token. Never shift twice.
+
+      position t      0     1     2     3     4
+      input_ids       u     u     a     a     o        (u instruction, a agent, o observation)
+      loss_mask       F     F     T     T     F
+      target          ids[1] ids[2] ids[3] ids[4]  -    (T-1 targets)
+      scored          F     T     T     F             (= loss_mask[:, 1:])
+
+  So the logits at position 1 (the last instruction token) predict the first
+  agent token, and the logits at the last agent token predict an observation
+  token: not scored.
+- Log-probabilities are computed in float32, whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -19,12 +31,19 @@ import torch.nn.functional as F
 
 
 def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets and which of them are scored, aligned with logits[:, :-1].  (B, T) -> 2 x (B, T-1)."""
+    """The label shift: targets and which of them are scored, aligned with `logits[:, :-1]`.
+
+    input_ids (B, T), loss_mask (B, T) -> targets (B, T-1) = input_ids[:, 1:],
+    scored (B, T-1) bool = loss_mask[:, 1:]  (position t is scored iff token t+1 is an agent token).
+    """
     return input_ids[:, 1:], loss_mask[:, 1:].bool()
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """log pi(target_t | tokens <= t) at scored positions, 0 elsewhere.  (B, T, V) -> (B, T-1)."""
+    """log pi(token t+1 | tokens <= t) at scored positions, 0 elsewhere.
+
+    logits (B, T, V), input_ids (B, T), loss_mask (B, T) -> (B, T-1), float32.
+    """
     targets, scored = next_token_targets(input_ids, loss_mask)  # (B, T-1) each
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
@@ -32,23 +51,30 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
 
 
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Trajectory log-prob log pi(e) = SUM (not mean) over all agent tokens of all turns.  -> (B,)"""
-    return token_logprobs(logits, input_ids, loss_mask).sum(-1)
+    """Trajectory log-prob for DPO: log pi(e) = SUM (not mean) over all agent tokens of all turns.
+
+    logits (B, T, V), input_ids (B, T), loss_mask (B, T) -> (B,), float32.
+    Padding (loss_mask False) contributes nothing.
+    """
+    return token_logprobs(logits, input_ids, loss_mask).sum(-1)  # (B,)
 
 
 def bc_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
             num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """Behavioral cloning, paper Eq. 5: L_SFT = -sum_t log pi(a_t | history), reported as a token mean.
 
-    The sum of agent-token NLLs is divided by `num_tokens`, the number of scored
-    targets; by default those of this batch. With gradient accumulation pass the
-    count of the whole global batch, so that the accumulated micro-batch losses add
-    up to the token mean of the global batch (not the mean of micro-batch means).
+    logits (B, T, V), input_ids (B, T), loss_mask (B, T) -> scalar.
+
+    The sum of the agent-token NLLs is divided by `num_tokens`, the number of
+    scored targets; by default those of this batch. With gradient accumulation,
+    pass the count of the whole global batch to every micro-batch: the sum of the
+    micro-batch losses is then exactly the token mean of the global batch (a mean
+    of micro-batch means would weight short trajectories up).
     """
-    _, scored = next_token_targets(input_ids, loss_mask)
     if num_tokens is None:
-        num_tokens = scored.sum()
-    return -token_logprobs(logits, input_ids, loss_mask).sum() / max(int(num_tokens), 1)
+        num_tokens = next_token_targets(input_ids, loss_mask)[1].sum()
+    nll = -token_logprobs(logits, input_ids, loss_mask).sum()  # scalar: summed over the batch
+    return nll / torch.as_tensor(num_tokens, dtype=torch.float32).clamp(min=1)
 
 
 @dataclass
@@ -57,20 +83,22 @@ class DPOOutput:
     chosen_rewards: torch.Tensor  # (B,) beta * (log pi(e_w) - log ref(e_w)), detached
     rejected_rewards: torch.Tensor  # (B,) beta * (log pi(e_l) - log ref(e_l)), detached
     margin: torch.Tensor  # scalar: mean of chosen - rejected rewards
-    accuracy: torch.Tensor  # scalar: fraction of pairs with chosen reward > rejected reward
+    accuracy: torch.Tensor  # scalar: fraction of pairs with chosen reward > rejected reward (strictly)
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1) -> DPOOutput:
-    """DPO on trajectory pairs, paper Eq. 7 (sigmoid form), all inputs (B,) sums of log-probs:
+    """DPO on trajectory pairs, paper Eq. 7 (sigmoid form); all inputs (B,) sums of agent-token log-probs:
 
-        L = -log sigmoid( beta * [ (log pi(e_w) - log ref(e_w)) - (log pi(e_l) - log ref(e_l)) ] )
+        L = -log sigmoid( beta * [ (log pi(e_w) - log ref(e_w)) - (log pi(e_l) - log ref(e_l)) ] ),  mean over pairs.
 
+    e_w is the chosen (winning) trajectory, e_l the rejected one. The implicit
+    rewards beta * (log pi - log ref) are returned detached, for logging.
     Example: policy == reference gives rewards 0 and loss -log sigmoid(0) = log 2.
     """
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
-    loss = -F.logsigmoid(chosen - rejected).mean()
+    loss = -F.logsigmoid(chosen - rejected).mean()  # logsigmoid: stable for large |margin|
     chosen, rejected = chosen.detach(), rejected.detach()
     return DPOOutput(loss=loss, chosen_rewards=chosen, rejected_rewards=rejected,
                      margin=(chosen - rejected).mean(), accuracy=(chosen > rejected).float().mean())

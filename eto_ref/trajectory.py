@@ -1,18 +1,27 @@
-"""Trajectory data: read and validate the official ETO formats, render, collate.
+"""Trajectory data: read and validate the official ETO formats, render with the agent mask, collate.
 
-Formats (the released ETO data loads unchanged), as a JSON list or JSONL:
+Formats (the released ETO data loads unchanged), as a JSON list or as JSONL
+(one record per line); the reader tells them apart by the first character:
 
-    SFT trajectory  {"id", "conversations": [{"from": "human"|"gpt", "value": str}, ...], "reward"?}
-    preference pair {"id", "prompt": [...], "chosen": [...], "rejected": [...]}
+    SFT trajectory  {"id", "conversations": [{"from": "human"|"gpt", "value": str}, ...], "reward"?: float}
+    preference pair {"id", "prompt": [...turns...], "chosen": [...], "rejected": [...]}
 
 A conversation is `u, a1, o1, ..., an`: human turns are the instruction, the
-task and the observations; gpt turns are the agent's. A pair's prompt is the
-instruction part and the task (ends with a human turn); chosen and rejected
-start and end with a gpt turn.
+task and the observations; gpt turns are the agent's (the first is the "OK" that
+answers the instruction). An optional "system" turn may come first. A pair's
+prompt is the instruction part and the task (ends with a human turn); chosen
+and rejected start and end with a gpt turn. Roles become chat roles:
+"human" -> "user", "gpt" -> "assistant", "system" -> "system".
 
-A bad record is reported by file, record index, id and field. With
-`on_error="skip"` it is logged as a warning and the good records are kept; with
-`on_error="raise"` a `TrajectoryError` stops the load.
+A bad record is reported by file, record index, id and field, e.g.
+
+    data/x.json: record 7 (id 'abc'): conversations[3].from: expected 'gpt' after 'human', got 'human'
+    data/x.jsonl: record 7 (id 'abc', line 8): conversations[3].from: expected 'gpt' after 'human', got 'human'
+    data/x.jsonl: record 8 (line 9): invalid JSON line (Expecting ',' delimiter: line 1 column 40 (char 39))
+
+With `on_error="skip"` it is logged as a warning and the good records are kept;
+with `on_error="raise"` a `TrajectoryError` stops the load. Only a file that
+cannot be read at all (empty, or a JSON list that does not parse) always raises.
 """
 
 from __future__ import annotations
@@ -27,12 +36,12 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ETO "from" -> chat role
 FROM = {v: k for k, v in ROLES.items()}
 
 
 class TrajectoryError(ValueError):
-    """A malformed record; the message names file, record and field."""
+    """A malformed record or file; the message names the file, the record and the field."""
 
 
 @dataclass
@@ -45,127 +54,156 @@ class Trajectory:
 @dataclass
 class PreferencePair:
     id: str
-    prompt: list[dict]
-    chosen: list[dict]
+    prompt: list[dict]  # chat messages: instruction, "OK", task (ends with a user turn)
+    chosen: list[dict]  # chat messages: starts and ends with an assistant turn
     rejected: list[dict]
 
 
-# --------------------------------------------------------------------------- reading and validation
+# --------------------------------------------------------------------------- reading
 
 
-def read_records(path: str | Path) -> list[tuple[int, object]]:
-    """(record index, parsed record or TrajectoryError) for a JSON list or a JSONL file."""
+def read_records(path: str | Path) -> list[tuple[int, int | None, object]]:
+    """(record index, line number or None, parsed record or TrajectoryError) for a JSON list or JSONL file.
+
+    The record index is 0-based; JSONL records also carry their 1-based line
+    number. An invalid JSONL line is a bad record, not a crash.
+    """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        return _read_records_bytes(path, e)
-    if not text.strip():
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+        data = data[3:]
+    if not data.strip():
         raise TrajectoryError(f"{path}: file is empty")
-    if text.lstrip().startswith("["):
+    if data.lstrip().startswith(b"["):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TrajectoryError(f"{path}: not valid JSON ({e})") from None
-        return list(enumerate(data))
-    records = []
-    for index, line in enumerate(l for l in text.split("\n") if l.strip()):
-        try:
-            records.append((index, json.loads(line)))
-        except json.JSONDecodeError as e:
-            records.append((index, TrajectoryError(f"{path}: record {index}: invalid JSON line ({e.msg})")))
-    return records
-
-
-def _read_records_bytes(path: Path, error: UnicodeDecodeError) -> list[tuple[int, object]]:
-    """JSONL with some non-UTF-8 lines: those lines are bad records, the rest are kept."""
-    records = []
-    for index, line in enumerate(l for l in path.read_bytes().split(b"\n") if l.strip()):
-        try:
-            records.append((index, json.loads(line.decode("utf-8"))))
+            records = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            records.append((index, TrajectoryError(f"{path}: record {index}: not UTF-8 JSON ({e})")))
+            raise TrajectoryError(f"{path}: not a valid JSON list ({e})") from None
+        return [(i, None, r) for i, r in enumerate(records)]
+    try:  # a single pretty-printed JSON object is one record
+        whole = json.loads(data.decode("utf-8"))
+        if isinstance(whole, dict):
+            return [(0, None, whole)]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass  # JSONL: parse line by line below
+    records = []
+    lines = [(n, line) for n, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+    for index, (number, line) in enumerate(lines):
+        try:
+            records.append((index, number, json.loads(line.decode("utf-8"))))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            error = TrajectoryError(f"{path}: record {index} (line {number}): invalid JSON line ({e})")
+            records.append((index, number, error))
     return records
 
 
-def check_turns(turns, field: str, first: str | None, last: str | None) -> list[dict]:
-    """Validate a list of ETO turns; returns them as chat messages. Raises ValueError('field: problem')."""
+# --------------------------------------------------------------------------- validation
+
+
+def check_turns(turns, field: str, first: str | None, last: str | None, allow_empty_agent: bool = False) -> list[dict]:
+    """Validate a list of ETO turns and return them as chat messages.
+
+    Checks: a non-empty list of {"from", "value"} objects, known roles, string
+    values, non-empty agent turns (unless `allow_empty_agent`), a "system" turn
+    only at index 0, human and gpt alternating, and the first (after any system
+    turn) and last roles when given. Raises ValueError("<field>[i].<key>: <problem>").
+    """
     if not isinstance(turns, list) or not turns:
-        raise ValueError(f"{field}: expected a non-empty list of turns")
+        raise ValueError(f"{field}: expected a non-empty list of turns, got {_describe(turns)}")
     messages, previous = [], None
     for i, turn in enumerate(turns):
         where = f"{field}[{i}]"
         if not isinstance(turn, dict):
-            raise ValueError(f"{where}: expected an object with 'from' and 'value'")
-        role, value = turn.get("from"), turn.get("value")
+            raise ValueError(f"{where}: expected an object with 'from' and 'value', got {_describe(turn)}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise ValueError(f"{where}.{key}: missing")
+        role, value = turn["from"], turn["value"]
         if role not in ROLES:
             raise ValueError(f"{where}.from: unknown role {role!r} (expected 'human' or 'gpt')")
         if not isinstance(value, str):
-            raise ValueError(f"{where}.value: expected a string, got {type(value).__name__}")
-        if role == "gpt" and not value.strip():
+            raise ValueError(f"{where}.value: expected a string, got {_describe(value)}")
+        if role == "system" and i > 0:
+            raise ValueError(f"{where}.from: a 'system' turn may only come first")
+        if role == "gpt" and not value.strip() and not allow_empty_agent:
             raise ValueError(f"{where}.value: empty agent turn")
-        if previous is not None and role == previous:
-            raise ValueError(f"{where}.from: expected {'human' if role == 'gpt' else 'gpt'} after {previous!r}, got {role!r}")
+        expected = {"human": "gpt", "gpt": "human"}.get(previous) or first
+        if expected is not None and role != "system" and role != expected:
+            after = f"after {previous!r}" if previous in ("human", "gpt") else "first"
+            raise ValueError(f"{where}.from: expected {expected!r} {after}, got {role!r}")
         previous = role
         messages.append({"role": ROLES[role], "content": value})
-    if first and turns[0]["from"] != first:
-        raise ValueError(f"{field}[0].from: must be {first!r}, got {turns[0]['from']!r}")
-    if last and turns[-1]["from"] != last:
-        raise ValueError(f"{field}[{len(turns) - 1}].from: must end with {last!r}, got {turns[-1]['from']!r}")
+    if last is not None and previous != last:
+        raise ValueError(f"{field}[{len(turns) - 1}].from: must end with {last!r}, got {previous!r}")
     return messages
 
 
-def _record_id(record) -> str | None:
-    if not isinstance(record, dict) or "id" not in record:
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    return "an empty list" if value == [] else type(value).__name__
+
+
+def _record_id(record) -> str:
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {_describe(record)}")
+    if "id" not in record:
         raise ValueError("id: missing")
-    return str(record["id"])
+    rid = record["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
+        raise ValueError(f"id: expected a non-empty string or an integer, got {rid!r}")
+    return str(rid)  # integer ids (some released files) become strings
 
 
 def parse_trajectory(record) -> Trajectory:
+    """One SFT record -> Trajectory. Raises ValueError naming the field."""
     rid = _record_id(record)
     if "conversations" not in record:
         raise ValueError("conversations: missing")
-    messages = check_turns(record["conversations"], "conversations", first=None, last="gpt")
+    messages = check_turns(record["conversations"], "conversations", first="human", last="gpt")
     reward = record.get("reward")
-    if reward is not None and not isinstance(reward, (int, float)):
+    if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))):
         raise ValueError(f"reward: expected a number, got {reward!r}")
     return Trajectory(rid, messages, None if reward is None else float(reward))
 
 
 def parse_pair(record) -> PreferencePair:
+    """One preference record -> PreferencePair. Raises ValueError naming the field."""
     rid = _record_id(record)
     for key in ("prompt", "chosen", "rejected"):
         if key not in record:
             raise ValueError(f"{key}: missing")
-    prompt = check_turns(record["prompt"], "prompt", first=None, last="human")
+    prompt = check_turns(record["prompt"], "prompt", first="human", last="human")
     chosen = check_turns(record["chosen"], "chosen", first="gpt", last="gpt")
-    rejected = check_turns(record["rejected"], "rejected", first="gpt", last="gpt")
+    # An explored failure may hold an empty reply (the policy stopped at once): a lesson, not broken data.
+    rejected = check_turns(record["rejected"], "rejected", first="gpt", last="gpt", allow_empty_agent=True)
     if chosen == rejected:
         raise ValueError("rejected: identical to chosen (nothing to prefer)")
     return PreferencePair(rid, prompt, chosen, rejected)
 
 
 def _load(path, parse, on_error: str) -> list:
+    """Parse every record of `path`; bad ones are skipped with a warning or raised (`on_error`)."""
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    good, seen = [], set()
-    for index, record in read_records(path):
+    records = read_records(path)
+    good = []
+    for index, line, record in records:
         try:
             if isinstance(record, TrajectoryError):
                 raise record
             try:
-                item = parse(record)
+                good.append(parse(record))
             except ValueError as e:
                 rid = record.get("id") if isinstance(record, dict) else None
-                raise TrajectoryError(f"{path}: record {index} (id {rid!r}): {e}") from None
-            if item.id in seen:
-                raise TrajectoryError(f"{path}: record {index} (id {item.id!r}): id: duplicate of an earlier record")
-            seen.add(item.id)
-            good.append(item)
+                where = f"record {index} (id {rid!r}" + ("" if line is None else f", line {line}") + ")"
+                raise TrajectoryError(f"{path}: {where}: {e}") from None
         except TrajectoryError as e:
             if on_error == "raise":
                 raise
             log.warning("skipping bad record: %s", e)
+    if len(good) < len(records):
+        log.warning("%s: kept %d of %d records (%d bad)", path, len(good), len(records), len(records) - len(good))
     return good
 
 
@@ -183,16 +221,28 @@ def load_pairs(path: str | Path, on_error: str = "skip") -> list[PreferencePair]
 
 
 def to_turns(messages: list[dict]) -> list[dict]:
+    """Chat messages -> official ETO turns."""
     return [{"from": FROM[m["role"]], "value": m["content"]} for m in messages]
 
 
-def _write_json(obj, path: str | Path) -> None:
+def write_records(records: list[dict], path: str | Path) -> None:
+    """Write records atomically: JSONL if the name ends in .jsonl, else a JSON list.
+
+    The text goes to a temp file in the same directory, is fsynced, then renamed
+    over `path` (os.replace), so a reader never sees a half-written file.
+    """
     path = Path(path)
+    if path.suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, indent=1, ensure_ascii=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -201,63 +251,97 @@ def _write_json(obj, path: str | Path) -> None:
 
 
 def save_trajectories(trajectories: list[Trajectory], path: str | Path) -> None:
-    """Write the official SFT format (JSON list), atomically."""
-    _write_json([{"id": t.id, "conversations": to_turns(t.messages),
-                  **({} if t.reward is None else {"reward": t.reward})} for t in trajectories], path)
+    """Write the official SFT format (JSON list, or JSONL for *.jsonl), atomically."""
+    write_records([{"id": t.id, "conversations": to_turns(t.messages),
+                    **({} if t.reward is None else {"reward": t.reward})} for t in trajectories], path)
 
 
 def save_pairs(pairs: list[PreferencePair], path: str | Path) -> None:
-    """Write the official pair format (JSON list), atomically."""
-    _write_json([{"id": p.id, "prompt": to_turns(p.prompt), "chosen": to_turns(p.chosen),
-                  "rejected": to_turns(p.rejected)} for p in pairs], path)
+    """Write the official pair format (JSON list, or JSONL for *.jsonl), atomically."""
+    write_records([{"id": p.id, "prompt": to_turns(p.prompt), "chosen": to_turns(p.chosen),
+                    "rejected": to_turns(p.rejected)} for p in pairs], path)
 
 
-# --------------------------------------------------------------------------- rendering and batching
+# --------------------------------------------------------------------------- rendering
 
 
 @dataclass
 class Example:
     input_ids: list[int]
-    loss_mask: list[bool]  # True on agent tokens
+    loss_mask: list[bool]  # True on agent tokens (assistant content + end-of-turn)
     truncated: bool = False
 
 
 @dataclass
 class PairExample:
-    chosen: Example
-    rejected: Example
-    prompt_len: int  # tokens of the shared prompt (never scored)
-    truncated: bool = False
+    chosen: Example  # prompt + chosen, rendered
+    rejected: Example  # prompt + rejected, rendered
+    prompt_len: int  # tokens of the shared prompt, identical on both sides, never scored
+    truncated: bool = False  # either side was cut to max_len
+
+    @property
+    def chosen_ids(self) -> list[int]:
+        return self.chosen.input_ids
+
+    @property
+    def chosen_mask(self) -> list[bool]:
+        return self.chosen.loss_mask
+
+    @property
+    def rejected_ids(self) -> list[int]:
+        return self.rejected.input_ids
+
+    @property
+    def rejected_mask(self) -> list[bool]:
+        return self.rejected.loss_mask
 
 
 def truncate(ids: list[int], mask: list[bool], max_len: int) -> Example:
-    """Cut from the right; ids and mask stay aligned."""
+    """Cut from the right to at most max_len tokens; ids and mask stay aligned; flag the cut."""
+    assert len(ids) == len(mask), "ids and mask must be aligned"
     return Example(ids[:max_len], mask[:max_len], truncated=len(ids) > max_len)
 
 
 def encode_sft(traj: Trajectory, tokenizer, max_len: int) -> Example:
-    """Render a trajectory with the chat template: ids + agent-token mask (instruction and observations masked)."""
+    """Render a trajectory with the chat template: ids + agent-token mask (instruction, observations masked).
+
+    `tokenizer.render(messages) -> (ids, mask)` decides the mask: True on the
+    content and end-of-turn token of every assistant turn.
+    """
     ids, mask = tokenizer.render(traj.messages)
     return truncate(ids, mask, max_len)
 
 
 def encode_pair(pair: PreferencePair, tokenizer, max_len: int) -> PairExample:
-    """Render prompt+chosen and prompt+rejected. The shared prompt (incl. its "OK" turn) is masked on both sides."""
-    prompt_len = len(tokenizer.render(pair.prompt)[0])
+    """Render prompt + chosen and prompt + rejected; the shared prompt is masked on both sides.
+
+    The prompt (instruction, its "OK" assistant turn, the task) is the first
+    prompt_len tokens of both renderings; its mask is forced False there, so
+    log pi(e) sums only the agent turns after the prompt (DESIGN: trajectory log-prob).
+    """
+    prompt_ids, _ = tokenizer.render(pair.prompt)
+    prompt_len = len(prompt_ids)
     sides = []
     for side in (pair.chosen, pair.rejected):
         ids, mask = tokenizer.render(pair.prompt + side)
-        mask = [False] * prompt_len + mask[prompt_len:]
+        if ids[:prompt_len] != prompt_ids:
+            raise ValueError(f"pair {pair.id!r}: the rendered prompt is not a prefix of prompt + response; "
+                             "the tokenizer must render a conversation as per-message segments")
+        mask = [False] * prompt_len + list(mask[prompt_len:])
         sides.append(truncate(ids, mask, max_len))
-    return PairExample(sides[0], sides[1], prompt_len, sides[0].truncated or sides[1].truncated)
+    chosen, rejected = sides
+    return PairExample(chosen, rejected, prompt_len, chosen.truncated or rejected.truncated)
+
+
+# --------------------------------------------------------------------------- batching
 
 
 def collate_sft(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad into (B, T) tensors: input_ids, loss_mask (False on pad), attention_mask (False on pad)."""
-    T = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
-    loss_mask = torch.zeros(len(examples), T, dtype=torch.bool)  # (B, T)
-    attention_mask = torch.zeros(len(examples), T, dtype=torch.bool)  # (B, T)
+    """Right-pad into (B, T) tensors: input_ids (long), loss_mask and attention_mask (bool, False on pad)."""
+    B, T = len(examples), max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    loss_mask = torch.zeros(B, T, dtype=torch.bool)  # (B, T)
+    attention_mask = torch.zeros(B, T, dtype=torch.bool)  # (B, T)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
@@ -267,11 +351,13 @@ def collate_sft(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]
 
 
 def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows, padded together: one (2B, T) batch, one forward."""
+    """Chosen rows 0..B-1, then rejected rows B..2B-1, padded together: one (2B, T) batch, one forward."""
     return collate_sft([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
 
 
 def split_chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2B, ...) -> (B, ...), (B, ...): undo `collate_pairs`' concatenation."""
+    """(2B, ...) -> chosen (B, ...), rejected (B, ...): undo `collate_pairs`' concatenation."""
+    if x.shape[0] % 2:
+        raise ValueError(f"expected 2B rows (chosen then rejected), got {x.shape[0]}")
     half = x.shape[0] // 2
     return x[:half], x[half:]

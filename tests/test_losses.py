@@ -1,121 +1,346 @@
-"""The loss math of DESIGN.md, checked against hand-computed values and an independent formula."""
+"""The loss math of DESIGN.md ("The math that must be exactly right").
 
+Every expected value is computed by hand (arithmetic in the docstrings) or by an
+independent implementation: torch's cross_entropy with ignore_index, Hugging
+Face's own shifted causal-LM loss, a from-formula float64 DPO, and trl's DPO
+trainer (skipped when transformers / trl are not installed).
+"""
+
+import collections
 import math
+import types
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from eto_ref.losses import bc_loss, dpo_loss, next_token_targets, sequence_logprobs, token_logprobs
+from eto_ref.losses import DPOOutput, bc_loss, dpo_loss, next_token_targets, sequence_logprobs, token_logprobs
+
+LN2, LN3 = math.log(2), math.log(3)
+
+
+def probs_to_logits(*rows):
+    """Logits whose softmax is proportional to the given weights: log of the weights."""
+    return torch.tensor(rows, dtype=torch.float32).log()
+
+
+# --------------------------------------------------------------------------- the label shift
+
+
+def test_next_token_targets_is_the_shift_by_one():
+    """ids [10 11 12 13 14], mask [F F T T F]: logits at t predict ids[t+1]; t is scored iff ids[t+1] is agent.
+
+    scored = mask[1:] = [F T T F]: position 1 predicts 12 (first agent token), position 2 predicts 13,
+    position 3 predicts 14 (an observation token): not scored.
+    """
+    ids = torch.tensor([[10, 11, 12, 13, 14]])
+    mask = torch.tensor([[False, False, True, True, False]])
+    targets, scored = next_token_targets(ids, mask)
+    assert targets.tolist() == [[11, 12, 13, 14]]
+    assert scored.tolist() == [[False, True, True, False]]
+    assert scored.dtype == torch.bool
+
+
+# --------------------------------------------------------------------------- BC loss (Eq. 5)
+
+
+def hand_batch():
+    """Two rows, V = 3, T = 4 (the last position has no target).
+
+    row 0: ids [0 2 1 0], mask [F T T F] -> scored targets: pos 0 -> 2, pos 1 -> 1 (pos 2 -> 0 is not scored)
+        pos 0 weights [1 1 2] -> p = [1/4 1/4 1/2] -> log p(2) = log 1/2
+        pos 1 weights [1 3 4] -> p = [1/8 3/8 1/2] -> log p(1) = log 3/8
+        pos 2 weights [9 1 1], pos 3 [1 1 1]: never read
+        log pi(row 0) = log 1/2 + log 3/8 = ln 3 - 4 ln 2
+    row 1: ids [1 0 0 0], mask [F T F F] -> one scored target: pos 0 -> 0
+        pos 0 weights [2 1 1] -> p(0) = 1/2 -> log 1/2;  log pi(row 1) = -ln 2
+    batch token mean = (4 ln 2 - ln 3 + ln 2) / 3 = (5 ln 2 - ln 3) / 3
+    (the mean of the row means would be ((4 ln 2 - ln 3)/2 + ln 2) / 2: a different number)
+    """
+    logits = torch.stack([probs_to_logits([1, 1, 2], [1, 3, 4], [9, 1, 1], [1, 1, 1]),
+                          probs_to_logits([2, 1, 1], [1, 5, 1], [1, 1, 7], [1, 1, 1])])  # (2, 4, 3)
+    ids = torch.tensor([[0, 2, 1, 0], [1, 0, 0, 0]])
+    mask = torch.tensor([[False, True, True, False], [False, True, False, False]])
+    return logits, ids, mask
 
 
 def test_bc_loss_hand_computed():
-    """V=2, T=3, one row. logits are 0 everywhere except position 1, which favours token 1 by ln 3.
-
-    ids = [0, 1, 0], mask = [F, T, T]: both targets (ids[1]=1, ids[2]=0) are agent tokens.
-    position 0: uniform -> log p(1) = log 1/2
-    position 1: logits [0, ln3] -> p = [1/4, 3/4] -> log p(0) = log 1/4
-    loss = -(log 1/2 + log 1/4) / 2 = (ln 2 + ln 4) / 2 = 1.5 ln 2
-    """
-    logits = torch.zeros(1, 3, 2)
-    logits[0, 1, 1] = math.log(3)
-    ids = torch.tensor([[0, 1, 0]])
-    mask = torch.tensor([[False, True, True]])
-    assert bc_loss(logits, ids, mask).item() == pytest.approx(1.5 * math.log(2), abs=1e-6)
-    # only the last target scored: -log 1/4
-    assert bc_loss(logits, ids, torch.tensor([[False, False, True]])).item() == pytest.approx(math.log(4), abs=1e-6)
+    logits, ids, mask = hand_batch()
+    assert bc_loss(logits, ids, mask).item() == pytest.approx((5 * LN2 - LN3) / 3, abs=1e-6)
+    assert bc_loss(logits[:1], ids[:1], mask[:1]).item() == pytest.approx((4 * LN2 - LN3) / 2, abs=1e-6)
+    assert bc_loss(logits[1:], ids[1:], mask[1:]).item() == pytest.approx(LN2, abs=1e-6)
+    torch.testing.assert_close(token_logprobs(logits, ids, mask),
+                               torch.tensor([[-LN2, LN3 - 3 * LN2, 0.0], [-LN2, 0.0, 0.0]]))
 
 
-def test_first_scored_position_is_the_one_predicting_the_first_agent_token():
-    mask = torch.tensor([[False, False, True, True, False]])
-    _, scored = next_token_targets(torch.zeros_like(mask, dtype=torch.long), mask)
-    assert scored.tolist() == [[False, True, True, False]]  # logits at 1 predict token 2, the first agent token
+def test_bc_loss_matches_cross_entropy_with_ignore_index():
+    """Independent: the Hugging Face convention, labels = ids[1:] with -100 where the target is not an agent token."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11, 17)
+    ids = torch.randint(0, 17, (3, 11))
+    mask = torch.rand(3, 11) > 0.5
+    labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 17), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(bc_loss(logits, ids, mask), expected)
+
+
+def test_bc_loss_matches_the_transformers_causal_lm_loss():
+    """Hugging Face shifts the labels inside the model: passing unshifted labels (-100 off the agent tokens)
+    must give our loss on the same logits -- checks we shift once, the same way."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    mask = torch.rand(2, 12) > 0.5
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids.masked_fill(~mask, -100))
+    torch.testing.assert_close(bc_loss(out.logits, ids, mask), out.loss)
 
 
 def test_gradient_flows_only_through_scored_positions():
+    torch.manual_seed(0)
     logits = torch.randn(2, 6, 5, requires_grad=True)
     ids = torch.randint(0, 5, (2, 6))
     mask = torch.tensor([[0, 0, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0]]).bool()
     bc_loss(logits, ids, mask).backward()
-    _, scored = next_token_targets(ids, mask)
     has_grad = logits.grad.abs().sum(-1) > 0  # (B, T)
-    assert has_grad[:, :-1].tolist() == scored.tolist()
-    assert not has_grad[:, -1].any()
+    assert has_grad.tolist() == [[False, True, True, False, True, False],  # = mask shifted left by one
+                                 [True, True, False, False, False, False]]
 
 
-def test_observation_targets_do_not_change_the_loss_agent_targets_do():
+def test_only_agent_targets_change_the_loss():
+    """With the logits fixed, change the token at each position t (a target of position t-1):
+    the loss changes iff token t is an agent token."""
     torch.manual_seed(0)
     logits = torch.randn(1, 8, 7)
     ids = torch.randint(0, 7, (1, 8))
     mask = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 1]]).bool()
     base = bc_loss(logits, ids, mask)
-    obs = ids.clone()
-    obs[0, 5] = (obs[0, 5] + 1) % 7  # an observation token as a target
-    assert torch.equal(bc_loss(logits, obs, mask), base)
-    agent = ids.clone()
-    agent[0, 4] = (agent[0, 4] + 1) % 7
-    assert not torch.equal(bc_loss(logits, agent, mask), base)
+    for t in range(8):
+        changed = ids.clone()
+        changed[0, t] = (changed[0, t] + 1) % 7
+        assert torch.equal(bc_loss(logits, changed, mask), base) != bool(mask[0, t]), t
 
 
-def test_grad_accumulation_with_global_count_equals_full_batch():
+def test_observation_tokens_are_never_trained_on_with_a_tiny_model(fake_tok):
+    """A bigram model (Embedding + Linear: the logits at t depend only on token t) on a rendered
+    trajectory. An observation's content tokens are inputs only of positions that predict other
+    observation tokens, and targets only of unscored positions: rewriting them leaves the loss
+    unchanged. Rewriting an agent token changes it."""
     torch.manual_seed(0)
-    logits = torch.randn(4, 9, 6)
+    model = torch.nn.Sequential(torch.nn.Embedding(fake_tok.vocab_size, 8), torch.nn.Linear(8, fake_tok.vocab_size))
+    messages = [{"role": "user", "content": "task"}, {"role": "assistant", "content": "act"},
+                {"role": "user", "content": "seen"}, {"role": "assistant", "content": "done"}]
+    ids, mask = fake_tok.render(messages)
+    obs = len(fake_tok.render(messages[:2])[0]) + 1  # first content token of the observation "seen"
+    ids, mask = torch.tensor([ids]), torch.tensor([mask])
+
+    def loss(x):
+        return bc_loss(model(x), x, mask)
+
+    base = loss(ids)
+    for t in range(obs, obs + 4):  # the 4 characters of "seen"
+        changed = ids.clone()
+        changed[0, t] = fake_tok.encode("x")[0]
+        assert torch.equal(loss(changed), base)
+    changed = ids.clone()
+    changed[0, obs - 3] = fake_tok.encode("x")[0]  # the "t" of "act": an agent token
+    assert not mask[0, obs].item() and mask[0, obs - 3].item()
+    assert not torch.equal(loss(changed), base)
+
+
+def test_grad_accumulation_with_the_global_token_count_equals_the_full_batch():
+    """sum_i bc_loss(micro_i, num_tokens=N_global) == bc_loss(full batch), in value and in gradient."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 6, requires_grad=True)
     ids = torch.randint(0, 6, (4, 9))
     mask = torch.rand(4, 9) > 0.4
+    mask[0, 1:] = True  # rows with very different token counts
+    mask[3, 1:] = False
+    mask[3, 2] = True
+
     full = bc_loss(logits, ids, mask)
+    (full_grad,) = torch.autograd.grad(full, logits)
+
     n = int(next_token_targets(ids, mask)[1].sum())
-    accumulated = sum(bc_loss(logits[i:i + 1], ids[i:i + 1], mask[i:i + 1], num_tokens=n) for i in range(4))
+    accumulated = 0.0
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 4)):  # uneven micro-batches
+        accumulated = accumulated + bc_loss(logits[rows], ids[rows], mask[rows], num_tokens=n)
+    (acc_grad,) = torch.autograd.grad(accumulated, logits)
     torch.testing.assert_close(accumulated, full)
+    torch.testing.assert_close(acc_grad, full_grad)
+
     mean_of_means = sum(bc_loss(logits[i:i + 1], ids[i:i + 1], mask[i:i + 1]) for i in range(4)) / 4
-    assert not torch.allclose(mean_of_means, full)  # the wrong convention differs
+    assert not torch.allclose(mean_of_means, full)  # the wrong convention gives another number
 
 
-def test_sequence_logprobs_sums_and_ignores_padding():
+def test_bc_loss_with_no_scored_token_is_zero_not_nan():
+    logits = torch.randn(1, 4, 3, requires_grad=True)
+    loss = bc_loss(logits, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_log_probs_are_float32_for_low_precision_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11).to(torch.bfloat16)
+    ids = torch.randint(0, 11, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    out = token_logprobs(logits, ids, mask)
+    assert out.dtype == torch.float32
+    expected = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- trajectory log-prob
+
+
+def test_sequence_logprobs_is_the_sum_hand_computed():
+    """Row 0 of `hand_batch`: log 1/2 + log 3/8 = ln 3 - 4 ln 2 (a mean would be half of that)."""
+    logits, ids, mask = hand_batch()
+    torch.testing.assert_close(sequence_logprobs(logits, ids, mask), torch.tensor([LN3 - 4 * LN2, -LN2]))
+
+
+def test_sequence_logprobs_ignores_padding():
+    """Appending pad tokens (mask False) with arbitrary logits leaves log pi(e) unchanged."""
     torch.manual_seed(0)
     logits = torch.randn(1, 5, 4)
     ids = torch.randint(0, 4, (1, 5))
-    mask = torch.tensor([[0, 1, 1, 1, 0]]).bool()
-    expected = token_logprobs(logits, ids, mask).sum()
-    assert sequence_logprobs(logits, ids, mask).item() == pytest.approx(expected.item())
+    mask = torch.tensor([[0, 1, 1, 1, 1]]).bool()  # ends with an agent token, as a trajectory does
     logp = torch.log_softmax(logits[0, :-1], -1)
-    by_hand = logp[0, ids[0, 1]] + logp[1, ids[0, 2]] + logp[2, ids[0, 3]]
+    by_hand = sum(logp[t, ids[0, t + 1]] for t in range(4))
     assert sequence_logprobs(logits, ids, mask).item() == pytest.approx(by_hand.item(), abs=1e-6)
-    padded_logits = torch.cat([logits, torch.randn(1, 3, 4)], dim=1)
-    padded_ids = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    padded_logits = torch.cat([logits, 100 * torch.randn(1, 3, 4)], dim=1)
+    padded_ids = torch.cat([ids, torch.full((1, 3), 3)], dim=1)
     padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)], dim=1)
     assert sequence_logprobs(padded_logits, padded_ids, padded_mask).item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
-def test_dpo_equal_policy_and_reference_gives_log_2():
+# --------------------------------------------------------------------------- DPO (Eq. 7)
+
+
+def test_dpo_policy_equal_to_reference_gives_log_2():
+    """Rewards beta * 0 = 0, loss -log sigmoid(0) = log 2; accuracy counts chosen > rejected strictly: 0."""
     x = torch.tensor([-5.0, -3.0])
     y = torch.tensor([-7.0, -2.0])
     out = dpo_loss(x, y, x, y, beta=0.1)
-    assert out.loss.item() == pytest.approx(math.log(2))
+    assert isinstance(out, DPOOutput)
+    assert out.loss.item() == pytest.approx(LN2)
     assert out.chosen_rewards.tolist() == [0, 0] and out.rejected_rewards.tolist() == [0, 0]
-    assert out.accuracy.item() == 0.0  # 0 > 0 is false
+    assert out.margin.item() == 0.0
+    assert out.accuracy.item() == 0.0
 
 
 def test_dpo_hand_computed():
-    """beta = 0.5; chosen: pi -1, ref -2 -> reward 0.5; rejected: pi -4, ref -2 -> reward -1.
-    loss = -log sigmoid(1.5) = log(1 + e^-1.5)."""
-    out = dpo_loss(torch.tensor([-1.0]), torch.tensor([-4.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
-    assert out.loss.item() == pytest.approx(math.log(1 + math.exp(-1.5)), abs=1e-6)
-    assert out.chosen_rewards.item() == pytest.approx(0.5)
-    assert out.rejected_rewards.item() == pytest.approx(-1.0)
-    assert out.margin.item() == pytest.approx(1.5)
-    assert out.accuracy.item() == 1.0
+    """beta = 0.5, two pairs.
+
+    pair 0: chosen pi -1, ref -2 -> reward 0.5 * 1 = 0.5; rejected pi -4, ref -2 -> reward 0.5 * -2 = -1
+            z = 0.5 - (-1) = 1.5, loss = -log sigmoid(1.5) = log(1 + e^-1.5)
+    pair 1: chosen pi -6, ref -4 -> reward -1;  rejected pi -3, ref -3 -> reward 0
+            z = -1, loss = log(1 + e^1)
+    loss = mean; margin = (1.5 + -1) / 2 = 0.25; accuracy = 1/2
+    d loss / d pi_w(pair i) = -beta * sigmoid(-z_i) / 2,  d loss / d pi_l(pair i) = +beta * sigmoid(-z_i) / 2
+    """
+    pc = torch.tensor([-1.0, -6.0], requires_grad=True)
+    pr = torch.tensor([-4.0, -3.0], requires_grad=True)
+    out = dpo_loss(pc, pr, torch.tensor([-2.0, -4.0]), torch.tensor([-2.0, -3.0]), beta=0.5)
+    expected = (math.log(1 + math.exp(-1.5)) + math.log(1 + math.exp(1.0))) / 2
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.5, -1.0])
+    assert out.rejected_rewards.tolist() == pytest.approx([-1.0, 0.0])
+    assert out.margin.item() == pytest.approx(0.25)
+    assert out.accuracy.item() == 0.5
+    out.loss.backward()
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    assert pc.grad.tolist() == pytest.approx([-0.5 * sig(-1.5) / 2, -0.5 * sig(1.0) / 2], abs=1e-6)
+    assert pr.grad.tolist() == pytest.approx([0.5 * sig(-1.5) / 2, 0.5 * sig(1.0) / 2], abs=1e-6)
 
 
 def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
-    pc = torch.tensor([-3.0], requires_grad=True)
-    pr = torch.tensor([-3.0], requires_grad=True)
-    dpo_loss(pc, pr, torch.tensor([-3.0]), torch.tensor([-3.0])).loss.backward()
-    assert pc.grad.item() < 0 < pr.grad.item()
-
-
-def test_dpo_matches_an_independent_formula():
     torch.manual_seed(0)
-    pc, pr, rc, rr = (torch.randn(16, dtype=torch.float64) * 20 for _ in range(4))
-    beta = 0.1
-    logits = beta * ((pc - rc) - (pr - rr))
-    independent = torch.tensor([math.log1p(math.exp(-z)) if z > -30 else -z for z in logits.tolist()], dtype=torch.float64).mean()
-    assert dpo_loss(pc, pr, rc, rr, beta).loss.item() == pytest.approx(independent.item(), rel=1e-9)
+    pc, pr = (torch.randn(8, requires_grad=True) for _ in range(2))
+    out = dpo_loss(pc * 10, pr * 10, torch.randn(8) * 10, torch.randn(8) * 10)
+    out.loss.backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+
+
+def numpy_dpo(pc, pr, rc, rr, beta):
+    """From the formula, float64, stable softplus: -log sigmoid(z) = log(1 + e^-z) = logaddexp(0, -z)."""
+    chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+    return np.logaddexp(0.0, -(chosen - rejected)).mean(), chosen, rejected
+
+
+def test_dpo_matches_an_independent_formula_even_for_large_margins():
+    rng = np.random.default_rng(0)
+    pc, pr, rc, rr = (rng.normal(size=32) * 300 for _ in range(4))  # |beta z| up to ~100: sigmoid saturates
+    for beta in (0.1, 0.5, 2.0):
+        loss, chosen, rejected = numpy_dpo(pc, pr, rc, rr, beta)
+        out = dpo_loss(*(torch.from_numpy(a) for a in (pc, pr, rc, rr)), beta=beta)
+        assert torch.isfinite(out.loss)
+        assert out.loss.item() == pytest.approx(loss, rel=1e-12)
+        np.testing.assert_allclose(out.chosen_rewards.numpy(), chosen)
+        np.testing.assert_allclose(out.rejected_rewards.numpy(), rejected)
+        assert out.accuracy.item() == pytest.approx(float((chosen > rejected).mean()))
+        assert out.margin.item() == pytest.approx(float((chosen - rejected).mean()))
+
+
+def test_sequence_logprobs_and_dpo_match_trl():
+    """End to end against trl's DPOTrainer (sigmoid loss): a tiny random Llama, one (2B, T) batch of
+    chosen rows then rejected rows with agent masks and right padding. trl computes the per-token
+    log-probs itself from the model (its own shift and masking) and the loss with precomputed
+    reference log-probs; we compute sequence_logprobs on the model's logits and dpo_loss."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("trl")
+    from trl import DPOTrainer
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError:
+        pytest.skip("this trl version has no add_fused_lm_head; covered by the from-formula test")
+    if not hasattr(DPOTrainer, "_compute_loss"):
+        pytest.skip("this trl version has no DPOTrainer._compute_loss; covered by the from-formula test")
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    B, T, beta = 4, 12, 0.1
+    ids = torch.randint(1, 40, (2 * B, T))
+    mask = torch.zeros(2 * B, T, dtype=torch.bool)
+    attention = torch.ones(2 * B, T, dtype=torch.bool)
+    for row, (start, end) in enumerate([(4, 12), (5, 9), (4, 10), (6, 12), (4, 7), (5, 12), (4, 11), (7, 9)]):
+        mask[row, start:end] = True  # agent tokens after a 4-7 token prompt
+        ids[row, end:] = 0  # right padding
+        attention[row, end:] = False
+    mask[0, 8] = mask[5, 9] = False  # an observation inside the trajectory
+
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention.long()).logits  # (2B, T, V)
+    logps = sequence_logprobs(logits, ids, mask)  # (2B,)
+    ref = logps + 3 * torch.randn(2 * B)  # a reference that differs from the policy
+    ours = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=beta)
+
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
+    trainer = types.SimpleNamespace(  # just the attributes _compute_loss reads for the plain sigmoid loss
+        model=model, accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": ids, "attention_mask": attention.long(), "completion_mask": mask.long(),
+              "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}
+    with torch.no_grad():
+        trl_loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    metrics = trainer._metrics["eval"]
+
+    assert ours.loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    assert logps[:B].mean().item() == pytest.approx(metrics["logps/chosen"][0], abs=1e-4)
+    assert logps[B:].mean().item() == pytest.approx(metrics["logps/rejected"][0], abs=1e-4)
+    assert ours.chosen_rewards.mean().item() == pytest.approx(metrics["rewards/chosen"][0], abs=1e-5)
+    assert ours.rejected_rewards.mean().item() == pytest.approx(metrics["rewards/rejected"][0], abs=1e-5)
+    assert ours.margin.item() == pytest.approx(metrics["rewards/margins"][0], abs=1e-5)
+    assert ours.accuracy.item() == pytest.approx(metrics["rewards/accuracies"][0])

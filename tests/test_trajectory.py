@@ -1,4 +1,9 @@
-"""Reading, validating, rendering and batching trajectories in the official ETO formats."""
+"""Reading, validating, rendering and batching trajectories in the official ETO formats.
+
+Rendering tests use `FakeTokenizer` (tests/conftest.py), whose ids are written by
+hand: one header id per message, one id per character, END closing each turn.
+One test at the end uses the real `eto_ref.tokenizer`.
+"""
 
 import json
 import logging
@@ -6,12 +11,12 @@ import logging
 import pytest
 import torch
 
-from eto_ref.losses import bc_loss
-from eto_ref.tokenizer import train_bpe_tokenizer
+from eto_ref.losses import next_token_targets, sequence_logprobs
 from eto_ref.trajectory import (
-    PreferencePair, Trajectory, TrajectoryError, collate_pairs, collate_sft, encode_pair, encode_sft,
-    load_pairs, load_trajectories, save_pairs, save_trajectories, split_chosen_rejected,
+    Example, PairExample, PreferencePair, Trajectory, TrajectoryError, collate_pairs, collate_sft, encode_pair,
+    encode_sft, load_pairs, load_trajectories, save_pairs, save_trajectories, split_chosen_rejected,
 )
+from tests.conftest import FakeTokenizer
 
 INSTRUCTION = [{"from": "human", "value": "You are an agent. Act."}, {"from": "gpt", "value": "OK"}]
 TASK = {"from": "human", "value": "Put a mug in the cabinet."}
@@ -19,138 +24,361 @@ A1 = {"from": "gpt", "value": "Thought: find mug.\nAction: go to desk 1"}
 O1 = {"from": "human", "value": "Observation: You see a mug 1."}
 A2 = {"from": "gpt", "value": "Thought: take it.\nAction: take mug 1 from desk 1"}
 GOOD = {"id": "t0", "conversations": INSTRUCTION + [TASK, A1, O1, A2], "reward": 1.0}
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    texts = [t["value"] for t in GOOD["conversations"]] * 10
-    return train_bpe_tokenizer(texts, 300, tmp_path_factory.mktemp("tok"), template="chatml")
+U, A, S, END = FakeTokenizer.USER, FakeTokenizer.ASSISTANT, FakeTokenizer.SYSTEM, FakeTokenizer.END
 
 
 def write_jsonl(path, records):
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    """Records as JSONL; a str is written as a raw line (to write broken JSON)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
 
 
-BAD_TRAJECTORIES = {
-    "missing id": ({"conversations": GOOD["conversations"]}, r"id: missing"),
-    "missing conversations": ({"id": "x"}, r"conversations: missing"),
-    "unknown role": ({"id": "x", "conversations": [{"from": "bot", "value": "hi"}]}, r"conversations\[0\]\.from: unknown role 'bot'"),
-    "non-alternating": ({"id": "x", "conversations": INSTRUCTION + [TASK, O1, A1]}, r"conversations\[3\]\.from: expected gpt after 'human'"),
-    "ends with human": ({"id": "x", "conversations": INSTRUCTION + [TASK, A1, O1]}, r"conversations\[4\]\.from: must end with 'gpt'"),
-    "empty action": ({"id": "x", "conversations": INSTRUCTION + [TASK, {"from": "gpt", "value": "  "}]}, r"conversations\[3\]\.value: empty agent turn"),
-    "non-string value": ({"id": "x", "conversations": INSTRUCTION + [TASK, {"from": "gpt", "value": 3}]}, r"conversations\[3\]\.value: expected a string"),
-    "invalid json line": ('{"id": "x", "conversations": [', r"record 1: invalid JSON line"),
-    "duplicate id": (GOOD, r"id: duplicate"),
-}
-
-
-@pytest.mark.parametrize("kind", list(BAD_TRAJECTORIES))
-def test_each_bad_trajectory_is_named_and_the_rest_kept(kind, tmp_path, caplog):
-    bad, message = BAD_TRAJECTORIES[kind]
-    path = tmp_path / "data.jsonl"
-    write_jsonl(path, [GOOD, bad, {**GOOD, "id": "t2"}])
-    with caplog.at_level(logging.WARNING):
-        kept = load_trajectories(path)
-    assert [t.id for t in kept] == ["t0", "t2"]
-    assert any(f"data.jsonl: record 1" in r.message for r in caplog.records)
-    with pytest.raises(TrajectoryError, match=message):
-        load_trajectories(path, on_error="raise")
-
-
-def test_non_utf8_line_is_a_bad_record(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe garbage\n" + json.dumps({**GOOD, "id": "t2"}).encode() + b"\n")
-    assert [t.id for t in load_trajectories(path)] == ["t0", "t2"]
-
-
-def test_empty_file_is_a_clear_error(tmp_path):
-    (tmp_path / "e.json").write_text("")
-    with pytest.raises(TrajectoryError, match="e.json: file is empty"):
-        load_trajectories(tmp_path / "e.json")
+def write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=2))
+    return path
 
 
 def pair_record(**overrides):
     return {"id": "p0", "prompt": INSTRUCTION + [TASK], "chosen": [A1, O1, A2], "rejected": [A2], **overrides}
 
 
-@pytest.mark.parametrize("bad,message", [
-    (pair_record(rejected=[A1, O1, A2]), r"rejected: identical to chosen"),
-    (pair_record(chosen=[O1, A2]), r"chosen\[0\]\.from: must be 'gpt'"),
-    (pair_record(prompt=INSTRUCTION), r"prompt\[1\]\.from: must end with 'human'"),
-    ({"id": "p0", "prompt": INSTRUCTION + [TASK], "chosen": [A1]}, r"rejected: missing"),
-])
-def test_bad_pairs(bad, message, tmp_path):
-    path = tmp_path / "pairs.json"
-    path.write_text(json.dumps([pair_record(id="ok"), bad]))
-    assert [p.id for p in load_pairs(path)] == ["ok"]
-    with pytest.raises(TrajectoryError, match=r"pairs.json: record 1 \(id 'p0'\): " + message):
+def chars(text):
+    return FakeTokenizer().encode(text)
+
+
+# --------------------------------------------------------------------------- malformed records
+
+BAD_TRAJECTORIES = {  # kind: (record written as line 2, expected message after "<file>: ")
+    "missing id": ({"conversations": GOOD["conversations"]}, "record 1 (id None, line 2): id: missing"),
+    "missing conversations": ({"id": "x"}, "record 1 (id 'x', line 2): conversations: missing"),
+    "conversations not a list": ({"id": "x", "conversations": "hi"},
+                                 "record 1 (id 'x', line 2): conversations: expected a non-empty list of turns, got str"),
+    "missing turn field": ({"id": "x", "conversations": INSTRUCTION + [{"from": "human"}, A1]},
+                           "record 1 (id 'x', line 2): conversations[2].value: missing"),
+    "unknown role": ({"id": "x", "conversations": INSTRUCTION + [{"from": "bot", "value": "hi"}, A1]},
+                     "record 1 (id 'x', line 2): conversations[2].from: unknown role 'bot' (expected 'human' or 'gpt')"),
+    "non-alternating": ({"id": "x", "conversations": INSTRUCTION + [TASK, O1, A1]},
+                        "record 1 (id 'x', line 2): conversations[3].from: expected 'gpt' after 'human', got 'human'"),
+    "starts with gpt": ({"id": "x", "conversations": [A1]},
+                        "record 1 (id 'x', line 2): conversations[0].from: expected 'human' first, got 'gpt'"),
+    "ends with human": ({"id": "x", "conversations": INSTRUCTION + [TASK, A1, O1]},
+                        "record 1 (id 'x', line 2): conversations[4].from: must end with 'gpt', got 'human'"),
+    "empty action": ({"id": "x", "conversations": INSTRUCTION + [TASK, {"from": "gpt", "value": "  \n"}]},
+                     "record 1 (id 'x', line 2): conversations[3].value: empty agent turn"),
+    "non-string value": ({"id": "x", "conversations": INSTRUCTION + [TASK, {"from": "gpt", "value": 3}]},
+                         "record 1 (id 'x', line 2): conversations[3].value: expected a string, got int"),
+    "system not first": ({"id": "x", "conversations": INSTRUCTION + [{"from": "system", "value": "s"}, A1]},
+                         "record 1 (id 'x', line 2): conversations[2].from: a 'system' turn may only come first"),
+    "bad reward": ({**GOOD, "id": "x", "reward": "high"}, "record 1 (id 'x', line 2): reward: expected a number, got 'high'"),
+    "not an object": ([1, 2], "record 1 (id None, line 2): expected a JSON object, got list"),
+    "invalid JSON line": ('{"id": "x", "conversations": [', "record 1 (line 2): invalid JSON line (Expecting value"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_TRAJECTORIES))
+def test_each_bad_trajectory_is_named_and_the_rest_of_the_file_kept(kind, tmp_path, caplog):
+    bad, message = BAD_TRAJECTORIES[kind]
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, bad, {**GOOD, "id": "t2"}])
+    with caplog.at_level(logging.WARNING, logger="eto_ref.trajectory"):
+        kept = load_trajectories(path)  # on_error="skip" is the default
+    assert [t.id for t in kept] == ["t0", "t2"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"{path}: {message}" in w for w in warnings), warnings
+    assert any("kept 2 of 3 records" in w for w in warnings), warnings
+    with pytest.raises(TrajectoryError) as raised:
+        load_trajectories(path, on_error="raise")
+    assert str(raised.value).startswith(f"{path}: {message}")
+    assert isinstance(raised.value, ValueError)
+
+
+def test_bad_record_in_a_json_list_is_named_by_index_without_a_line(tmp_path):
+    path = write_json(tmp_path / "data.json", [GOOD, {"id": "abc", "conversations": INSTRUCTION + [TASK, O1, A1]}])
+    assert [t.id for t in load_trajectories(path)] == ["t0"]
+    with pytest.raises(TrajectoryError) as raised:
+        load_trajectories(path, on_error="raise")
+    assert str(raised.value) == (f"{path}: record 1 (id 'abc'): conversations[3].from: "
+                                 "expected 'gpt' after 'human', got 'human'")
+
+
+def test_jsonl_line_numbers_count_blank_lines_and_record_indices_do_not(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n\n" + '{"id": "cut", "conv' + "\n" + json.dumps({**GOOD, "id": "t2"}) + "\n")
+    with pytest.raises(TrajectoryError, match=r"record 1 \(line 4\): invalid JSON line"):
+        load_trajectories(path, on_error="raise")
+    assert [t.id for t in load_trajectories(path)] == ["t0", "t2"]
+
+
+def test_truncated_last_line_is_a_bad_record_not_a_crash(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "t1"})[:40])  # killed mid-write
+    assert [t.id for t in load_trajectories(path)] == ["t0"]
+
+
+def test_non_utf8_line_is_a_bad_record(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe garbage\n" + json.dumps({**GOOD, "id": "t2"}).encode() + b"\n")
+    assert [t.id for t in load_trajectories(path)] == ["t0", "t2"]
+    with pytest.raises(TrajectoryError, match=r"record 1 \(line 2\): invalid JSON line"):
+        load_trajectories(path, on_error="raise")
+
+
+def test_unreadable_files_are_clear_errors_even_when_skipping(tmp_path):
+    with pytest.raises(TrajectoryError, match="e.json: file is empty"):
+        load_trajectories(write_jsonl(tmp_path / "e.json", []))
+    (tmp_path / "cut.json").write_text(json.dumps([GOOD, GOOD])[:-30])
+    with pytest.raises(TrajectoryError, match="cut.json: not a valid JSON list"):
+        load_trajectories(tmp_path / "cut.json")
+    with pytest.raises(ValueError, match="on_error"):
+        load_trajectories(write_json(tmp_path / "ok.json", [GOOD]), on_error="ignore")
+
+
+BAD_PAIRS = {
+    "chosen == rejected": (pair_record(rejected=[A1, O1, A2]), "rejected: identical to chosen (nothing to prefer)"),
+    "chosen starts with human": (pair_record(chosen=[O1, A2]), "chosen[0].from: expected 'gpt' first, got 'human'"),
+    "rejected ends with human": (pair_record(rejected=[A2, O1]), "rejected[1].from: must end with 'gpt', got 'human'"),
+    "prompt ends with gpt": (pair_record(prompt=INSTRUCTION), "prompt[1].from: must end with 'human', got 'gpt'"),
+    "missing rejected": ({"id": "p0", "prompt": INSTRUCTION + [TASK], "chosen": [A1]}, "rejected: missing"),
+    "empty chosen": (pair_record(chosen=[]), "chosen: expected a non-empty list of turns, got an empty list"),
+    "non-alternating chosen": (pair_record(chosen=[A1, A2]), "chosen[1].from: expected 'human' after 'gpt', got 'gpt'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_PAIRS))
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_each_bad_pair_is_named_and_the_rest_of_the_file_kept(kind, suffix, tmp_path, caplog):
+    bad, message = BAD_PAIRS[kind]
+    records = [pair_record(id="ok"), bad, pair_record(id="ok2")]
+    path = (write_json if suffix == ".json" else write_jsonl)(tmp_path / f"pairs{suffix}", records)
+    with caplog.at_level(logging.WARNING, logger="eto_ref.trajectory"):
+        assert [p.id for p in load_pairs(path)] == ["ok", "ok2"]
+    where = "record 1 (id 'p0')" if suffix == ".json" else "record 1 (id 'p0', line 2)"
+    assert any(f"{path}: {where}: {message}" in r.getMessage() for r in caplog.records)
+    with pytest.raises(TrajectoryError) as raised:
         load_pairs(path, on_error="raise")
+    assert str(raised.value) == f"{path}: {where}: {message}"
 
 
-def test_json_list_and_jsonl_round_trip(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps([GOOD]))
-    write_jsonl(tmp_path / "a.jsonl", [GOOD])
-    a, b = load_trajectories(tmp_path / "a.json"), load_trajectories(tmp_path / "a.jsonl")
-    assert a == b and a[0].reward == 1.0 and a[0].messages[1] == {"role": "assistant", "content": "OK"}
-    save_trajectories(a, tmp_path / "out.json")
-    assert json.loads((tmp_path / "out.json").read_text()) == [GOOD]
-    pairs = load_pairs(_write(tmp_path / "p.json", [pair_record()]))
-    save_pairs(pairs, tmp_path / "p2.json")
-    assert json.loads((tmp_path / "p2.json").read_text()) == [pair_record()]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.jsonl", "out.json", "p.json", "p2.json"]
+# --------------------------------------------------------------------------- formats, round trips, atomic writes
 
 
-def _write(path, obj):
-    path.write_text(json.dumps(obj))
-    return path
+def test_json_list_and_jsonl_load_the_same(tmp_path):
+    a = load_trajectories(write_json(tmp_path / "a.json", [GOOD, {**GOOD, "id": 7}]))
+    b = load_trajectories(write_jsonl(tmp_path / "a.jsonl", [GOOD, {**GOOD, "id": 7}]))
+    assert a == b
+    assert [t.id for t in a] == ["t0", "7"]  # integer ids (as in some released files) become strings
+    t = a[0]
+    assert t.reward == 1.0
+    assert [m["role"] for m in t.messages] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert t.messages[1] == {"role": "assistant", "content": "OK"}
+    assert t.messages[-1] == {"role": "assistant", "content": A2["value"]}
+    assert load_trajectories(write_json(tmp_path / "one.json", GOOD)) == a[:1]  # a single pretty-printed object
 
 
-def test_sft_mask_holds_exactly_the_agent_turns(tok):
-    traj = load_trajectories(_write_tmp(GOOD))[0]
-    ex = encode_sft(traj, tok, max_len=10_000)
-    masked = tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m])
-    assert masked == "OK<|im_end|>" + A1["value"] + "<|im_end|>" + A2["value"] + "<|im_end|>"
+def test_reward_is_optional_and_a_system_turn_may_come_first(tmp_path):
+    record = {"id": "s", "conversations": [{"from": "system", "value": "Be brief."}] + GOOD["conversations"]}
+    (t,) = load_trajectories(write_json(tmp_path / "s.json", [record]))
+    assert t.reward is None
+    assert t.messages[0] == {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_round_trip_writes_the_official_format(suffix, tmp_path):
+    records = [GOOD, {"id": "t1", "conversations": INSTRUCTION + [TASK, A2]}]
+    trajectories = load_trajectories(write_json(tmp_path / "in.json", records))
+    out = tmp_path / f"out{suffix}"
+    save_trajectories(trajectories, out)
+    assert load_trajectories(out) == trajectories
+    text = out.read_text()
+    written = json.loads(text) if suffix == ".json" else [json.loads(line) for line in text.splitlines()]
+    assert written == records  # exactly the official fields; no reward key when there is none
+
+    pairs = load_pairs(write_json(tmp_path / "p.json", [pair_record(), pair_record(id="p1", rejected=[A1])]))
+    save_pairs(pairs, tmp_path / f"p_out{suffix}")
+    assert load_pairs(tmp_path / f"p_out{suffix}") == pairs
+    assert pairs[0] == PreferencePair("p0", [{"role": "user", "content": INSTRUCTION[0]["value"]},
+                                             {"role": "assistant", "content": "OK"},
+                                             {"role": "user", "content": TASK["value"]}],
+                                      [{"role": "assistant", "content": A1["value"]},
+                                       {"role": "user", "content": O1["value"]},
+                                       {"role": "assistant", "content": A2["value"]}],
+                                      [{"role": "assistant", "content": A2["value"]}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.json", f"out{suffix}", "p.json", f"p_out{suffix}"])
+
+
+def test_atomic_write_leaves_the_old_file_and_no_temp_file_when_it_fails(tmp_path, monkeypatch):
+    path = tmp_path / "out.json"
+    save_trajectories([Trajectory("old", [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}])], path)
+    before = path.read_text()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("eto_ref.trajectory.os.replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_trajectories(load_trajectories(write_json(tmp_path / "in.json", [GOOD])), path)
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json", "out.json"]
+
+
+# --------------------------------------------------------------------------- rendering and the agent mask
+
+
+def test_hand_written_trajectory_masks_exactly_the_agent_tokens(fake_tok):
+    """u = "hi", a1 = "go", o1 = "ok", a2 = "x": the mask is True on "go"+END and "x"+END only."""
+    traj = Trajectory("h", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go"},
+                            {"role": "user", "content": "ok"}, {"role": "assistant", "content": "x"}])
+    ex = encode_sft(traj, fake_tok, max_len=100)
+    h, i, g, o, k, x = chars("higokx")
+    assert ex.input_ids == [U, h, i, END, A, g, o, END, U, o, k, END, A, x, END]
+    assert ex.loss_mask == [False, False, False, False, False, True, True, True,
+                            False, False, False, False, False, True, True]
+    assert not ex.truncated
+
+    # The first scored position is the assistant header (index 4): its logits predict "g", the first agent token.
+    targets, scored = next_token_targets(torch.tensor([ex.input_ids]), torch.tensor([ex.loss_mask]))
+    first = scored[0].tolist().index(True)
+    assert first == 4 and targets[0, first].item() == g
+    assert [t for t, s in zip(targets[0].tolist(), scored[0].tolist()) if s] == [g, o, END, x, END]
+
+
+def test_official_record_masks_the_instruction_task_and_observations(fake_tok, tmp_path):
+    """All gpt turns, the instruction's "OK" included (as the official FastChat training does), and nothing else."""
+    (traj,) = load_trajectories(write_json(tmp_path / "t.json", [GOOD]))
+    ex = encode_sft(traj, fake_tok, max_len=10_000)
+    agent = fake_tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m])
+    assert agent == "OK<end>" + A1["value"] + "<end>" + A2["value"] + "<end>"
+
+
+def test_truncation_cuts_from_the_right_keeps_the_mask_aligned_and_is_flagged(fake_tok, tmp_path):
+    (traj,) = load_trajectories(write_json(tmp_path / "t.json", [GOOD]))
+    full = encode_sft(traj, fake_tok, 10_000)
+    n = len(full.input_ids)
+    cut = encode_sft(traj, fake_tok, 50)
+    assert cut.truncated and len(cut.input_ids) == len(cut.loss_mask) == 50
+    assert cut.input_ids == full.input_ids[:50] and cut.loss_mask == full.loss_mask[:50]
+    exact = encode_sft(traj, fake_tok, n)
+    assert not exact.truncated and exact == full
+
+
+def test_pair_prompt_is_masked_on_both_sides_including_its_ok_turn(fake_tok, tmp_path):
+    (pair,) = load_pairs(write_json(tmp_path / "p.json", [pair_record()]))
+    ex = encode_pair(pair, fake_tok, 10_000)
+    prompt_ids, prompt_mask = fake_tok.render(pair.prompt)
+    assert any(prompt_mask)  # the tokenizer marks the "OK" turn ...
+    assert ex.prompt_len == len(prompt_ids)
+    for ids, mask, turns in ((ex.chosen_ids, ex.chosen_mask, pair.chosen),
+                             (ex.rejected_ids, ex.rejected_mask, pair.rejected)):
+        assert ids[:ex.prompt_len] == prompt_ids
+        assert not any(mask[:ex.prompt_len])  # ... but the prompt is never scored
+        assert mask[ex.prompt_len:] == fake_tok.render(pair.prompt + turns)[1][ex.prompt_len:]
+        agent = fake_tok.decode([i for i, m in zip(ids, mask) if m])
+        assert agent == "".join(t["content"] + "<end>" for t in turns if t["role"] == "assistant")
+    assert ex.chosen_ids is ex.chosen.input_ids and ex.rejected_mask is ex.rejected.loss_mask
     assert not ex.truncated
 
 
-def _write_tmp(record, _counter=[0]):
-    import tempfile, pathlib
-    _counter[0] += 1
-    path = pathlib.Path(tempfile.mkdtemp()) / "t.json"
-    path.write_text(json.dumps([record]))
-    return path
+def test_pair_truncation_is_flagged(fake_tok, tmp_path):
+    (pair,) = load_pairs(write_json(tmp_path / "p.json", [pair_record()]))
+    full = encode_pair(pair, fake_tok, 10_000)
+    max_len = len(full.rejected_ids) + 5  # rejected fits, chosen is cut
+    ex = encode_pair(pair, fake_tok, max_len)
+    assert ex.truncated and ex.chosen.truncated and not ex.rejected.truncated
+    assert ex.chosen_ids == full.chosen_ids[:max_len] and ex.chosen_mask == full.chosen_mask[:max_len]
+    assert ex.rejected == full.rejected
 
 
-def test_truncation_keeps_mask_aligned_and_is_flagged(tok):
-    traj = load_trajectories(_write_tmp(GOOD))[0]
-    full = encode_sft(traj, tok, 10_000)
-    cut = encode_sft(traj, tok, 25)
-    assert cut.truncated and len(cut.input_ids) == len(cut.loss_mask) == 25
-    assert cut.input_ids == full.input_ids[:25] and cut.loss_mask == full.loss_mask[:25]
+def test_encode_pair_refuses_a_tokenizer_whose_prompt_is_not_a_prefix(tmp_path):
+    class EndsWithEos(FakeTokenizer):
+        def render(self, messages, add_generation_prompt=False):
+            ids, mask = super().render(messages, add_generation_prompt)
+            return ids + [self.PAD], mask + [False]
+
+    (pair,) = load_pairs(write_json(tmp_path / "p.json", [pair_record()]))
+    with pytest.raises(ValueError, match="not a prefix"):
+        encode_pair(pair, EndsWithEos(), 10_000)
 
 
-def test_pair_prompt_is_masked_on_both_sides(tok):
-    pair = load_pairs(_write_tmp(pair_record()))[0]
-    ex = encode_pair(pair, tok, 10_000)
-    for side, turns in ((ex.chosen, pair.chosen), (ex.rejected, pair.rejected)):
-        assert not any(side.loss_mask[:ex.prompt_len])  # not even the "OK" of the instruction part
-        masked = tok.decode([i for i, m in zip(side.input_ids, side.loss_mask) if m])
-        assert masked == "".join(t["content"] + "<|im_end|>" for t in turns if t["role"] == "assistant")
-    assert ex.chosen.input_ids[:ex.prompt_len] == ex.rejected.input_ids[:ex.prompt_len]
+# --------------------------------------------------------------------------- collation
 
 
-def test_collation_pads_with_mask_false_and_pairs_share_one_batch(tok):
-    pair = load_pairs(_write_tmp(pair_record()))[0]
-    ex = encode_pair(pair, tok, 10_000)
-    batch = collate_pairs([ex, ex], pad_id=tok.pad_id)
-    assert batch["input_ids"].shape[0] == 4
-    chosen, rejected = split_chosen_rejected(batch["loss_mask"])
-    assert chosen.sum() > rejected.sum()
-    n = len(ex.rejected.input_ids)
-    assert not batch["attention_mask"][2, n:].any() and not batch["loss_mask"][2, n:].any()
-    assert (batch["input_ids"][2, n:] == tok.pad_id).all()
-    # padding never changes the BC loss
-    logits = torch.randn(4, batch["input_ids"].shape[1], tok.vocab_size)
-    alone = collate_sft([ex.rejected], tok.pad_id)
-    torch.testing.assert_close(bc_loss(logits[2:3, :n], alone["input_ids"], alone["loss_mask"]),
-                               bc_loss(logits[2:3], batch["input_ids"][2:3], batch["loss_mask"][2:3]))
+def test_collate_sft_right_pads_with_mask_and_attention_false():
+    examples = [Example([5, 6, 7], [False, True, True]), Example([8, 9], [False, True])]
+    batch = collate_sft(examples, pad_id=0)
+    assert batch["input_ids"].dtype == torch.long
+    assert batch["loss_mask"].dtype == batch["attention_mask"].dtype == torch.bool
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert batch["loss_mask"].tolist() == [[False, True, True], [False, True, False]]
+    assert batch["attention_mask"].tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_collate_pairs_puts_chosen_then_rejected_in_one_padded_batch(fake_tok, tmp_path):
+    pairs = load_pairs(write_json(tmp_path / "p.json", [pair_record(), pair_record(id="p1", rejected=[A1, O1, A1])]))
+    examples = [encode_pair(p, fake_tok, 10_000) for p in pairs]
+    batch = collate_pairs(examples, pad_id=fake_tok.pad_id)
+    T = max(len(e.chosen_ids) for e in examples)
+    assert batch["input_ids"].shape == batch["loss_mask"].shape == batch["attention_mask"].shape == (4, T)
+    rows = [examples[0].chosen, examples[1].chosen, examples[0].rejected, examples[1].rejected]
+    for row, ex in enumerate(rows):
+        n = len(ex.input_ids)
+        assert batch["input_ids"][row, :n].tolist() == ex.input_ids
+        assert batch["loss_mask"][row, :n].tolist() == ex.loss_mask
+        assert batch["attention_mask"][row, :n].all()
+        assert (batch["input_ids"][row, n:] == fake_tok.pad_id).all()
+        assert not batch["loss_mask"][row, n:].any() and not batch["attention_mask"][row, n:].any()
+
+    chosen, rejected = split_chosen_rejected(batch["input_ids"])
+    assert torch.equal(torch.cat([chosen, rejected]), batch["input_ids"])
+    assert chosen[0, :len(rows[0].input_ids)].tolist() == rows[0].input_ids
+    assert rejected[1, :len(rows[3].input_ids)].tolist() == rows[3].input_ids
+    with pytest.raises(ValueError, match="2B rows"):
+        split_chosen_rejected(torch.zeros(3, 2))
+
+    # Padding together never changes a row's trajectory log-prob.
+    torch.manual_seed(0)
+    logits = torch.randn(4, T, fake_tok.vocab_size)
+    alone = collate_sft([rows[2]], fake_tok.pad_id)
+    n = alone["input_ids"].shape[1]
+    torch.testing.assert_close(sequence_logprobs(logits[2:3, :n], alone["input_ids"], alone["loss_mask"]),
+                               sequence_logprobs(logits[2:3], batch["input_ids"][2:3], batch["loss_mask"][2:3]))
+
+
+def test_an_empty_reply_is_allowed_only_on_the_rejected_side(tmp_path):
+    """An explored failure may contain an empty reply (the policy stopped at once): kept as a rejected side.
+    Expert/chosen data with an empty agent turn is broken data."""
+    empty = {"from": "gpt", "value": ""}
+    path = write_json(tmp_path / "p.json", [pair_record(rejected=[empty, O1, A2]), pair_record(id="p1", chosen=[empty])])
+    (pair,) = load_pairs(path)
+    assert pair.id == "p0" and pair.rejected[0] == {"role": "assistant", "content": ""}
+    with pytest.raises(TrajectoryError, match=r"record 1 \(id 'p1'\): chosen\[0\]\.value: empty agent turn"):
+        load_pairs(path, on_error="raise")
+
+
+def test_pair_example_is_built_from_two_examples():
+    ex = PairExample(Example([1, 2], [False, True]), Example([1, 3], [False, True]), prompt_len=1)
+    assert (ex.chosen_ids, ex.chosen_mask, ex.rejected_ids, ex.rejected_mask) == ([1, 2], [False, True],
+                                                                                  [1, 3], [False, True])
+    assert not ex.truncated
+
+
+# --------------------------------------------------------------------------- with the real tokenizer
+
+
+def test_with_the_real_tokenizer(tmp_path):
+    """The same masks through eto_ref.tokenizer's chatml template (skipped if that module is absent)."""
+    tokenizer = pytest.importorskip("eto_ref.tokenizer")
+    texts = [t["value"] for t in GOOD["conversations"]] * 10
+    tok = tokenizer.train_bpe_tokenizer(texts, 300, tmp_path / "tok", template="chatml")
+    (traj,) = load_trajectories(write_json(tmp_path / "t.json", [GOOD]))
+    ex = encode_sft(traj, tok, max_len=10_000)
+    agent = tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m])
+    assert agent == "OK<|im_end|>" + A1["value"] + "<|im_end|>" + A2["value"] + "<|im_end|>"
+
+    (pair,) = load_pairs(write_json(tmp_path / "p.json", [pair_record()]))
+    pex = encode_pair(pair, tok, 10_000)
+    for ids, mask, turns in ((pex.chosen_ids, pex.chosen_mask, pair.chosen),
+                             (pex.rejected_ids, pex.rejected_mask, pair.rejected)):
+        assert not any(mask[:pex.prompt_len])
+        agent = tok.decode([i for i, m in zip(ids, mask) if m])
+        assert agent == "".join(t["content"] + "<|im_end|>" for t in turns if t["role"] == "assistant")
+    batch = collate_pairs([pex], tok.pad_id)
+    assert batch["input_ids"].shape[0] == 2 and not batch["loss_mask"][1, len(pex.rejected_ids):].any()
