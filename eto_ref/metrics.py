@@ -1,0 +1,88 @@
+"""Training metrics: a JSONL log (one flushed line per record) and a tqdm progress bar.
+
+`out/metrics.jsonl` holds one JSON object per line, e.g.
+
+    {"stage": "sft", "step": 12, "epoch": 0.4, "lr": 0.001, "loss": 1.83, "tokens": 5210, ...}
+    {"stage": "sft", "step": 12, "eval_loss": 1.91, "eval_tokens": 2210, ...}
+
+Each line is flushed and fsynced as it is written (eto_ref/jsonl.py), so a killed run
+keeps every record it logged. A resumed run first drops the records of the steps
+after its checkpoint (they are about to be redone), so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
+
+
+class MetricsLog:
+    """Append metric records to a JSONL file.
+
+    resume_step=None starts a fresh file; an int keeps only the records of steps <= it.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, **fields):
+        self.path = Path(path)
+        self.fields = fields  # added to every record (e.g. stage="sft")
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            kept = [r for r in read_jsonl_records(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".resume")
+            tmp.write_text("".join(_dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+        self._writer = JsonlWriter(self.path)
+
+    def log(self, **record) -> dict:
+        record = {**self.fields, **{k: _plain(v) for k, v in record.items()}, "time": round(time.time(), 3)}
+        self._writer.write(record)
+        return record
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _plain(v):
+    """Tensors and numpy scalars -> Python numbers, floats rounded for a readable log."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return float(f"{v:.6g}")
+    return v
+
+
+def _dumps(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics.jsonl file."""
+    return read_jsonl_records(path)
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = "train") -> tqdm:
+    """A tqdm bar over optimizer steps: rate (steps/s) and ETA; `show` puts the loss on it."""
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                file=sys.stderr, mininterval=0.5, smoothing=0.1)
+
+
+def show(bar: tqdm, **values) -> None:
+    """Put the current numbers on the bar, e.g. show(bar, loss=1.23, lr=1e-3)."""
+    bar.set_postfix({k: f"{_plain(v):.4g}" if isinstance(_plain(v), float) else v for k, v in values.items()},
+                    refresh=False)
+
+
+__all__ = ["MetricsLog", "read_metrics", "progress_bar", "show", "write_json_atomic"]

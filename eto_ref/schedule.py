@@ -1,0 +1,57 @@
+"""Learning-rate schedules: linear warmup, then cosine decay (SFT) or constant (DPO).
+
+The official ETO code trains with the Hugging Face Trainer: SFT uses
+`--lr_scheduler_type cosine --warmup_ratio 0.03`, DPO uses
+`--lr_scheduler_type constant_with_warmup --warmup_ratio 0.1`. These functions
+give the same multipliers as transformers' `get_cosine_schedule_with_warmup` and
+`get_constant_schedule_with_warmup`, as a pure function of the step:
+
+    step  = number of optimizer steps already taken (0 for the first update)
+    W     = warmup steps = ceil(warmup_ratio * total_steps)
+
+    warmup (step < W):  lr = base_lr * step / W             (so the very first update has lr 0)
+    cosine:             lr = base_lr * 0.5 * (1 + cos(pi * (step - W) / (total_steps - W)))
+    constant:           lr = base_lr
+
+Being a pure function of `step`, the schedule needs no saved state: a resumed run
+just asks for the lr of its next step.
+"""
+
+from __future__ import annotations
+
+import math
+
+SCHEDULES = ("cosine", "constant")
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """W = ceil(ratio * total), as transformers' TrainingArguments.get_warmup_steps."""
+    return math.ceil(warmup_ratio * total_steps)
+
+
+def warmup_multiplier(step: int, warmup: int) -> float:
+    """Linear ramp 0 -> 1 over `warmup` steps (1 afterwards)."""
+    return step / max(1, warmup) if step < warmup else 1.0
+
+
+def cosine_multiplier(step: int, total_steps: int, warmup: int) -> float:
+    """Linear warmup, then half a cosine from 1 down to 0 at `total_steps`."""
+    if step < warmup:
+        return warmup_multiplier(step, warmup)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def constant_multiplier(step: int, total_steps: int, warmup: int) -> float:
+    """Linear warmup, then 1."""
+    return warmup_multiplier(step, warmup)
+
+
+def lr_at(step: int, base_lr: float, total_steps: int, warmup_ratio: float, schedule: str = "cosine") -> float:
+    """The learning rate of optimizer update number `step` (0-based)."""
+    warmup = warmup_steps(total_steps, warmup_ratio)
+    if schedule == "cosine":
+        return base_lr * cosine_multiplier(step, total_steps, warmup)
+    if schedule == "constant":
+        return base_lr * constant_multiplier(step, total_steps, warmup)
+    raise ValueError(f"unknown lr schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
