@@ -1,0 +1,37 @@
+"""One ETO iteration end to end on a tiny random model: explore -> pairs -> DPO -> evaluate."""
+
+import json
+
+import torch
+
+from eto_ref.agent import AgentConfig
+from eto_ref.checkpoint import save_model
+from eto_ref.eto import LoopConfig, run_eto
+from eto_ref.model import ModelConfig, Transformer
+from eto_ref.tiny import environment_texts
+from eto_ref.tokenizer import train_bpe_tokenizer
+from eto_ref.trainer import DPOConfig
+
+
+def test_one_iteration_writes_every_phase(tmp_path):
+    tok_dir = tmp_path / "tok"
+    tok = train_bpe_tokenizer(environment_texts(["household"], tasks_per_env=20), 400, tok_dir)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    save_model(model, tmp_path / "sft", tokenizer_dir=tok_dir)
+    cfg = LoopConfig(model=str(tmp_path / "sft"), out=str(tmp_path / "eto"), env="household", iterations=1,
+                     explore_limit=2, eval_limit=1, progress=False,
+                     agent=AgentConfig(max_new_tokens=6, batch_size=2, max_len=4096, max_steps=2))
+
+    def dpo_config(model, pairs, out):
+        return DPOConfig(model=model, pairs=pairs, out=out, max_steps=1, batch_size=2, micro_batch_size=2,
+                         max_len=2048, save_every=0, progress=False, device="cpu")
+
+    rows = run_eto(cfg, dpo_config)
+    assert len(rows) == 1 and rows[0]["pairs"] == 2 and rows[0]["lose"] == 2
+    it = tmp_path / "eto" / "iter-1"
+    assert (it / "dpo" / "final" / "model.safetensors").is_file()
+    for split in ("test_seen", "test_unseen"):
+        assert json.loads((it / f"eval-{split}" / "summary.json").read_text())["episodes"] == 1
+    assert json.loads((tmp_path / "eto" / "summary.json").read_text()) == rows
