@@ -34,6 +34,10 @@ class CheckpointError(ValueError):
     """A model directory that cannot be loaded; the message names the file and tensor."""
 
 
+class MissingCheckpointFile(CheckpointError, FileNotFoundError):
+    """A file the model directory needs (config.json) is absent; also a FileNotFoundError."""
+
+
 def hf_name(our_name: str) -> str:
     """`layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj.weight`; lm_head stays."""
     return our_name if our_name.startswith("lm_head.") else "model." + our_name
@@ -66,7 +70,8 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, Exception) as e:  # truncated or corrupt header
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); "
+                              "is it truncated (an interrupted copy or download)?") from None
 
 
 def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -110,14 +115,61 @@ def check_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], sourc
                                   f"the model from config.json expects {tuple(shape)}")
 
 
+def read_config(model_dir: Path) -> ModelConfig:
+    """config.json -> ModelConfig; a missing or unusable config (unknown architecture, missing key) is a CheckpointError."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        found = sorted(p.name for p in model_dir.glob("*")) if model_dir.is_dir() else "no such directory"
+        raise MissingCheckpointFile(f"{path}: model config not found (a model directory needs config.json; "
+                                    f"found: {found})")
+    try:
+        return ModelConfig.from_json(path)
+    except (ValueError, KeyError, TypeError) as e:
+        message = str(e) if isinstance(e, ValueError) else repr(e)
+        raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def tokenizer_max_id(path: Path) -> tuple[int, str]:
+    """(largest token id, its token) of a tokenizer.json, added tokens included."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        vocab = HFTokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception on bad files
+        raise CheckpointError(f"{path}: cannot read tokenizer ({e})") from None
+    if not vocab:
+        return -1, ""
+    token, max_id = max(vocab.items(), key=lambda kv: kv[1])
+    return max_id, token
+
+
+def check_tokenizer_fits(model_dir: Path, config: ModelConfig) -> None:
+    """Every token id of the directory's tokenizer must have an embedding row (id < vocab_size).
+
+    (A config vocab_size larger than the tokenizer is normal: rows padded for speed.)
+    Without this check, the first out-of-range id fails deep inside the embedding lookup.
+    """
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return
+    max_id, token = tokenizer_max_id(path)
+    if max_id >= config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has token id {max_id} ({token!r}) but the model has only "
+                              f"{config.vocab_size} embedding rows (config.json vocab_size); "
+                              "use the tokenizer saved with this model")
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
     """Load a Hugging Face Llama/Mistral/Qwen2 directory into our Transformer.
 
     The model is built on the meta device (no memory, no random init), then the
-    checkpoint tensors are assigned to it, gpt-fast style.
+    checkpoint tensors are assigned to it, gpt-fast style. Every problem (config,
+    tokenizer size, missing/extra/misshaped tensor, unreadable file) is a
+    CheckpointError naming the file, raised before any weight is used.
     """
     model_dir = Path(model_dir)
-    config = ModelConfig.from_json(model_dir / "config.json")
+    config = read_config(model_dir)
+    check_tokenizer_fits(model_dir, config)
     with torch.device("meta"):
         model = Transformer(config)
     tensors = read_state_dict(model_dir, dtype)

@@ -288,6 +288,20 @@ def to_device(batch: dict, device: torch.device) -> dict:
 # --------------------------------------------------------------------------- one optimizer step
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm of a step is NaN or inf; the step's update was not applied."""
+
+
+def check_finite(loss: float, grad_norm: float, step: int | None) -> None:
+    """Stop before a NaN/inf loss or gradient reaches the weights (nothing after the last checkpoint is saved)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    at = "a step" if step is None else f"step {step}"
+    raise NonFiniteLossError(f"{at}: non-finite training signal (loss {loss}, grad norm {grad_norm}); "
+                             "stopped before the update, the last saved checkpoint is the last good state. "
+                             "Lower the learning rate or check the data, then start from that checkpoint")
+
+
 def accumulate_gradients(model, batch: list[int], micro_batch_size: int, micro_loss: Callable, amp) -> dict:
     """Backpropagate the loss of a global batch, one micro-batch at a time.
 
@@ -305,13 +319,15 @@ def accumulate_gradients(model, batch: list[int], micro_batch_size: int, micro_l
     return totals
 
 
-def optimizer_step(model, optimizer, params, batch, micro_batch_size, micro_loss, lr, clip, amp) -> dict:
-    """One AdamW update on a global batch: accumulate, clip the global grad norm, step."""
+def optimizer_step(model, optimizer, params, batch, micro_batch_size, micro_loss, lr, clip, amp,
+                   step: int | None = None) -> dict:
+    """One AdamW update on a global batch: accumulate, clip the global grad norm, check it is finite, step."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     metrics = accumulate_gradients(model, batch, micro_batch_size, micro_loss, amp)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    check_finite(float(metrics["loss"]), grad_norm.item(), step)
     optimizer.step()
     return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
 
@@ -521,7 +537,7 @@ def fit(model, cfg: TrainConfig, stage: str, train_indices: list[int], micro_los
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.lr, total, cfg.warmup_ratio, cfg.schedule)
             metrics = optimizer_step(model, optimizer, params, batch, cfg.micro_batch_size, micro_loss,
-                                     lr, cfg.clip, amp)
+                                     lr, cfg.clip, amp, step=step + 1)
             step += 1
             metrics["step_time"] = time.perf_counter() - t0
             log.log(step=step, epoch=step / steps_per_epoch, **metrics)

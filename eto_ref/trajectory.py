@@ -18,10 +18,13 @@ A bad record is reported by file, record index, id and field, e.g.
     data/x.json: record 7 (id 'abc'): conversations[3].from: expected 'gpt' after 'human', got 'human'
     data/x.jsonl: record 7 (id 'abc', line 8): conversations[3].from: expected 'gpt' after 'human', got 'human'
     data/x.jsonl: record 8 (line 9): invalid JSON line (Expecting ',' delimiter: line 1 column 40 (char 39))
+    data/x.jsonl: record 9 (id 'abc', line 10): id: duplicate of record 7 (ids must be unique)
 
 With `on_error="skip"` it is logged as a warning and the good records are kept;
 with `on_error="raise"` a `TrajectoryError` stops the load. Only a file that
 cannot be read at all (empty, or a JSON list that does not parse) always raises.
+Each loaded record remembers where it came from (`.source`), so a later warning
+(a trajectory longer than max_len, cut when rendered) names the same file and record.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +52,7 @@ class Trajectory:
     id: str
     messages: list[dict]  # [{"role": "user"|"assistant"|"system", "content": str}]
     reward: float | None = None
+    source: str | None = field(default=None, compare=False, repr=False)  # "<file>: record i (id ...)"
 
 
 @dataclass
@@ -57,6 +61,7 @@ class PreferencePair:
     prompt: list[dict]  # chat messages: instruction, "OK", task (ends with a user turn)
     chosen: list[dict]  # chat messages: starts and ends with an assistant turn
     rejected: list[dict]
+    source: str | None = field(default=None, compare=False, repr=False)  # "<file>: record i (id ...)"
 
 
 # --------------------------------------------------------------------------- reading
@@ -182,22 +187,36 @@ def parse_pair(record) -> PreferencePair:
     return PreferencePair(rid, prompt, chosen, rejected)
 
 
+def record_name(path, index: int, rid, line: int | None) -> str:
+    """`data/x.jsonl: record 7 (id 'abc', line 8)`: how messages name a record."""
+    return f"{path}: record {index} (id {rid!r}" + ("" if line is None else f", line {line}") + ")"
+
+
 def _load(path, parse, on_error: str) -> list:
-    """Parse every record of `path`; bad ones are skipped with a warning or raised (`on_error`)."""
+    """Parse every record of `path`; bad ones are skipped with a warning or raised (`on_error`).
+
+    A record whose id was already seen is bad too (the first one is kept): ids
+    key the reference log-prob cache and the exploration resume.
+    """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     records = read_records(path)
-    good = []
+    good, first_index = [], {}  # id -> index of the record that holds it
     for index, line, record in records:
         try:
             if isinstance(record, TrajectoryError):
                 raise record
+            rid = record.get("id") if isinstance(record, dict) else None
             try:
-                good.append(parse(record))
+                item = parse(record)
             except ValueError as e:
-                rid = record.get("id") if isinstance(record, dict) else None
-                where = f"record {index} (id {rid!r}" + ("" if line is None else f", line {line}") + ")"
-                raise TrajectoryError(f"{path}: {where}: {e}") from None
+                raise TrajectoryError(f"{record_name(path, index, rid, line)}: {e}") from None
+            if item.id in first_index:
+                raise TrajectoryError(f"{record_name(path, index, rid, line)}: id: duplicate of record "
+                                      f"{first_index[item.id]} (ids must be unique)")
+            first_index[item.id] = index
+            item.source = record_name(path, index, rid, line)
+            good.append(item)
         except TrajectoryError as e:
             if on_error == "raise":
                 raise
@@ -302,14 +321,24 @@ def truncate(ids: list[int], mask: list[bool], max_len: int) -> Example:
     return Example(ids[:max_len], mask[:max_len], truncated=len(ids) > max_len)
 
 
+def warn_if_cut(example: Example, full_len: int, max_len: int, source: str, field_name: str) -> None:
+    """Log a warning naming the record and field when rendering cut it to max_len (the rest is not trained on)."""
+    if example.truncated:
+        log.warning("%s: %s: %d tokens, longer than max_len %d; cut to the first %d (%d agent tokens kept)",
+                    source, field_name, full_len, max_len, max_len, sum(example.loss_mask))
+
+
 def encode_sft(traj: Trajectory, tokenizer, max_len: int) -> Example:
     """Render a trajectory with the chat template: ids + agent-token mask (instruction, observations masked).
 
     `tokenizer.render(messages) -> (ids, mask)` decides the mask: True on the
-    content and end-of-turn token of every assistant turn.
+    content and end-of-turn token of every assistant turn. A trajectory longer
+    than max_len is cut from the right, flagged, and named in a warning.
     """
     ids, mask = tokenizer.render(traj.messages)
-    return truncate(ids, mask, max_len)
+    example = truncate(ids, mask, max_len)
+    warn_if_cut(example, len(ids), max_len, traj.source or f"trajectory {traj.id!r}", "conversations")
+    return example
 
 
 def encode_pair(pair: PreferencePair, tokenizer, max_len: int) -> PairExample:
@@ -329,6 +358,8 @@ def encode_pair(pair: PreferencePair, tokenizer, max_len: int) -> PairExample:
                              "the tokenizer must render a conversation as per-message segments")
         mask = [False] * prompt_len + list(mask[prompt_len:])
         sides.append(truncate(ids, mask, max_len))
+        warn_if_cut(sides[-1], len(ids), max_len, pair.source or f"pair {pair.id!r}",
+                    "prompt + " + ("chosen" if len(sides) == 1 else "rejected"))
     chosen, rejected = sides
     return PairExample(chosen, rejected, prompt_len, chosen.truncated or rejected.truncated)
 

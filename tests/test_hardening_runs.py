@@ -1,0 +1,170 @@
+"""Issue #8, hardening of training runs: a killed run resumes to the same weights; NaN stops cleanly.
+
+A real kill: SFT and DPO run in a subprocess, which gets SIGKILL after its first
+checkpoint is on disk (wherever it is then: mid-step or mid-write). Rerunning the
+same config resumes from the last complete checkpoint and ends with the weights of
+an uninterrupted run with the same seed. The tiny model and data are those of
+tests/test_trainer.py.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eto_ref import trainer
+from eto_ref.checkpoint import read_state_dict
+from eto_ref.metrics import read_metrics
+from eto_ref.trainer import NonFiniteLossError, run_dpo, run_sft
+from tests.test_trainer import (  # noqa: F401  (tiny_model and data_files are fixtures)
+    Interrupt, assert_same_params, data_files, dpo_config, interrupt_at, params_of, sft_config, tiny_model,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The child trains with the parent's thread count (same float reductions), slowly enough to be killed mid-run.
+CHILD = """
+import json, sys, time, torch
+from eto_ref.trainer import DPOConfig, SFTConfig, run_dpo, run_sft
+stage, config, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+run, Config = (run_sft, SFTConfig) if stage == "sft" else (run_dpo, DPOConfig)
+run(Config(**config), callback=lambda step, metrics: time.sleep(0.3))
+"""
+
+
+def train_until_killed(stage: str, cfg) -> str:
+    """Run `cfg` in a subprocess; SIGKILL it as soon as its first checkpoint exists. Returns its stderr."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, stage, json.dumps(dataclasses.asdict(cfg)),
+                              str(torch.get_num_threads())], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not trainer.checkpoint_dirs(cfg.out):
+            if child.poll() is not None:
+                pytest.fail(f"the training subprocess ended before its first checkpoint:\n{child.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint after 120 s")
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()
+    return child.stderr.read().decode()
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_killed_run_resumes_from_the_last_checkpoint_to_the_same_weights(stage, tiny_model, data_files, tmp_path):
+    run, make = (run_sft, sft_config) if stage == "sft" else (run_dpo, dpo_config)
+    kw = dict(epochs=2, save_every=2, seed=3)  # 6 examples / batch 2 = 3 steps per epoch, 6 steps
+    straight = run(make(tiny_model, data_files, tmp_path / "straight", **kw))
+
+    cfg = make(tiny_model, data_files, tmp_path / "killed", **kw)
+    train_until_killed(stage, cfg)
+    out = Path(cfg.out)
+    assert not (out / "final").exists()
+    survivors = trainer.checkpoint_dirs(out)
+    assert survivors and all((c / "model.safetensors").is_file() for c in survivors)
+
+    resumed = run(cfg)  # the same config again
+    records = read_metrics(out / "metrics.jsonl")
+    resume = [r for r in records if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["checkpoint"] == str(survivors[-1])
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 7))  # each step logged once: the killed one is redone, none repeated
+    assert_same_params(params_of(resumed), params_of(straight), atol=1e-6)
+
+
+def test_half_written_checkpoints_are_never_picked_up_on_resume(tiny_model, data_files, tmp_path):
+    """What a kill in the middle of save_checkpoint leaves behind is ignored; the last complete one is used."""
+    kw = dict(epochs=2, save_every=2)
+    straight = run_sft(sft_config(tiny_model, data_files, tmp_path / "straight", **kw))
+    cfg = sft_config(tiny_model, data_files, tmp_path / "run", **kw)
+    with pytest.raises(Interrupt):
+        run_sft(cfg, callback=interrupt_at(3))
+    root = Path(cfg.out) / "checkpoints"
+    complete = root / "step-000002"
+    torch_bytes = (complete / "model.safetensors").read_bytes()
+    # A kill while writing step 4: its temp dir holds a torn weight file and no trainer_state.json.
+    (root / ".step-000004.tmp").mkdir()
+    (root / ".step-000004.tmp" / "model.safetensors").write_bytes(torch_bytes[: len(torch_bytes) // 3])
+    (root / ".step-000004.tmp-x1y2").mkdir()  # save_model's own temp dir
+    # A directory with a step name but without trainer_state.json (written by something else) is not complete.
+    (root / "step-000005").mkdir()
+    (root / "step-000005" / "model.safetensors").write_bytes(b"garbage")
+    assert trainer.checkpoint_dirs(cfg.out) == [complete]
+    assert trainer.find_resume_checkpoint(cfg) == complete
+
+    resumed = run_sft(cfg)
+    assert_same_params(params_of(resumed), params_of(straight))
+    assert [p.name for p in trainer.checkpoint_dirs(cfg.out)] == ["step-000002", "step-000004"]
+
+
+def test_a_failing_checkpoint_write_leaves_no_directory_and_keeps_the_previous_one(
+        tiny_model, data_files, tmp_path, monkeypatch):
+    """Checkpoints are written to a temp dir and renamed: a write that fails halfway never shows up."""
+    cfg = sft_config(tiny_model, data_files, tmp_path, epochs=2, save_every=2)
+    real = trainer.save_optimizer_state
+    calls = []
+
+    def disk_full_on_the_second_save(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the model files of step 4 are written by now
+            raise OSError("No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "save_optimizer_state", disk_full_on_the_second_save)
+    with pytest.raises(OSError, match="No space left"):
+        run_sft(cfg)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]  # no step-000004, no temp dir
+    assert json.loads((root / "step-000002" / "trainer_state.json").read_text())["step"] == 2
+
+
+def poison_loss_from_step(monkeypatch, factory: str, first_bad_step: int, value: float, calls_per_step: int):
+    """Make the micro-batch loss (and its reported value) `value` from `first_bad_step` on."""
+    real = getattr(trainer, factory)
+
+    def poisoned_factory(*args, **kw):
+        micro_loss, calls = real(*args, **kw), [0]
+
+        def poisoned(model, micro, batch):
+            calls[0] += 1
+            loss, metrics = micro_loss(model, micro, batch)
+            if calls[0] > (first_bad_step - 1) * calls_per_step:
+                loss = loss * value
+                metrics = {**metrics, "loss": loss.detach()}
+            return loss, metrics
+        return poisoned
+
+    monkeypatch.setattr(trainer, factory, poisoned_factory)
+
+
+@pytest.mark.parametrize("stage, bad", [("sft", math.nan), ("sft", math.inf), ("dpo", math.nan)])
+def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
+        stage, bad, tiny_model, data_files, tmp_path, monkeypatch):
+    run, make, factory, calls = ((run_sft, sft_config, "sft_micro_loss", 2) if stage == "sft"
+                                 else (run_dpo, dpo_config, "dpo_micro_loss", 1))
+    poison_loss_from_step(monkeypatch, factory, first_bad_step=3, value=bad, calls_per_step=calls)
+    with pytest.raises(NonFiniteLossError, match=r"^step 3: non-finite training signal \(loss (nan|inf)"
+                                                 r".*last saved checkpoint is the last good state"):
+        run(make(tiny_model, data_files, tmp_path, epochs=2, save_every=2))
+    assert [p.name for p in trainer.checkpoint_dirs(tmp_path)] == ["step-000002"]
+    assert not (tmp_path / "final").exists()
+    tensors = read_state_dict(tmp_path / "checkpoints" / "step-000002")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+def test_check_finite_is_a_named_function_that_accepts_finite_values():
+    trainer.check_finite(1.5, 0.3, step=7)
+    with pytest.raises(NonFiniteLossError, match="^step 7: .*grad norm inf"):
+        trainer.check_finite(1.5, math.inf, step=7)
+    assert issubclass(NonFiniteLossError, FloatingPointError)
