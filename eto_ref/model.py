@@ -278,10 +278,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
-        if self.nkv != self.nh:  # grouped-query: each key/value head serves nh/nkv query heads
-            k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, S, hs)
-            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, nh, T, hs)
+        # Grouped-query attention: each key/value head serves nh/nkv consecutive query heads (the
+        # repeat_interleave layout), done inside SDPA without copying the cache nh/nkv times.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                           enable_gqa=self.nkv != self.nh)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, nh*hs)
         return self.o_proj(y)
 
@@ -335,6 +335,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,  # (B, T); default: counts real tokens per row
         attention_mask: torch.Tensor | None = None,  # (B, T) bool, False on padding
         kv_cache: KVCache | None = None,
+        last_only: bool = False,  # logits of the last position only (generation: (B, 1, V))
     ) -> torch.Tensor:  # (B, T, V) logits
         B, T = input_ids.shape
         if attention_mask is None:
@@ -355,6 +356,8 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 

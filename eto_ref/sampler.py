@@ -200,12 +200,13 @@ class Session:
             ids[i, T - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
             real[i, T - len(tokens):] = True
             self._pending[row] = []
-        logits = self.model(ids.to(self.device), attention_mask=real.to(self.device), kv_cache=self.cache)
+        logits = self.model(ids.to(self.device), attention_mask=real.to(self.device), kv_cache=self.cache,
+                            last_only=True)  # (B, 1, V)
         return logits[:, -1]  # (B, V)
 
     def _decode_step(self, tokens: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,) at the next slot, real where `feed` (B,); returns logits (B, V)."""
-        return self.model(tokens[:, None], attention_mask=feed[:, None], kv_cache=self.cache)[:, -1]
+        return self.model(tokens[:, None], attention_mask=feed[:, None], kv_cache=self.cache, last_only=True)[:, -1]
 
     # ----------------------------------------------------------------- generation
 
