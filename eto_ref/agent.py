@@ -71,7 +71,7 @@ class Episode:
     reward: float = 0.0
     steps: int = 0
     done: bool = False
-    reason: str = ""  # "done" | "max_steps" | "env_error" | "cache_full" | "no_output"
+    reason: str = ""  # "done" | "max_steps" | "env_error: ..." | "cache_full" | "no_output" (an empty reply)
 
     def record(self) -> dict:
         """The official ETO trajectory record (0-shot)."""
@@ -113,6 +113,17 @@ def step_episode(env, episode: Episode, reply: str, max_steps: int) -> str | Non
     return observation
 
 
+def start_episode(make_env, task_id: str):
+    """A fresh environment reset to the task; an environment that fails here ends the episode at once."""
+    try:
+        env = make_env()
+        task = env.reset(task_id)
+    except Exception as e:  # noqa: BLE001 - one broken task must not stop the others
+        episode = Episode(task_id, "", "", done=True, reason=f"env_error: {type(e).__name__}: {e}")
+        return None, episode
+    return env, Episode(task_id, env.instruction, task)
+
+
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -132,6 +143,7 @@ class AgentConfig:
     batch_size: int = 16  # episodes run in lockstep
     max_len: int = 8192  # KV-cache slots per batch (shared by its rows)
     max_steps: int | None = None  # None: the environment's own limit
+    icl_example: bool = True  # one in-context example in the prompt, as the official code (False: 0-shot)
 
 
 def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentConfig = AgentConfig(),
@@ -159,16 +171,24 @@ def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentC
 def run_batch(model, tokenizer, make_env, task_ids, config: AgentConfig, on_episode_end=None) -> list[Episode]:
     from eto_ref.sampler import Session
 
-    envs = [make_env() for _ in task_ids]
-    episodes, messages, rendered = [], [], []
-    for env, task_id in zip(envs, task_ids):
-        task = env.reset(task_id)
-        episodes.append(Episode(task_id, env.instruction, task))
-        messages.append(prompt_messages(env.instruction, env.icl_example(), task))
-        rendered.append(tokenizer.render(messages[-1], add_generation_prompt=True)[0])
+    envs, episodes, messages, rendered = [], [], [], []
+    for task_id in task_ids:
+        env, episode = start_episode(make_env, task_id)
+        envs.append(env)
+        episodes.append(episode)
+        messages.append(prompt_messages(episode.instruction, env.icl_example() if config.icl_example else [],
+                                        episode.task) if not episode.done else [])
+        rendered.append(tokenizer.render(messages[-1], add_generation_prompt=True)[0] if not episode.done else [])
+    for episode in episodes:
+        if episode.done and on_episode_end is not None:  # the environment failed to start this task
+            on_episode_end(episode)
+    live = [row for row, episode in enumerate(episodes) if not episode.done]
+    if not live:
+        return episodes
     session = Session(model, batch_size=len(task_ids), max_len=config.max_len)
-    session.append(rendered)
-    live = list(range(len(task_ids)))
+    session.append([rendered[row] for row in live], rows=live)
+    if len(live) < len(task_ids):
+        session.drop([row for row in range(len(task_ids)) if row not in live])
     turn = 0
 
     def limit(env) -> int:
@@ -185,10 +205,10 @@ def run_batch(model, tokenizer, make_env, task_ids, config: AgentConfig, on_epis
             episode, reply = episodes[row], completion.text.strip()
             if completion.reason == "cache_full":
                 episode.done, episode.reason = True, "cache_full"
-            elif not reply:
-                observation = step_episode(envs[row], episode, reply, limit(envs[row]))
-                if episode.reason == "" and episode.done:
-                    episode.reason = "no_output"
+            elif not reply:  # nothing but a stop token: the episode cannot go on
+                episode.turns.append({"from": "gpt", "value": reply})
+                episode.steps += 1
+                episode.done, episode.reason = True, "no_output"
             else:
                 observation = step_episode(envs[row], episode, reply, limit(envs[row]))
             if episode.done:

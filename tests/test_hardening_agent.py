@@ -37,8 +37,9 @@ class ScriptedModel(nn.Module):
         self.script, self.endless = script, endless
         self.reply = iter(())
 
-    def forward(self, ids, attention_mask=None, kv_cache=None):
-        logits = self.inner(ids, attention_mask=attention_mask, kv_cache=kv_cache)  # (B, T, V): fills the cache
+    def forward(self, ids, attention_mask=None, kv_cache=None, last_only=False):
+        logits = self.inner(ids, attention_mask=attention_mask, kv_cache=kv_cache,
+                            last_only=last_only)  # (B, T or 1, V): fills the cache
         if ids.shape[1] > 1:  # a prefill: the next token is the first of a new reply
             self.reply = cycle(self.script) if self.endless else iter(self.script)
         token = next(self.reply, self.script[-1])
@@ -113,18 +114,44 @@ def test_environment_raising_mid_episode_ends_that_episode_and_the_others_go_on(
     ("emits only a stop string", "\nObservation: I made this up", False),
 ])
 def test_model_with_no_output_ends_each_episode_with_a_reason(tmp_path, kind, reply, end_turn):
-    """An empty reply is an unparseable reply: "Invalid format" and the step counts, until max_steps.
+    """An empty reply (nothing before the stop) ends the episode with reason "no_output" at once.
 
-    (agent.py's reason "no_output" is never recorded today: see docs/failure_modes.md.)
+    A reply that is only a stop string is empty once cut at the stop, so it ends the same way.
     """
     model, tok = scripted_agent(reply, tmp_path, end_turn=end_turn)
     episodes = run_episodes(model, tok, lambda: make_env("household"), TASKS[:2],
                             AgentConfig(max_new_tokens=24, batch_size=1, max_len=4096, max_steps=3))
     assert len(episodes) == 2  # the second batch ran after the first one's degenerate episode
     for ep in episodes:
-        assert ep.done and ep.reason == "max_steps" and ep.steps == 3
-        assert [t["value"] for t in ep.turns] == ["", INVALID_FORMAT] * 3
+        assert ep.done and ep.reason == "no_output" and ep.steps == 1
+        assert [t["value"] for t in ep.turns] == [""]
         assert ep.reward == 0.0
+
+
+def test_environment_raising_in_reset_ends_that_episode_and_the_others_go_on(tmp_path):
+    """A task the environment cannot even start is recorded with its error; the batch runs the rest."""
+    model, tok = scripted_agent("Thought: look around.\nAction: look", tmp_path, end_turn=True)
+
+    class BrokenReset:
+        def __init__(self):
+            self.env = make_env("household")
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+        def reset(self, task_id):
+            if task_id == TASKS[1]:
+                raise RuntimeError("no such room")
+            return self.env.reset(task_id)
+
+    ended = []
+    episodes = run_episodes(model, tok, BrokenReset, TASKS[:3],
+                            AgentConfig(max_new_tokens=24, batch_size=3, max_len=4096, max_steps=2),
+                            on_episode_end=ended.append)
+    assert episodes[1].reason == "env_error: RuntimeError: no such room" and episodes[1].steps == 0
+    assert [ep.reason for ep in (episodes[0], episodes[2])] == ["max_steps", "max_steps"]
+    assert all(ep.steps == 2 for ep in (episodes[0], episodes[2]))
+    assert sorted(e.task_id for e in ended) == sorted(TASKS[:3])
 
 
 def test_endless_text_is_cut_at_max_new_tokens_each_turn(tmp_path):
