@@ -8,6 +8,9 @@
 
 Every finished episode is appended to OUT/trajectories.jsonl at once; rerunning
 the same command resumes where an interrupted run stopped.
+
+    # the tasks split over 8 GPUs (one policy copy per GPU); rank 0 merges the trajectories
+    torchrun --nproc_per_node=8 explore.py --model runs/sft/final --env household --split train --out runs/explore-1
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from eto_ref.agent import AgentConfig
 from eto_ref.checkpoint import load_model
+from eto_ref.distributed import init_distributed, is_main
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair
 from eto_ref.tokenizer import Tokenizer
 
@@ -41,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=8192, help="KV-cache slots per batch")
     p.add_argument("--no-truncate-rejected", action="store_true",
                    help="keep the whole failed trajectory (default: cut to expert length + 5 agent turns)")
+    p.add_argument("--icl", action=argparse.BooleanOptionalAction, default=True,
+                   help="one in-context example in the prompt, as the official code (default on; "
+                        "--no-icl for a model trained from scratch on 0-shot data, e.g. the tiny default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -50,21 +57,25 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    device = init_distributed(device)  # under torchrun: join the ranks, take GPU LOCAL_RANK
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(args.model, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(args.model, args.template)
     agent = AgentConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed if args.temperature > 0 else None, batch_size=args.batch_size,
-                        max_len=args.max_len, max_steps=args.max_steps)
+                        max_len=args.max_len, max_steps=args.max_steps,
+                        icl_example=args.icl)
     cfg = ExploreConfig(env=args.env, split=args.split, out_dir=args.out or f"runs/explore-{args.env}-{args.split}",
                         limit=args.limit, env_seed=args.env_seed, agent=agent)
     if args.split == "train":
         path, summary = explore_and_pair(model, tokenizer, cfg, not args.no_truncate_rejected,
                                          progress=not args.no_progress)
-        print(f"wrote {path}")
+        if is_main():
+            print(f"wrote {path}")
     else:
         summary = evaluate(model, tokenizer, cfg, progress=not args.no_progress)
-    print(json.dumps(summary, indent=2))
+    if is_main():
+        print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

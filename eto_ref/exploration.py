@@ -8,6 +8,12 @@ a test split, summarised as the paper reports it: average reward x 100.
 Each finished episode is appended to `trajectories.jsonl` at once (flushed and
 fsynced), so an interrupted run resumes where it stopped: finished tasks are
 never lost and never repeated.
+
+Under torchrun (N ranks, eto_ref/distributed.py) the tasks still to do are dealt
+out over the ranks (task j to rank j % N); rank R appends to its own
+`trajectories.rank-R.jsonl`, and after a barrier rank 0 merges every file into
+`trajectories.jsonl` in task order and deletes the rank files. A rerun, with any
+number of ranks, counts the records of all these files as done.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from eto_ref.agent import AgentConfig, run_episodes
+from eto_ref.distributed import barrier, init_distributed, is_main, rank, shard, world_size
 from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
 from eto_ref.pairs import build_pairs
 
@@ -35,17 +42,52 @@ class ExploreConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
 
+def rank_files(out_dir: Path) -> list[Path]:
+    """The per-rank trajectory files left in `out_dir` (by an unmerged or interrupted distributed run)."""
+    return sorted(out_dir.glob("trajectories.rank-*.jsonl"))
+
+
+def finished_records(out_dir: Path) -> dict[str, dict]:
+    """Every finished episode of `out_dir`, by task id: the merged file, then the rank files."""
+    done = {}
+    for path in [out_dir / TRAJECTORIES, *rank_files(out_dir)]:
+        done.update({r["id"]: r for r in read_jsonl_records(path)})
+    return done
+
+
+def merge_rank_files(out_dir: Path, task_ids: list[str]) -> None:
+    """Rank 0, after every rank finished: one trajectories.jsonl in task order (records of other
+    tasks, from earlier runs, after them), written atomically; then the rank files go."""
+    done = finished_records(out_dir)
+    order = [t for t in task_ids if t in done] + [t for t in done if t not in set(task_ids)]
+    tmp = out_dir / f".{TRAJECTORIES}.merge"
+    tmp.unlink(missing_ok=True)
+    with JsonlWriter(tmp) as writer:
+        for t in order:
+            writer.write(done[t])
+    tmp.replace(out_dir / TRAJECTORIES)
+    for path in rank_files(out_dir):
+        path.unlink()
+
+
 def explore(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> list[dict]:
-    """Run one episode per task of the split (resuming), return all trajectory records in task order."""
+    """Run one episode per task of the split (resuming), return all trajectory records in task order.
+
+    Under torchrun every rank runs its share of the tasks and returns all the records.
+    """
     from envs import make_env
 
+    init_distributed(next(model.parameters()).device)  # under torchrun: join the ranks (once)
     env = make_env(cfg.env, seed=cfg.env_seed)
     task_ids = env.task_ids(cfg.split)[: cfg.limit]
-    path = Path(cfg.out_dir) / TRAJECTORIES
-    done = {r["id"]: r for r in read_jsonl_records(path)}
-    todo = [t for t in task_ids if t not in done]
-    bar = tqdm(total=len(task_ids), initial=len(task_ids) - len(todo), desc=f"{cfg.env}/{cfg.split}",
-               unit="ep", disable=not progress, dynamic_ncols=True)
+    out_dir = Path(cfg.out_dir)
+    path = out_dir / (TRAJECTORIES if world_size() == 1 else f"trajectories.rank-{rank()}.jsonl")
+    done = finished_records(out_dir)
+    barrier()  # every rank has read what is done before anyone writes
+    todo_all = [t for t in task_ids if t not in done]
+    todo = shard(todo_all)  # this rank's tasks: todo_all[rank::N]
+    bar = tqdm(total=len(task_ids) - len(todo_all) + len(todo), initial=len(task_ids) - len(todo_all),
+               desc=f"{cfg.env}/{cfg.split}", unit="ep", disable=not progress or not is_main(), dynamic_ncols=True)
     with JsonlWriter(path) as writer:
         def finished(episode):
             record = episode.record()
@@ -58,6 +100,12 @@ def explore(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> list
         run_episodes(model, tokenizer, lambda: make_env(cfg.env, seed=cfg.env_seed), todo, cfg.agent,
                      on_episode_end=finished)
     bar.close()
+    barrier()  # every rank has finished its tasks
+    if is_main() and rank_files(out_dir):
+        merge_rank_files(out_dir, task_ids)
+    barrier()
+    if world_size() > 1:
+        done = finished_records(out_dir)
     return [done[t] for t in task_ids if t in done]
 
 
@@ -94,14 +142,18 @@ def explore_and_pair(model, tokenizer, cfg: ExploreConfig, truncate_rejected: bo
     experts = expert_records(cfg.env, [r["id"] for r in records], cfg.env_seed)
     pairs, stats = build_pairs(experts, records, truncate_rejected)
     out = Path(cfg.out_dir)
-    write_json_atomic(pairs, out / "pairs.json", indent=1)
     summary = {**summarize(records, cfg.env, cfg.split), "pairs": len(pairs), **stats.as_dict()}
-    write_json_atomic(summary, out / SUMMARY)
+    if is_main():
+        write_json_atomic(pairs, out / "pairs.json", indent=1)
+        write_json_atomic(summary, out / SUMMARY)
+    barrier()
     return out / "pairs.json", summary
 
 
 def evaluate(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> dict:
     records = explore(model, tokenizer, cfg, progress)
     summary = summarize(records, cfg.env, cfg.split)
-    write_json_atomic(summary, Path(cfg.out_dir) / SUMMARY)
+    if is_main():
+        write_json_atomic(summary, Path(cfg.out_dir) / SUMMARY)
+    barrier()
     return summary

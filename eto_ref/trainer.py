@@ -57,6 +57,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from eto_ref.checkpoint import check_state_dict, load_model, our_name, read_state_dict, replace_dir, save_model
+from eto_ref.distributed import (all_gather_dicts, all_reduce_sum, barrier, full_tensor,
+                                  gradient_sync, init_distributed, is_fsdp, is_main, shard, shard_like, world_size,
+                                  wrap_ddp, wrap_fsdp)
 from eto_ref.jsonl import write_json_atomic
 from eto_ref.lora import disable_adapter, inject_lora, load_adapter, lora_modules, remove_lora, save_adapter
 from eto_ref.metrics import MetricsLog, progress_bar, show
@@ -105,6 +108,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # compute dtype: auto (float32 on CPU, bfloat16 autocast on CUDA) | float32 | bfloat16
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, grads and AdamW states over the ranks (else DDP replicas)
+    compile: bool = False  # torch.compile the model (CUDA; slow to start, faster steps)
     resume: bool = True  # False: delete the run's checkpoints and start over
     progress: bool = True  # tqdm bar on stderr
 
@@ -211,6 +216,32 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def setup_runtime(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """This rank's device and the compute dtype.
+
+    Under torchrun (WORLD_SIZE > 1) the process joins the process group and, on
+    CUDA, takes GPU LOCAL_RANK (eto_ref/distributed.py). On CUDA, float32 matmuls
+    (the float32 LoRA adapters, the float32 loss head) may use TF32 tensor cores.
+    """
+    device = init_distributed(resolve_device(cfg.device))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # = torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+    return device, compute_dtype(cfg.dtype, device)
+
+
+def parallelize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The module the training loop calls: `model` itself in one process; under torchrun a DDP
+    replica per rank, or with cfg.fsdp the model sharded in place (FSDP2). cfg.compile:
+    torch.compile the model in place (parameter names, hence checkpoints, unchanged)."""
+    train_model = model
+    if world_size() > 1:
+        train_model = wrap_fsdp(model) if cfg.fsdp else wrap_ddp(model, device)
+    if cfg.compile:
+        model.compile()
+    return train_model
+
+
 def load_policy(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The model of `cfg.model`, with fresh LoRA adapters when cfg.lora_rank > 0.
 
@@ -302,21 +333,46 @@ def check_finite(loss: float, grad_norm: float, step: int | None) -> None:
                              "Lower the learning rate or check the data, then start from that checkpoint")
 
 
+def rank_micro_batches(batch: list[int], micro_batch_size: int) -> list[tuple[list[int], float]]:
+    """This rank's micro-batches of a global batch, each with a weight: 1 (real) or 0 (padding).
+
+    Every rank cuts the same global batch into the same micro-batches; micro-batch j
+    goes to rank j % N. All ranks get the same number of micro-batches, so their
+    collectives line up: a rank short of one repeats micro-batch 0 with weight 0.
+    In one process: all micro-batches, weight 1.
+    """
+    micros = chunks(batch, micro_batch_size)
+    mine = [(micro, 1.0) for micro in shard(micros)]
+    per_rank = math.ceil(len(micros) / world_size())
+    return mine + [(micros[0], 0.0)] * (per_rank - len(mine))
+
+
+def rank_loss(loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """The loss a rank backpropagates. DDP and FSDP average gradients over the N ranks, but the
+    micro-batch shares of all ranks already add up to the global loss: scale by N to undo the average."""
+    scale = world_size() * weight
+    return loss if scale == 1 else loss * scale
+
+
 def accumulate_gradients(model, batch: list[int], micro_batch_size: int, micro_loss: Callable, amp) -> dict:
     """Backpropagate the loss of a global batch, one micro-batch at a time.
 
     `micro_loss(model, micro, batch) -> (loss, metrics)` returns the micro-batch's
     share of the global-batch loss, so the gradients add up to the gradient of the
-    loss of the whole batch. Returns the summed metrics (= the global-batch values).
+    loss of the whole batch. Under torchrun each rank runs its share of the
+    micro-batches (rank_micro_batches); gradients are exchanged after the last one
+    only. Returns the summed metrics of all ranks (= the global-batch values).
     """
     totals: dict[str, float] = {}
-    for micro in chunks(batch, micro_batch_size):
-        with amp:
-            loss, metrics = micro_loss(model, micro, batch)
-        loss.backward()
+    mine = rank_micro_batches(batch, micro_batch_size)
+    for j, (micro, weight) in enumerate(mine):
+        with gradient_sync(model, sync=j == len(mine) - 1):
+            with amp:
+                loss, metrics = micro_loss(model, micro, batch)
+            rank_loss(loss, weight).backward()
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    return totals
+            totals[k] = totals.get(k, 0.0) + float(v) * weight
+    return all_reduce_sum(totals, next(model.parameters()).device)
 
 
 def optimizer_step(model, optimizer, params, batch, micro_batch_size, micro_loss, lr, clip, amp,
@@ -326,7 +382,7 @@ def optimizer_step(model, optimizer, params, batch, micro_batch_size, micro_loss
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     metrics = accumulate_gradients(model, batch, micro_batch_size, micro_loss, amp)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
     check_finite(float(metrics["loss"]), grad_norm.item(), step)
     optimizer.step()
     return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
@@ -344,16 +400,26 @@ def checkpoint_dirs(out: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_optimizer_state(optimizer, named_params, path: Path) -> dict:
-    """AdamW moments as safetensors (`<param>.exp_avg`, `<param>.exp_avg_sq`); returns the scalars for JSON."""
+def optimizer_moments(optimizer, named_params) -> tuple[dict, dict]:
+    """AdamW moments as whole CPU tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) and each param's step.
+
+    Under FSDP the moments are sharded like the params: every rank must call this
+    (each tensor is gathered in turn); rank 0 keeps the result.
+    """
     tensors, steps = {}, {}
     for name, p in named_params:
         state = optimizer.state.get(p)
         if not state:
             continue
-        tensors[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
-        tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+        for k in ("exp_avg", "exp_avg_sq"):
+            tensors[f"{name}.{k}"] = full_tensor(state[k].detach()).cpu().contiguous()
         steps[name] = float(state["step"])
+    return tensors, steps
+
+
+def save_optimizer_state(optimizer, moments: tuple[dict, dict], path: Path) -> dict:
+    """Write optimizer_moments() as safetensors; returns the scalars for JSON."""
+    tensors, steps = moments
     save_file(tensors, str(path), metadata={"format": "pt"})
     group = optimizer.param_groups[0]
     return {"step": max(steps.values(), default=0.0), "betas": list(group["betas"]), "eps": group["eps"],
@@ -364,11 +430,11 @@ def load_optimizer_state(optimizer, named_params, path: Path, scalars: dict) -> 
     """Inverse of save_optimizer_state (through optimizer.load_state_dict, which casts to each param)."""
     state = {}
     with safe_open(str(path), framework="pt") as f:
-        for i, (name, _) in enumerate(named_params):
+        for i, (name, p) in enumerate(named_params):
             if name in scalars["params"]:
                 state[i] = {"step": torch.tensor(scalars["step"], dtype=torch.float32),
-                            "exp_avg": f.get_tensor(f"{name}.exp_avg"),
-                            "exp_avg_sq": f.get_tensor(f"{name}.exp_avg_sq")}
+                            "exp_avg": shard_like(f.get_tensor(f"{name}.exp_avg"), p),  # FSDP: this rank's shard
+                            "exp_avg_sq": shard_like(f.get_tensor(f"{name}.exp_avg_sq"), p)}
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
@@ -378,11 +444,49 @@ def copy_tokenizer_files(src: str | Path, dst: Path) -> None:
             shutil.copy2(Path(src) / name, dst / name)
 
 
+def gathered_model(model, cfg: TrainConfig):
+    """The model to save: `model` itself, unless it is sharded (FSDP).
+
+    FSDP: every rank must call this; each sharded tensor is gathered in turn and
+    rank 0 rebuilds a plain CPU copy (built on the meta device, then the whole
+    tensors assigned); the other ranks get None.
+    """
+    if not is_fsdp(model):
+        return model
+    from eto_ref.model import Transformer
+
+    state = {}
+    for name, t in model.state_dict().items():
+        t = full_tensor(t.detach())
+        if is_main():
+            state[name] = t.cpu()
+    if not is_main():
+        return None
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+        if cfg.lora_rank:
+            inject_lora(plain, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    plain.load_state_dict(state, assign=True)
+    return plain
+
+
 def save_checkpoint(model, optimizer, named_params, cfg: TrainConfig, state: dict) -> Path:
-    """Write out/checkpoints/step-NNNNNN atomically (temp dir, then rename); keep the last few."""
+    """Write out/checkpoints/step-NNNNNN atomically (temp dir, then rename); keep the last few.
+
+    Every rank calls it (FSDP gathers the shards); rank 0 writes, the others wait.
+    """
     root = Path(cfg.out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:06d}"
+    model, moments = gathered_model(model, cfg), optimizer_moments(optimizer, named_params)
+    if is_main():
+        write_checkpoint(model, optimizer, moments, cfg, state, final)
+    barrier()
+    return final
+
+
+def write_checkpoint(model, optimizer, moments, cfg: TrainConfig, state: dict, final: Path) -> None:
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -391,7 +495,7 @@ def save_checkpoint(model, optimizer, named_params, cfg: TrainConfig, state: dic
             copy_tokenizer_files(cfg.model, tmp)
         else:
             save_model(model, tmp, tokenizer_dir=cfg.model)
-        state = {**state, "optimizer": save_optimizer_state(optimizer, named_params, tmp / OPTIMIZER_FILE)}
+        state = {**state, "optimizer": save_optimizer_state(optimizer, moments, tmp / OPTIMIZER_FILE)}
         write_json_atomic(state, tmp / STATE_FILE)
         replace_dir(tmp, final)
     except BaseException:
@@ -399,7 +503,6 @@ def save_checkpoint(model, optimizer, named_params, cfg: TrainConfig, state: dic
         raise
     for old in checkpoint_dirs(cfg.out)[:-max(1, cfg.keep_checkpoints)]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def restore_weights(model, ckpt: Path, lora: bool) -> None:
@@ -426,8 +529,10 @@ def config_dict(cfg: TrainConfig) -> dict:
 def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
     """The run's last checkpoint, if resuming; raises if it was made with different settings."""
     if not cfg.resume:
-        shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
-        shutil.rmtree(Path(cfg.out) / "final", ignore_errors=True)
+        if is_main():
+            shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
+            shutil.rmtree(Path(cfg.out) / "final", ignore_errors=True)
+        barrier()
         return None
     found = checkpoint_dirs(cfg.out)
     if not found:
@@ -459,7 +564,18 @@ def finished_run(cfg: TrainConfig) -> Path | None:
 
 
 def save_final(model, cfg: TrainConfig, state: dict) -> Path:
-    """out/final: a plain Hugging Face directory (LoRA merged), tokenizer files, trainer_state.json."""
+    """out/final: a plain Hugging Face directory (LoRA merged), tokenizer files, trainer_state.json.
+
+    Every rank calls it (FSDP gathers the shards); rank 0 writes, the others wait.
+    """
+    model = gathered_model(model, cfg)
+    if is_main():
+        write_final(model, cfg, state)
+    barrier()
+    return Path(cfg.out) / "final"
+
+
+def write_final(model, cfg: TrainConfig, state: dict) -> None:
     out = Path(cfg.out)
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -472,10 +588,20 @@ def save_final(model, cfg: TrainConfig, state: dict) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out / "final"
 
 
 # --------------------------------------------------------------------------- the shared training loop
+
+
+class NoLog:
+    """The metrics log of ranks other than 0: drops everything."""
+
+    def log(self, **record) -> dict:
+        return record
+
+    def close(self) -> None:
+        pass
+
 
 
 def fit(model, cfg: TrainConfig, stage: str, train_indices: list[int], micro_loss: Callable,
@@ -488,8 +614,11 @@ def fit(model, cfg: TrainConfig, stage: str, train_indices: list[int], micro_los
     callback(step, metrics) is called after every optimizer step (and its checkpoint).
     lengths[i]: tokens of example i; a global batch is sorted by length before it is cut into
     micro-batches (less padding; the batch, hence the gradient, is the same).
+    Under torchrun every rank runs this loop on the same global batches (each its share of
+    the micro-batches, see accumulate_gradients); only rank 0 logs and writes files.
     """
-    named = trainable_parameters(model)
+    train_model = parallelize(model, cfg, device)  # = model in one process
+    named = trainable_parameters(model)  # after parallelize: FSDP replaces the parameters by shards
     params = [p for _, p in named]
     optimizer = make_optimizer(cfg, named)
     steps_per_epoch = math.ceil(len(train_indices) / cfg.batch_size)
@@ -503,7 +632,8 @@ def fit(model, cfg: TrainConfig, stage: str, train_indices: list[int], micro_los
         saved = json.loads((resume_from / STATE_FILE).read_text())
         load_optimizer_state(optimizer, named, resume_from / OPTIMIZER_FILE, saved["optimizer"])
         step = saved["step"]
-    log = MetricsLog(Path(cfg.out) / "metrics.jsonl", resume_step=step if resume_from else None, stage=stage)
+    log = (MetricsLog(Path(cfg.out) / "metrics.jsonl", resume_step=step if resume_from else None, stage=stage)
+           if is_main() else NoLog())
     if resume_from is None:
         log.log(step=0, event="start", total_steps=total, steps_per_epoch=steps_per_epoch,
                 trainable_parameters=sum(p.numel() for p in params), **(data_stats or {}))
@@ -516,16 +646,16 @@ def fit(model, cfg: TrainConfig, stage: str, train_indices: list[int], micro_los
                 "rng": "data order: randperm(seed, epoch); step RNG: manual_seed(step_seed(seed, step))",
                 "config": config_dict(cfg), "metrics": metrics}
 
-    def run_eval() -> dict:
-        model.eval()
+    def run_eval() -> dict:  # every rank evaluates the whole held-out set (FSDP forwards are collectives)
+        train_model.eval()
         with torch.no_grad(), amp:
-            result = evaluate(model)
-        model.train()
+            result = evaluate(train_model)
+        train_model.train()
         log.log(step=step, epoch=step / steps_per_epoch, **result)
         return result
 
-    bar = progress_bar(total, step, desc=stage) if cfg.progress else None
-    model.train()
+    bar = progress_bar(total, step, desc=stage) if cfg.progress and is_main() else None
+    train_model.train()
     metrics, eval_metrics = {}, {}
     try:
         while step < total:
@@ -536,7 +666,7 @@ def fit(model, cfg: TrainConfig, stage: str, train_indices: list[int], micro_los
             torch.manual_seed(step_seed(cfg.seed, step))
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.lr, total, cfg.warmup_ratio, cfg.schedule)
-            metrics = optimizer_step(model, optimizer, params, batch, cfg.micro_batch_size, micro_loss,
+            metrics = optimizer_step(train_model, optimizer, params, batch, cfg.micro_batch_size, micro_loss,
                                      lr, cfg.clip, amp, step=step + 1)
             step += 1
             metrics["step_time"] = time.perf_counter() - t0
@@ -625,8 +755,7 @@ def run_sft(cfg: SFTConfig, callback: Callable | None = None) -> Path:
     done = finished_run(cfg)
     if done is not None:
         return done
-    device = resolve_device(cfg.device)
-    dtype = compute_dtype(cfg.dtype, device)
+    device, dtype = setup_runtime(cfg)
     tok = Tokenizer.from_dir(cfg.model)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     trajectories = load_trajectories(cfg.data, on_error="skip")[:cfg.max_examples]
@@ -720,9 +849,11 @@ def cached_reference_logprobs(model, pairs: list, examples: list, cfg: DPOConfig
     keys = [pair_key(p.id, collate_pairs([ex], pad_id)) for p, ex in zip(pairs, examples)]
     missing = [i for i, k in enumerate(keys) if k not in cache]
     if missing:
-        ref = reference_logprobs(model, [examples[i] for i in missing], pad_id, cfg.micro_batch_size, device, dtype)
-        cache.update({keys[i]: ref[j].tolist() for j, i in enumerate(missing)})
-        write_json_atomic({"fingerprint": fingerprint, "logps": cache}, path, indent=None)
+        mine = [i for micro in shard(chunks(missing, cfg.micro_batch_size)) for i in micro]  # this rank's share
+        ref = reference_logprobs(model, [examples[i] for i in mine], pad_id, cfg.micro_batch_size, device, dtype)
+        cache.update(all_gather_dicts({keys[i]: ref[j].tolist() for j, i in enumerate(mine)}))
+        if is_main():
+            write_json_atomic({"fingerprint": fingerprint, "logps": cache}, path, indent=None)
     return torch.tensor([cache[k] for k in keys], dtype=torch.float32)  # (N, 2)
 
 
@@ -799,8 +930,7 @@ def run_dpo(cfg: DPOConfig, callback: Callable | None = None) -> Path:
     done = finished_run(cfg)
     if done is not None:
         return done
-    device = resolve_device(cfg.device)
-    dtype = compute_dtype(cfg.dtype, device)
+    device, dtype = setup_runtime(cfg)
     tok = Tokenizer.from_dir(cfg.model)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     pairs, examples, stats = encode_pair_data(load_pairs(cfg.pairs, on_error="skip")[:cfg.max_examples], tok,

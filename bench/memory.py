@@ -1,0 +1,172 @@
+"""How much memory does fine-tuning a 7B model take? An analytic table, checked on a GPU where there is one.
+
+    python bench/memory.py                       # Llama-2-7B shapes, 8 GPUs, micro-batch 4 x 4096 tokens
+    python bench/memory.py --gpus 1 --tokens 8192
+
+Bytes per parameter (P = all parameters, P_lora = adapter parameters):
+
+    setting                          weights        grads   AdamW m, v    total
+    full, bf16 + fp32 master         2 + 4 (master)  2      4 + 4         16 P
+    full, fp32 + bf16 autocast        4              4      4 + 4         16 P   (this trainer's full fine-tuning)
+    full, bf16 throughout             2              2      2 + 2          8 P
+    LoRA, bf16 base + fp32 adapters   2 P + 4 P_lora  4 P_lora  8 P_lora          (this trainer's LoRA)
+
+FSDP divides weights, grads and AdamW states by the number of GPUs (not the
+activations; LoRA's frozen base is sharded too).
+
+Activations kept for backward, per token and decoder layer, in bf16 (2 bytes/element),
+counting the tensors a Llama layer saves (attention by a fused SDPA kernel: no T x T
+scores kept):
+
+    norm inputs/outputs 4d, q k v (d + 2 d_kv), rotated q k (d + d_kv), attention out d, o_proj out d
+    MLP: gate, up, silu(gate), silu(gate)*up  4f                    ~ (8 d + 3 d_kv + 4 f) x 2 bytes
+
+With activation checkpointing (--gradient-checkpointing) a layer keeps only its input
+(d x 2 bytes) and one layer's activations are rebuilt at a time. The loss head keeps
+the float32 logits and their log-softmax: V x 8 bytes per token.
+These are estimates (allocator slack, kernels' workspaces and the CUDA context, ~1-2 GB, not counted).
+Where CUDA is available the script also measures the peak allocated memory of one
+training step of a smaller model and prints it beside the formula.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+GB = 1024 ** 3
+
+
+@dataclass
+class Shape:
+    """The numbers that set the memory of a Llama-style decoder."""
+
+    vocab: int = 32000
+    d: int = 4096  # hidden size
+    f: int = 11008  # MLP intermediate size
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 32
+    tied: bool = False
+
+    @property
+    def d_kv(self) -> int:
+        return self.d // self.heads * self.kv_heads
+
+    def parameters(self) -> int:
+        attn = 2 * self.d * self.d + 2 * self.d * self.d_kv  # q, o: d x d; k, v: d x d_kv
+        layer = attn + 3 * self.d * self.f + 2 * self.d  # + MLP + two RMSNorm weights
+        head = 0 if self.tied else self.vocab * self.d
+        return self.vocab * self.d + self.layers * layer + self.d + head
+
+    def lora_parameters(self, rank: int = 16, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> int:
+        """A (r x in) + B (out x r) per targeted projection per layer."""
+        shape = {"q_proj": (self.d, self.d), "k_proj": (self.d, self.d_kv), "v_proj": (self.d, self.d_kv),
+                 "o_proj": (self.d, self.d), "gate_proj": (self.d, self.f), "up_proj": (self.d, self.f),
+                 "down_proj": (self.f, self.d)}
+        return self.layers * sum(rank * (shape[t][0] + shape[t][1]) for t in targets)
+
+    def activation_bytes_per_token(self, checkpointing: bool) -> int:
+        """Saved activations of the whole model for one token (bf16), plus the float32 loss head."""
+        layer = (8 * self.d + 3 * self.d_kv + 4 * self.f) * 2
+        head = self.vocab * 8
+        if checkpointing:
+            return self.layers * self.d * 2 + layer + head  # layer inputs + one layer rebuilt at a time
+        return self.layers * layer + head
+
+
+LLAMA2_7B = Shape()
+
+# bytes per (trainable) parameter: weights, grads, optimizer states
+SETTINGS = {
+    "full, bf16 + fp32 master": (2 + 4, 2, 8),
+    "full, fp32 + bf16 autocast": (4, 4, 8),
+    "full, bf16 throughout": (2, 2, 4),
+}
+
+
+def static_bytes(shape: Shape, setting: str, lora_rank: int = 16) -> dict[str, float]:
+    """Weights, grads and optimizer states in bytes (whole model, before any sharding)."""
+    P = shape.parameters()
+    if setting.startswith("LoRA"):
+        p = shape.lora_parameters(lora_rank)
+        return {"weights": 2 * P + 4 * p, "grads": 4 * p, "optimizer": 8 * p}
+    w, g, o = SETTINGS[setting]
+    return {"weights": w * P, "grads": g * P, "optimizer": o * P}
+
+
+def table(shape: Shape, gpus: int, tokens: int, lora_rank: int) -> str:
+    """Per-GPU memory (GiB) under FSDP over `gpus` GPUs, a micro-batch of `tokens` tokens per GPU."""
+    act = {c: shape.activation_bytes_per_token(c) * tokens / GB for c in (False, True)}
+    rows = [f"Llama-2-7B shapes: {shape.parameters() / 1e9:.2f} B parameters, LoRA r={lora_rank} on q,k,v,o: "
+            f"{shape.lora_parameters(lora_rank) / 1e6:.1f} M; FSDP over {gpus} GPU(s); {tokens} tokens per "
+            "micro-batch per GPU. GiB per GPU:",
+            "",
+            "| setting | weights | grads | AdamW | static total | + activations | + activations (checkpointing) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for setting in [*SETTINGS, f"LoRA r{lora_rank}, bf16 base + fp32 adapters"]:
+        s = {k: v / gpus / GB for k, v in static_bytes(shape, setting, lora_rank).items()}
+        total = sum(s.values())
+        rows.append(f"| {setting} | {s['weights']:.1f} | {s['grads']:.2f} | {s['optimizer']:.2f} | {total:.1f} | "
+                    f"{total + act[False]:.1f} | {total + act[True]:.1f} |")
+    rows.append("")
+    rows.append(f"activations per token: {shape.activation_bytes_per_token(False) / 2**20:.2f} MiB without, "
+                f"{shape.activation_bytes_per_token(True) / 2**20:.2f} MiB with activation checkpointing")
+    return "\n".join(rows)
+
+
+def measure_on_cuda(tokens: int = 2048) -> str:
+    """Peak allocated memory of one full fine-tuning step (fp32 weights, bf16 autocast, AdamW) vs the formula."""
+    from eto_ref.model import ModelConfig, Transformer
+
+    shape = Shape(vocab=32000, d=1024, f=2816, layers=8, heads=16, kv_heads=16)
+    lines = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=shape.vocab, hidden_size=shape.d, intermediate_size=shape.f,
+                                        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                                        num_key_value_heads=shape.kv_heads)).cuda().train()
+        model.gradient_checkpointing = checkpointing
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        ids = torch.randint(0, shape.vocab, (1, tokens), device="cuda")  # (B, T)
+        for _ in range(2):  # the second step has the AdamW states allocated
+            torch.cuda.reset_peak_memory_stats()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(ids)  # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        peak = torch.cuda.max_memory_allocated() / GB
+        static = sum(static_bytes(shape, "full, fp32 + bf16 autocast").values()) / GB
+        act = shape.activation_bytes_per_token(checkpointing) * tokens / GB
+        lines.append(f"| {shape.parameters() / 1e6:.0f} M params, {tokens} tokens, checkpointing={checkpointing} | "
+                     f"{static + act:.2f} | {peak:.2f} |")
+        del model, opt, logits, loss
+        torch.cuda.empty_cache()
+    return "\n".join(["measured on " + torch.cuda.get_device_name(), "",
+                      "| model | formula (GiB) | peak allocated (GiB) |", "|---|---:|---:|", *lines])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=8, help="FSDP ranks sharing weights, grads, states (default 8)")
+    p.add_argument("--tokens", type=int, default=4 * 4096, help="tokens per micro-batch per GPU (default 4x4096)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    args = p.parse_args(argv)
+    print(table(LLAMA2_7B, args.gpus, args.tokens, args.lora_rank))
+    print()
+    if torch.cuda.is_available():
+        print(measure_on_cuda())
+    else:
+        print("no CUDA device: the formula is not checked against a measurement here")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Several processes, one model: the few torch.distributed pieces the trainer and explorer use.
+
+    torchrun --nproc_per_node=8 train.py --stage sft ...     # 8 ranks, one per GPU
+    torchrun --nproc_per_node=2 explore.py --split train ...  # tasks split over 2 ranks
+
+torchrun starts N copies of the script and gives each the environment variables
+RANK (0..N-1), LOCAL_RANK (GPU index on this machine), WORLD_SIZE (= N) and
+MASTER_ADDR/MASTER_PORT (where the ranks meet). A plain `python train.py` has no
+WORLD_SIZE: every helper here then answers for a single process (rank 0 of 1) and
+no process group is created, so single-process runs are unchanged.
+
+Data parallelism, as the trainer uses it: every rank builds the same global batch,
+cuts it into the same micro-batches and takes micro-batches rank, rank+N, ...
+Gradients are summed over ranks by DistributedDataParallel (DDP: every rank holds
+the whole model) or by FSDP (`fully_shard`: every rank holds 1/N of each weight,
+gradient and AdamW state, and gathers a layer's weights just before using it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def launched_distributed() -> bool:
+    """True when started by torchrun (or the same env vars) with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 when not distributed)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes checkpoints, metrics, logs and merged files."""
+    return rank() == 0
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); return this rank's device.
+
+    On CUDA each rank uses GPU LOCAL_RANK. Calling it again (or with one rank) changes nothing.
+    """
+    if device.type == "cuda" and launched_distributed():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if launched_distributed() and not is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
+    if is_initialized():
+        dist.barrier()
+
+
+def shard(items: list[T], rank_: int | None = None, world: int | None = None) -> list[T]:
+    """This rank's share of a list: items rank, rank+N, rank+2N, ... (disjoint, together all of them)."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    return items[rank_::world]
+
+
+def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum each value over ranks (every rank must pass the same keys). Returns plain floats."""
+    if not is_initialized():
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)  # (K,)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_gather_dicts(d: dict) -> dict:
+    """Merge a dict from every rank into one (each rank contributes different keys)."""
+    if not is_initialized():
+        return dict(d)
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, d)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel: a full replica per rank; backward all-reduces (averages) the gradients.
+
+    Buffers are not broadcast: the only one (RoPE inverse frequencies) is a constant.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """Full sharding (FSDP2): one `fully_shard` unit per decoder layer, then the root (embeddings, norm, head).
+
+    In place: the parameters become DTensors holding 1/N of each weight on each
+    rank; a layer's weights are all-gathered just before its forward/backward and
+    freed after; gradients are reduce-scattered (averaged). Works with gloo on CPU too.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Context for one micro-batch's backward: communicate gradients only when `sync` (the last one).
+
+    DDP: `no_sync()` keeps the gradients local; FSDP: skip the reduce-scatter. A plain
+    module: nothing to do.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not sync:
+        return model.no_sync()
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a sharded DTensor (a collective: every rank calls it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Cut a whole tensor the way `param` is sharded (inverse of full_tensor); plain params: as is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+    return full

@@ -1,0 +1,225 @@
+"""Several ranks give the single-process result: DDP / FSDP training, sharded exploration.
+
+Each distributed test spawns 2 CPU processes that meet over gloo, with the
+environment variables torchrun would set (MASTER_ADDR/MASTER_PORT, RANK,
+LOCAL_RANK, WORLD_SIZE), and compares with a run in this process (one rank).
+Models are tiny (hidden 32-64, 1-2 layers); every process uses one thread.
+"""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from eto_ref import trainer
+from eto_ref.distributed import shard
+from eto_ref.model import ModelConfig, Transformer
+from tests.test_trainer import (assert_same_params, data_files, dpo_config, params_of, sft_config,  # noqa: F401
+                                tiny_model)
+
+# --------------------------------------------------------------------------- launching ranks
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, job, args):
+    """One spawned rank: torchrun's environment variables, one thread, then `job(*args)`."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        job(*args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(job, *args, world: int = 2) -> None:
+    """Run `job(*args)` in `world` fresh processes (a top-level function: it is pickled by name)."""
+    mp.start_processes(_rank_main, args=(world, free_port(), job, args), nprocs=world, start_method="spawn")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shard_is_a_partition():
+    items = list(range(7))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert parts == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(sum(parts, [])) == items
+
+
+def test_rank_micro_batches_pad_short_ranks(monkeypatch):
+    """3 micro-batches over 2 ranks: rank 1 gets one real and one zero-weight padding micro-batch."""
+    import eto_ref.trainer as t
+
+    monkeypatch.setattr(t, "world_size", lambda: 2)
+    monkeypatch.setattr(t, "shard", lambda items: items[1::2])
+    assert t.rank_micro_batches([0, 1, 2, 3, 4], 2) == [([2, 3], 1.0), ([0, 1], 0.0)]
+
+
+# --------------------------------------------------------------------------- training: DDP and FSDP
+
+
+def train_both_stages(root: str, model: str, data: dict, interrupt_sft_at: int | None = None,
+                      fsdp: bool = False) -> None:
+    """SFT (a held-out example, checkpoints, uneven micro-batches), then DPO from its result."""
+    kw = {"fsdp": True} if fsdp else {}
+    sft = sft_config(model, data, Path(root) / "sft", epochs=2, batch_size=4, micro_batch_size=1,
+                     eval_fraction=0.2, save_every=2, **kw)
+    if interrupt_sft_at is not None:  # a killed run, then the same command again: resume
+        try:
+            trainer.run_sft(sft, callback=_stop_at(interrupt_sft_at))
+        except KeyboardInterrupt:
+            pass
+    final = trainer.run_sft(sft)
+    trainer.run_dpo(dpo_config(final, data, Path(root) / "dpo", epochs=1, batch_size=4, micro_batch_size=1,
+                               save_every=1, **kw))
+
+
+def _stop_at(k: int):
+    def callback(step, metrics):
+        if step == k:
+            raise KeyboardInterrupt
+    return callback
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tiny_model, data_files, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_both_stages(str(root), str(tiny_model), data_files)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def losses(path: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def assert_same_runs(dist_root: Path, single_root: Path) -> None:
+    for stage in ("sft", "dpo"):
+        assert_same_params(params_of(dist_root / stage / "final"), params_of(single_root / stage / "final"),
+                           atol=1e-5)
+        a, b = losses(dist_root / stage / "metrics.jsonl"), losses(single_root / stage / "metrics.jsonl")
+        assert len(a) == len(b) and a == pytest.approx(b, rel=1e-5)  # rank 0 alone wrote, global values
+
+
+def test_ddp_two_ranks_equal_one_process_and_resume(tiny_model, data_files, single_process_run,  # noqa: F811
+                                                     tmp_path):
+    """2 ranks, the same global batch: SFT and DPO end with the single-process parameters and losses,
+    also when SFT was interrupted after its step-2 checkpoint and resumed."""
+    run_ranks(train_both_stages, str(tmp_path), str(tiny_model), data_files, 3)
+    assert_same_runs(tmp_path, single_process_run)
+    events = [r.get("event") for r in map(json.loads, (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines())]
+    assert events.count("resume") == 1
+    assert json.loads((tmp_path / "dpo" / trainer.REFERENCE_FILE).read_text())["logps"]  # cached by rank 0
+
+
+def test_fsdp_two_ranks_equal_one_process(tiny_model, data_files, single_process_run, tmp_path):  # noqa: F811
+    """fully_shard per decoder layer + root, gloo on CPU: the same result, checkpoints gathered to rank 0."""
+    run_ranks(train_both_stages, str(tmp_path), str(tiny_model), data_files, 3, True)
+    assert_same_runs(tmp_path, single_process_run)
+    assert (tmp_path / "dpo" / "checkpoints").is_dir()
+
+
+# --------------------------------------------------------------------------- exploration
+
+
+def tiny_agent_dir(root: Path) -> Path:
+    from eto_ref.checkpoint import save_model
+    from eto_ref.tiny import environment_texts
+    from eto_ref.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(environment_texts(["household"], tasks_per_env=20), 400, root / "tok")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    return save_model(model, root / "model", tokenizer_dir=root / "tok")
+
+
+def explore_job(model_dir: str, out_dir: str, limit: int) -> None:
+    from eto_ref.agent import AgentConfig
+    from eto_ref.checkpoint import load_model
+    from eto_ref.exploration import ExploreConfig, explore
+    from eto_ref.tokenizer import Tokenizer
+
+    model, tok = load_model(model_dir).eval(), Tokenizer.from_dir(model_dir)
+    cfg = ExploreConfig(env="household", split="train", out_dir=out_dir, limit=limit,
+                        agent=AgentConfig(max_new_tokens=6, batch_size=2, max_len=4096, max_steps=2))
+    records = explore(model, tok, cfg, progress=False)
+    (Path(out_dir) / f"returned-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(records))
+
+
+def jsonl_ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+def test_exploration_two_ranks_writes_the_single_process_records(tmp_path, one_thread):
+    """5 tasks over 2 ranks (uneven), resuming from an interrupted run's merged and rank files:
+    trajectories.jsonl = the single-process records, in task order, each once; the rank files are gone."""
+    model_dir = tiny_agent_dir(tmp_path)
+    explore_job(str(model_dir), str(tmp_path / "single"), 5)
+    single = (tmp_path / "single" / "trajectories.jsonl").read_text().splitlines()
+    assert len(single) == 5
+
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "trajectories.jsonl").write_text(single[3] + "\n")  # finished by an earlier (merged) run
+    (out / "trajectories.rank-1.jsonl").write_text(single[0] + "\n")  # finished, not merged: killed
+    run_ranks(explore_job, str(model_dir), str(out), 5)
+
+    assert (out / "trajectories.jsonl").read_text().splitlines() == single
+    assert not list(out.glob("trajectories.rank-*"))
+    for r in (0, 1):  # every rank returns all the records
+        assert json.loads((out / f"returned-{r}.json").read_text()) == [json.loads(line) for line in single]
+
+
+# --------------------------------------------------------------------------- activation checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputing each decoder layer's activations in backward changes memory, not the gradients."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)).train()
+    ids = torch.randint(0, 64, (2, 12))  # (B, T)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :3] = False  # a left-padded row
+
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing = checkpointing
+        logits = model(ids, attention_mask=mask)  # (B, T, V)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-7, rtol=1e-6, msg=n)
+
+
+def test_compile_and_fsdp_are_config_flags():
+    cfg = trainer.SFTConfig()
+    assert cfg.fsdp is False and cfg.compile is False
+    model = Transformer(ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1))
+    assert trainer.parallelize(model, trainer.SFTConfig(fsdp=True), torch.device("cpu")) is model  # 1 rank: as is
