@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/sft/final", help="policy model directory (Hugging Face format)")
     p.add_argument("--template", default=None, help="chat template (default: detected from the tokenizer)")
-    p.add_argument("--env", default="household", help="webshop | household | science | scienceworld")
+    p.add_argument("--env", default="science", help="webshop | household | science | scienceworld")
     p.add_argument("--split", default="train", choices=["train", "test_seen", "test_unseen"])
     p.add_argument("--out", default=None, help="output directory (default runs/explore-<env>-<split>)")
     p.add_argument("--limit", type=int, default=None, help="only the first N tasks of the split")

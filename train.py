@@ -1,18 +1,24 @@
 """Train an ETO agent: behavioral cloning, then DPO on explored-vs-expert pairs.
 
-    python train.py --stage sft                                   # tiny default model, household expert data
+    python train.py --stage sft                                   # tiny default model, science expert data
     python train.py --stage sft --model path/to/Llama-2-7b-chat-hf --data data/alfworld_sft.json --lora-rank 16
-    python train.py --stage eto --model runs/sft/final --pairs data/household_pairs.json --out runs/eto
+    python train.py --stage eto --model runs/sft/final --env science --iterations 2 --no-icl --out runs/eto
+    python train.py --stage eto --model runs/sft/final --pairs runs/explore-1/pairs.json --out runs/eto-dpo
+    python train.py --stage all                                   # the whole main job (science, seed 0)
 
 --stage sft   behavioral cloning on expert trajectories (paper Eq. 5), cosine schedule, 3% warmup.
---stage eto   one DPO stage (paper Eq. 7) on preference pairs, the reference being --model;
-              constant schedule, 10% warmup.
+--stage eto   the ETO loop (paper Algorithm 1) from --model: per iteration, explore the training
+              tasks -> pair failures with the expert -> DPO (paper Eq. 7) with the reference reset
+              to the current policy -> evaluate. With --pairs: one DPO stage on those pairs.
+--stage all   the main job on the built-in default: a fresh tiny model, SFT, evaluation, ETO
+              iterations, the RFT and Best-of-N baselines, and the results table
+              (eto_ref/pipeline.py; the sizes below under "--stage all").
 
 Unset hyperparameters come from a preset chosen by model size (--preset auto:
 'tiny' below 100M parameters, else '7b' = the official ETO scripts' values):
 
     preset  stage  lr     epochs  batch  micro  max-len  warmup
-    tiny    sft    1e-3   3       16     8      2048     0.03
+    tiny    sft    2e-3   3       8      8      2048     0.03
     tiny    eto    5e-5   3       16     4      2048     0.10
     7b      sft    2e-5   3       64     4      4096     0.03   (+ gradient checkpointing)
     7b      eto    1e-6   3       32     2      4096     0.10   (+ gradient checkpointing)
@@ -27,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from eto_ref.distributed import is_main
 from eto_ref.trainer import DPOConfig, SFTConfig, preset_name, preset_values, run_dpo, run_sft
 
 DEFAULT_MODEL = "models/tiny"
@@ -37,7 +46,7 @@ DEFAULT_MODEL = "models/tiny"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, choices=("sft", "eto"))
+    p.add_argument("--stage", required=True, choices=("sft", "eto", "all"))
     p.add_argument("--model", default=None,
                    help=f"model directory to start from (sft: {DEFAULT_MODEL}, created if missing; "
                         "eto: runs/sft/final)")
@@ -46,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="defaults by model size (auto: tiny below 100M parameters, else 7b)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--env", default="household", help="sft: environment whose expert data is the default --data")
+    g.add_argument("--env", default="science", help="environment: the default --data (sft) and the tasks explored (eto, all); webshop | household | science")
     g.add_argument("--data", default=None,
                    help="sft: ETO-format SFT JSON/JSONL (default data/<env>_sft.json, written from the env's "
                         "train-split expert trajectories if missing)")
@@ -56,12 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use only the first N trajectories/pairs of the data file (quick runs; default all)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (sft: tiny 1e-3, 7b 2e-5; "
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (sft: tiny 2e-3, 7b 2e-5; "
                                                           "eto: tiny 5e-5, 7b 1e-6)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, as ETO)")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default 3)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="global batch: sequences (sft) or pairs (eto) per optimizer step (sft: tiny 16, 7b 64; "
+                   help="global batch: sequences (sft) or pairs (eto) per optimizer step (sft: tiny 8, 7b 64; "
                         "eto: tiny 16, 7b 32)")
     g.add_argument("--micro-batch-size", type=int, default=None,
                    help="sequences/pairs per forward; gradients accumulate to --batch-size "
@@ -83,8 +92,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
     g.add_argument("--sft-weight", type=float, default=0.0,
                    help="add this times the chosen side's NLL (IPR-style); 0 = paper objective (default)")
-    g.add_argument("--iterations", type=int, default=1,
-                   help="ETO iterations (explore -> pairs -> DPO -> evaluate); 1 = one DPO stage on --pairs")
+
+    g = p.add_argument_group("ETO loop (--stage eto without --pairs, and --stage all)")
+    g.add_argument("--iterations", type=int, default=None,
+                   help="ETO iterations: explore -> pairs -> DPO -> evaluate (default 2 with --stage all, else 1)")
+    g.add_argument("--explore-limit", type=int, default=None,
+                   help="training tasks explored per iteration (default: all; --stage all: 240)")
+    g.add_argument("--eval-limit", type=int, default=None,
+                   help="tasks per test split in evaluations (default: all; --stage all: 60)")
+    g.add_argument("--explore-temperature", type=float, default=0.0, help="0 = greedy, the paper's (default)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="per agent turn (default 128; --stage all: 96)")
+    g.add_argument("--env-seed", type=int, default=0, help="seed of the environment's task generator")
+    g.add_argument("--icl", action=argparse.BooleanOptionalAction, default=None,
+                   help="one in-context example in agent prompts, as the official code (default: on; "
+                        "--stage all: off for the tiny model, which is trained 0-shot from scratch)")
+
+    g = p.add_argument_group("--stage all: the main job (eto_ref/pipeline.py)")
+    g.add_argument("--sft-examples", type=int, default=480, help="expert trajectories trained on (default 480)")
+    g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT learning rate (default 2e-3)")
+    g.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO learning rate (default 5e-5)")
+    g.add_argument("--best-of-n", type=int, default=4, help="N of the Best-of-N baseline (default 4, 0 = skip)")
+    g.add_argument("--bon-temperature", type=float, default=0.7, help="Best-of-N sampling temperature (default 0.7)")
+    g.add_argument("--no-baselines", action="store_true", help="skip RFT and Best-of-N")
+    g.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: run the main job once per seed into OUT/seed-K and write "
+                        "a table with per-seed numbers and their mean (see --results)")
+    g.add_argument("--results", default=None, help="with --seeds: write the table here (Markdown, + .json)")
 
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-fraction", type=float, default=None,
@@ -101,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype (auto: float32 on CPU, bfloat16 autocast on CUDA)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (default: on for 7b, off for tiny)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, grads and AdamW states over the ranks (FSDP2) instead of DDP")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; slow start, faster steps)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -137,7 +173,7 @@ def build_config(args: argparse.Namespace):
                   lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
                   eval_every=args.eval_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
                   seed=args.seed, device=args.device, dtype=args.dtype, resume=not args.no_resume,
-                  progress=not args.no_progress, **values)
+                  progress=not args.no_progress, fsdp=args.fsdp, compile=args.compile, **values)
     if stage == "sft":
         data = Path(args.data) if args.data else ensure_sft_data(args.env, Path(f"data/{args.env}_sft.json"))
         return SFTConfig(out=args.out or "runs/sft", data=str(data), **common), preset
@@ -147,18 +183,78 @@ def build_config(args: argparse.Namespace):
                      **common), preset
 
 
-def main(argv=None) -> Path:
+def agent_config(args: argparse.Namespace, default_max_new_tokens: int):
+    from eto_ref.agent import AgentConfig
+
+    return AgentConfig(max_new_tokens=args.max_new_tokens or default_max_new_tokens,
+                       temperature=args.explore_temperature, icl_example=args.icl is not False,
+                       seed=args.seed if args.explore_temperature > 0 else None)
+
+
+def run_loop(args: argparse.Namespace):
+    """--stage eto without --pairs: the ETO iterations from --model (default runs/sft/final)."""
+    from eto_ref.eto import LoopConfig, run_eto
+
+    model = args.model or "runs/sft/final"
+    if not (Path(model) / "config.json").is_file():
+        raise SystemExit(f"--model {model}: not a model directory (no config.json); run --stage sft first")
+    cfg = LoopConfig(model=model, out=args.out or "runs/eto", env=args.env, iterations=args.iterations or 1,
+                     explore_limit=args.explore_limit, eval_limit=args.eval_limit, env_seed=args.env_seed,
+                     agent=agent_config(args, 128), device=args.device, progress=not args.no_progress)
+
+    def dpo_config(policy: str, pairs: str, out: str):
+        args.model, args.pairs, args.out = policy, pairs, out
+        return build_config(args)[0]
+
+    rows = run_eto(cfg, dpo_config)
+    for row in rows:
+        print(json.dumps(row))
+    return rows
+
+
+STAGE_FLAGS = ("lr", "epochs", "batch_size", "micro_batch_size", "warmup_ratio", "schedule", "max_steps", "data",
+               "pairs", "max_examples")
+
+
+def run_all(args: argparse.Namespace):
+    """--stage all: the main job (eto_ref/pipeline.py)."""
+    from eto_ref.pipeline import PipelineConfig, run_pipeline, run_seeds
+
+    given = [f"--{k.replace('_', '-')}" for k in STAGE_FLAGS if getattr(args, k) is not None]
+    if given:
+        raise SystemExit(f"{', '.join(given)}: set per stage; with --stage all use --sft-lr, --dpo-lr, "
+                         "--sft-examples, --explore-limit, --eval-limit, --iterations")
+    defaults = PipelineConfig()
+    cfg = PipelineConfig(
+        env=args.env, out=args.out or "runs/main", seed=args.seed, model=args.model, env_seed=args.env_seed,
+        sft_examples=args.sft_examples, sft_lr=args.sft_lr, dpo_lr=args.dpo_lr, beta=args.beta,
+        iterations=defaults.iterations if args.iterations is None else args.iterations,
+        explore_limit=args.explore_limit or defaults.explore_limit,
+        eval_limit=args.eval_limit or defaults.eval_limit, best_of_n=args.best_of_n,
+        bon_temperature=args.bon_temperature, baselines=not args.no_baselines, icl_example=args.icl,
+        agent=replace(defaults.agent, **vars(agent_config(args, defaults.agent.max_new_tokens))),
+        device=args.device, progress=not args.no_progress)
+    if args.seeds:
+        return run_seeds(cfg, [int(s) for s in args.seeds.split(",")], args.results)
+    return run_pipeline(cfg)
+
+
+def main(argv=None):
     args = parse_args(argv)
-    if args.stage == "eto" and args.iterations != 1:
-        # The full ETO loop (explore the train tasks with the current policy -> build pairs against
-        # the expert trajectories -> run_dpo -> evaluate, per iteration) lives with exploration.
-        raise SystemExit("--iterations > 1 needs the exploration loop, which is not wired in yet; "
-                         "run --iterations 1 with --pairs for one DPO stage")
+    if args.stage == "all":
+        return run_all(args)
+    if args.stage == "eto" and not args.pairs:
+        return run_loop(args)
+    if args.iterations not in (None, 1):
+        raise SystemExit("--iterations with --pairs: the pairs are fixed, so only one DPO stage can run; "
+                         "leave out --pairs to explore and pair at every iteration")
     cfg, preset = build_config(args)
-    print(f"stage {args.stage}, preset {preset}: " + ", ".join(
-        f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)), file=sys.stderr)
+    if is_main():  # under torchrun only rank 0 prints
+        print(f"stage {args.stage}, preset {preset}: " + ", ".join(
+            f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)), file=sys.stderr)
     final = run_sft(cfg) if args.stage == "sft" else run_dpo(cfg)
-    print(f"final model: {final}")
+    if is_main():
+        print(f"final model: {final}")
     return final
 
 

@@ -35,7 +35,7 @@ from eto_ref.tokenizer import Tokenizer
 class LoopConfig:
     model: str  # the SFT policy pi_0
     out: str = "runs/eto"
-    env: str = "household"
+    env: str = "science"
     iterations: int = 1
     explore_limit: int | None = None  # training tasks explored per iteration (None: all)
     eval_limit: int | None = None  # tasks per test split (None: all)

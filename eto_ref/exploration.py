@@ -34,7 +34,7 @@ SUMMARY = "summary.json"
 
 @dataclass
 class ExploreConfig:
-    env: str = "household"
+    env: str = "science"
     split: str = "train"
     out_dir: str = "runs/explore"
     limit: int | None = None  # first N tasks of the split

@@ -158,7 +158,7 @@ class DPOConfig(TrainConfig):
 # tiny: the built-in few-million-parameter model, which needs far larger learning rates.
 PRESETS = {
     "tiny": {
-        "sft": dict(lr=1e-3, epochs=3, batch_size=16, micro_batch_size=8, max_len=2048, warmup_ratio=0.03),
+        "sft": dict(lr=2e-3, epochs=3, batch_size=8, micro_batch_size=8, max_len=2048, warmup_ratio=0.03),
         "dpo": dict(lr=5e-5, epochs=3, batch_size=16, micro_batch_size=4, max_len=2048, warmup_ratio=0.1),
     },
     "7b": {
