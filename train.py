@@ -19,7 +19,7 @@ Unset hyperparameters come from a preset chosen by model size (--preset auto:
 
     preset  stage  lr     epochs  batch  micro  max-len  warmup
     tiny    sft    2e-3   3       8      8      2048     0.03
-    tiny    eto    5e-5   3       16     4      2048     0.10
+    tiny    eto    5e-5   3       16     4      2048     0.10   (+ chosen NLL, --sft-weight 1)
     7b      sft    2e-5   3       64     4      4096     0.03   (+ gradient checkpointing)
     7b      eto    1e-6   3       32     2      4096     0.10   (+ gradient checkpointing)
 
@@ -90,16 +90,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("DPO (--stage eto)")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
-    g.add_argument("--sft-weight", type=float, default=0.0,
-                   help="add this times the chosen side's NLL (IPR-style); 0 = paper objective (default)")
+    g.add_argument("--sft-weight", type=float, default=None,
+                   help="add this times the chosen side's token-mean NLL to the DPO loss; 0 = the paper's "
+                        "objective (7b default); tiny default 1.0 (pure DPO degrades the tiny model)")
 
     g = p.add_argument_group("ETO loop (--stage eto without --pairs, and --stage all)")
     g.add_argument("--iterations", type=int, default=None,
-                   help="ETO iterations: explore -> pairs -> DPO -> evaluate (default 2 with --stage all, else 1)")
+                   help="ETO iterations: explore -> pairs -> DPO -> evaluate (default 1)")
     g.add_argument("--explore-limit", type=int, default=None,
-                   help="training tasks explored per iteration (default: all; --stage all: 240)")
+                   help="training tasks explored per iteration (default: all; --stage all: 160)")
     g.add_argument("--eval-limit", type=int, default=None,
-                   help="tasks per test split in evaluations (default: all; --stage all: 60)")
+                   help="tasks per test split in evaluations (default: all; --stage all: 50)")
     g.add_argument("--explore-temperature", type=float, default=0.0, help="0 = greedy, the paper's (default)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="per agent turn (default 128; --stage all: 96)")
     g.add_argument("--env-seed", type=int, default=0, help="seed of the environment's task generator")
@@ -166,6 +167,8 @@ def build_config(args: argparse.Namespace):
     given = dict(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                  max_len=args.max_len, warmup_ratio=args.warmup_ratio, schedule=args.schedule,
                  eval_fraction=args.eval_fraction, gradient_checkpointing=args.gradient_checkpointing)
+    if stage == "dpo":
+        given["sft_weight"] = args.sft_weight
     values.update({k: v for k, v in given.items() if v is not None})
     common = dict(model=str(model), weight_decay=args.weight_decay, clip=args.clip, max_steps=args.max_steps,
                   max_examples=args.max_examples,
@@ -179,8 +182,7 @@ def build_config(args: argparse.Namespace):
         return SFTConfig(out=args.out or "runs/sft", data=str(data), **common), preset
     if not args.pairs:
         raise SystemExit("--stage eto needs --pairs (a preference-pair JSON/JSONL file)")
-    return DPOConfig(out=args.out or "runs/eto", pairs=args.pairs, beta=args.beta, sft_weight=args.sft_weight,
-                     **common), preset
+    return DPOConfig(out=args.out or "runs/eto", pairs=args.pairs, beta=args.beta, **common), preset
 
 
 def agent_config(args: argparse.Namespace, default_max_new_tokens: int):
@@ -228,6 +230,7 @@ def run_all(args: argparse.Namespace):
     cfg = PipelineConfig(
         env=args.env, out=args.out or "runs/main", seed=args.seed, model=args.model, env_seed=args.env_seed,
         sft_examples=args.sft_examples, sft_lr=args.sft_lr, dpo_lr=args.dpo_lr, beta=args.beta,
+        dpo_sft_weight=args.sft_weight,
         iterations=defaults.iterations if args.iterations is None else args.iterations,
         explore_limit=args.explore_limit or defaults.explore_limit,
         eval_limit=args.eval_limit or defaults.eval_limit, best_of_n=args.best_of_n,

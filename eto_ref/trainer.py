@@ -159,13 +159,16 @@ class DPOConfig(TrainConfig):
 PRESETS = {
     "tiny": {
         "sft": dict(lr=2e-3, epochs=3, batch_size=8, micro_batch_size=8, max_len=2048, warmup_ratio=0.03),
-        "dpo": dict(lr=5e-5, epochs=3, batch_size=16, micro_batch_size=4, max_len=2048, warmup_ratio=0.1),
+        # sft_weight: with the paper's pure DPO objective the tiny model also loses likelihood on the
+        # expert trajectories and its replies degrade (README, "Results"); the chosen side's NLL keeps them.
+        "dpo": dict(lr=5e-5, epochs=3, batch_size=16, micro_batch_size=4, max_len=2048, warmup_ratio=0.1,
+                    sft_weight=1.0),
     },
     "7b": {
         "sft": dict(lr=2e-5, epochs=3, batch_size=64, micro_batch_size=4, max_len=4096, warmup_ratio=0.03,
                     gradient_checkpointing=True),
         "dpo": dict(lr=1e-6, epochs=3, batch_size=32, micro_batch_size=2, max_len=4096, warmup_ratio=0.1,
-                    gradient_checkpointing=True),
+                    sft_weight=0.0, gradient_checkpointing=True),
     },
 }
 TINY_MAX_PARAMETERS = 100_000_000  # preset "auto": below this many parameters -> "tiny", else "7b"

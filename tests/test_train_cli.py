@@ -69,3 +69,24 @@ def test_sft_then_eto_end_to_end(tiny_model, data_files, tmp_path):  # noqa: F81
     again = train("--stage", "eto", "--model", str(final), "--pairs", data_files["pairs"], "--out", str(eto_out),
                   "--epochs", "1", "--lr", "1e-3", "--lora-rank", "4", *common)
     assert f"final model: {eto_out / 'final'}" in again.stdout
+
+
+def test_dpo_chosen_nll_weight_comes_from_the_preset_unless_given(tiny_model, data_files):  # noqa: F811
+    import train as cli
+
+    def dpo_config(*extra):
+        args = cli.parse_args(["--stage", "eto", "--model", str(tiny_model), "--pairs", data_files["pairs"], *extra])
+        return cli.build_config(args)[0]
+
+    assert dpo_config().sft_weight == 1.0  # tiny preset
+    assert dpo_config("--preset", "7b").sft_weight == 0.0  # the paper's pure DPO objective
+    assert dpo_config("--sft-weight", "0").sft_weight == 0.0
+
+
+def test_stage_all_refuses_per_stage_flags():
+    import pytest
+
+    import train as cli
+
+    with pytest.raises(SystemExit, match="--lr: set per stage"):
+        cli.main(["--stage", "all", "--lr", "1e-3"])
