@@ -17,6 +17,7 @@ from pathlib import Path
 
 from eto_ref.exploration import ExploreConfig, explore, summarize
 from eto_ref.jsonl import write_json_atomic
+from eto_ref.pairs import strip_trailing_observation
 
 SUCCESS = 1.0  # a trajectory is "successful" when it reaches full reward
 
@@ -25,10 +26,11 @@ def rft_records(expert: list[dict], explored: list[dict], success: float = SUCCE
     """Expert trajectories + the explored trajectories whose reward is at least `success`.
 
     Explored records keep their task id with a suffix, so both versions of a
-    solved task stay in the data.
+    solved task stay in the data, and lose the environment's last observation
+    (a training sequence ends with the agent's turn).
     """
-    kept = [{"id": f"{r['id']}#explored", "conversations": r["conversations"], "reward": r["reward"]}
-            for r in explored if float(r["reward"]) >= success]
+    kept = [{"id": f"{r['id']}#explored", "conversations": strip_trailing_observation(r["conversations"]),
+             "reward": r["reward"]} for r in explored if float(r["reward"]) >= success]
     return [{"id": r["id"], "conversations": r["conversations"], "reward": r.get("reward", 1.0)}
             for r in expert] + kept
 

@@ -23,7 +23,15 @@ def test_rft_keeps_every_expert_trajectory_and_only_full_reward_explorations():
     data = rft_records(experts, explored)
     assert [r["id"] for r in data] == ["a", "b", "c", "a#explored"]
     assert data[-1]["conversations"][-1]["value"] == "mine"
+    ended = record("d", 1.0, "done")
+    ended["conversations"].append({"from": "human", "value": "Observation: task completed"})
+    last = rft_records([record("d", 1.0)], [ended])[-1]["conversations"]
+    assert last[-1] == {"from": "gpt", "value": "done"}  # the final observation is not trained on
     assert len({r["id"] for r in data}) == len(data)  # ids stay unique (the loader rejects duplicates)
+    from eto_ref.trajectory import parse_trajectory
+
+    for r in data:
+        parse_trajectory(r)  # every record is valid training data
 
 
 def test_best_of_n_takes_the_highest_reward_per_task_in_task_order():
