@@ -178,9 +178,16 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
-        hf = HFTokenizer.from_file(str(path))
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library's own message names neither file nor cause
+            raise ValueError(f"{path}: not a readable tokenizer.json ({type(e).__name__}: {e}); "
+                             "is it truncated or from another library?") from e
         config_path = model_dir / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
         chat_template = config.get("chat_template")
         if not isinstance(chat_template, str):  # some configs hold a list of named templates
             chat_template = None

@@ -402,3 +402,18 @@ def test_config_errors_without_a_file_name_get_one(model_dir):
     with pytest.raises(CheckpointError, match=re.escape(f"{model_dir / 'config.json'}: num_attention_heads (4) "
                                                         "must be a multiple of num_key_value_heads (3)")):
         load_model(model_dir)
+
+
+def test_truncated_tokenizer_or_config_is_a_clear_error_naming_the_file(tmp_path):
+    from eto_ref.tiny import environment_texts
+    from eto_ref.tokenizer import Tokenizer, train_bpe_tokenizer
+
+    train_bpe_tokenizer(environment_texts(["science"], tasks_per_env=5), 300, tmp_path)
+    text = (tmp_path / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a readable tokenizer\.json .*truncated"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(text)
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": ')
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
+        Tokenizer.from_dir(tmp_path)
