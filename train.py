@@ -235,7 +235,9 @@ def run_all(args: argparse.Namespace):
         explore_limit=args.explore_limit or defaults.explore_limit,
         eval_limit=args.eval_limit or defaults.eval_limit, best_of_n=args.best_of_n,
         bon_temperature=args.bon_temperature, baselines=not args.no_baselines, icl_example=args.icl,
-        agent=replace(defaults.agent, **vars(agent_config(args, defaults.agent.max_new_tokens))),
+        agent=replace(defaults.agent, max_new_tokens=args.max_new_tokens or defaults.agent.max_new_tokens,
+                      temperature=args.explore_temperature,
+                      seed=args.seed if args.explore_temperature > 0 else None),
         device=args.device, progress=not args.no_progress)
     if args.seeds:
         return run_seeds(cfg, [int(s) for s in args.seeds.split(",")], args.results)

@@ -61,7 +61,7 @@ class PipelineConfig:
     # The official prompts add one in-context example; a tiny model trained from scratch on 0-shot
     # sequences has never seen one and is thrown off by it, so None = 0-shot for tiny models only.
     icl_example: bool | None = None
-    agent: AgentConfig = field(default_factory=lambda: AgentConfig(max_new_tokens=96, batch_size=20))
+    agent: AgentConfig = field(default_factory=lambda: AgentConfig(max_new_tokens=96))
     device: str = "auto"
     progress: bool = True
 
