@@ -110,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("--stage all: the main job (eto_ref/pipeline.py)")
     g.add_argument("--sft-examples", type=int, default=480, help="expert trajectories trained on (default 480)")
+    g.add_argument("--sft-epochs", type=int, default=6, help="SFT epochs (default 6; 3 leaves the tiny model "
+                                                              "ignoring the task text)")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT learning rate (default 2e-3)")
     g.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO learning rate (default 5e-5)")
     g.add_argument("--best-of-n", type=int, default=4, help="N of the Best-of-N baseline (default 4, 0 = skip)")
@@ -225,11 +227,11 @@ def run_all(args: argparse.Namespace):
     given = [f"--{k.replace('_', '-')}" for k in STAGE_FLAGS if getattr(args, k) is not None]
     if given:
         raise SystemExit(f"{', '.join(given)}: set per stage; with --stage all use --sft-lr, --dpo-lr, "
-                         "--sft-examples, --explore-limit, --eval-limit, --iterations")
+                         "--sft-examples, --sft-epochs, --explore-limit, --eval-limit, --iterations")
     defaults = PipelineConfig()
     cfg = PipelineConfig(
         env=args.env, out=args.out or "runs/main", seed=args.seed, model=args.model, env_seed=args.env_seed,
-        sft_examples=args.sft_examples, sft_lr=args.sft_lr, dpo_lr=args.dpo_lr, beta=args.beta,
+        sft_examples=args.sft_examples, sft_epochs=args.sft_epochs, sft_lr=args.sft_lr, dpo_lr=args.dpo_lr, beta=args.beta,
         dpo_sft_weight=args.sft_weight,
         iterations=defaults.iterations if args.iterations is None else args.iterations,
         explore_limit=args.explore_limit or defaults.explore_limit,

@@ -40,7 +40,7 @@ class PipelineConfig:
     env_seed: int = 0  # which tasks the environment generates (kept fixed across seeds)
     # behavioral cloning
     sft_examples: int = 480  # expert trajectories of the train split
-    sft_epochs: int = 3
+    sft_epochs: int = 6
     sft_lr: float = 2e-3
     # ETO
     iterations: int = 1

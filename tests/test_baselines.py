@@ -95,7 +95,7 @@ def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
     import train
 
     out = tmp_path / "main"
-    results = train.main(["--stage", "all", "--env", "science", "--out", str(out), "--sft-examples", "32",
+    results = train.main(["--stage", "all", "--env", "science", "--out", str(out), "--sft-examples", "32", "--sft-epochs", "3",
                           "--explore-limit", "8", "--eval-limit", "4", "--iterations", "2", "--best-of-n", "2",
                           "--max-new-tokens", "24", "--no-progress"])
     assert set(results["rows"]) == {"SFT", "RFT", "Best-of-2", "ETO-iter-1", "ETO-iter-2"} or \
