@@ -121,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated seeds: run the main job once per seed into OUT/seed-K and write "
                         "a table with per-seed numbers and their mean (see --results)")
     g.add_argument("--results", default=None, help="with --seeds: write the table here (Markdown, + .json)")
+    g.add_argument("--report", action="store_true",
+                   help="with --seeds: run nothing, only write the table from the phases finished so far "
+                        "in OUT/seed-K (unfinished cells '-')")
 
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-fraction", type=float, default=None,
@@ -222,7 +225,7 @@ STAGE_FLAGS = ("lr", "epochs", "batch_size", "micro_batch_size", "warmup_ratio",
 
 def run_all(args: argparse.Namespace):
     """--stage all: the main job (eto_ref/pipeline.py)."""
-    from eto_ref.pipeline import PipelineConfig, run_pipeline, run_seeds
+    from eto_ref.pipeline import PipelineConfig, report_seeds, run_pipeline, run_seeds
 
     given = [f"--{k.replace('_', '-')}" for k in STAGE_FLAGS if getattr(args, k) is not None]
     if given:
@@ -241,6 +244,12 @@ def run_all(args: argparse.Namespace):
                       temperature=args.explore_temperature,
                       seed=args.seed if args.explore_temperature > 0 else None),
         device=args.device, progress=not args.no_progress)
+    if args.seeds and args.report:
+        table = report_seeds(cfg.out, [int(s) for s in args.seeds.split(",")], cfg.eval_splits, cfg.env, args.results)
+        print(table)
+        return table
+    if args.report:
+        raise SystemExit("--report: give the seeds to report with --seeds")
     if args.seeds:
         return run_seeds(cfg, [int(s) for s in args.seeds.split(",")], args.results)
     return run_pipeline(cfg)

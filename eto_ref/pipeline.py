@@ -194,6 +194,50 @@ def run_seeds(cfg: PipelineConfig, seeds: list[int], results_path: str | Path | 
     return table
 
 
+def finished_rows(out: str | Path, splits) -> dict[str, dict]:
+    """The results rows of one run directory, read from the summaries of its finished phases.
+
+    Unlike `run_pipeline` this runs nothing: an evaluation that has not finished
+    (no summary.json yet) is simply absent, and shows as "-" in the tables.
+    """
+    out = Path(out)
+
+    def averages(folder: Path, pattern: str) -> dict:
+        found = {}
+        for split in splits:
+            summary = folder / pattern.format(split=split) / "summary.json"
+            if summary.is_file():
+                found[split] = json.loads(summary.read_text())["average_reward"]
+        return found
+
+    rows = {"SFT": averages(out / "sft", "eval-{split}")}
+    if (rft := averages(out / "rft", "eval-{split}")):
+        rows["RFT"] = rft
+    bon_summaries = sorted((out / "best-of-n").glob("*/summary.json"))
+    if bon_summaries:
+        n = json.loads(bon_summaries[0].read_text())["n"]
+        rows[f"Best-of-{n}"] = averages(out / "best-of-n", "{split}")
+    eto_summary = out / "eto" / "summary.json"
+    for it in json.loads(eto_summary.read_text()) if eto_summary.is_file() else []:
+        rows[f"ETO-iter-{it['iteration']}"] = {s: it[s] for s in splits if s in it}
+    return rows
+
+
+def report_seeds(out: str | Path, seeds: list[int], splits, env: str,
+                 results_path: str | Path | None = None) -> str:
+    """The seeds table from what OUT/seed-K holds now (finished phases only), optionally written out."""
+    per_seed = {s: finished_rows(Path(out) / f"seed-{s}", splits) for s in seeds}
+    table = seeds_table(per_seed, splits, title=f"{env}: average reward x100, seeds " + ", ".join(map(str, seeds)))
+    if results_path is not None:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(results_path).write_text(table + "\n")
+        config = Path(out) / f"seed-{seeds[0]}" / "pipeline_config.json"
+        write_json_atomic({"env": env, "seeds": seeds, "rows": per_seed,
+                           "config": json.loads(config.read_text()) if config.is_file() else None},
+                          Path(results_path).with_suffix(".json"))
+    return table
+
+
 # --------------------------------------------------------------------------- reporting
 
 

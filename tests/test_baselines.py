@@ -117,3 +117,36 @@ def test_seeds_table_lists_each_seed_and_the_mean():
                         "test_unseen s1 | **test_unseen mean** |")
     assert lines[2] == "| SFT | 10.0 | 20.0 | **15.0** | 20.0 | 40.0 | **30.0** |"
     assert lines[3] == "| ETO-iter-1 | 30.0 | 50.0 | **40.0** | - | - | - |"  # no mean over missing seeds
+
+
+def _summary(path, reward, **extra):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps({"average_reward": reward, **extra}))
+
+
+def test_report_reads_only_finished_phases(tmp_path):
+    """--report: rows come from the summaries on disk; an unfinished phase is absent, its cells '-'."""
+    from eto_ref.pipeline import finished_rows, report_seeds
+
+    splits = ("test_seen", "test_unseen")
+    full, partial = tmp_path / "seed-0", tmp_path / "seed-1"
+    for split, r in zip(splits, (40.0, 20.0)):
+        _summary(full / "sft" / f"eval-{split}", r)
+        _summary(full / "rft" / f"eval-{split}", r + 1)
+        _summary(full / "best-of-n" / split, r + 10, n=4)
+    (full / "eto").mkdir()
+    (full / "eto" / "summary.json").write_text(json.dumps([{"iteration": 1, "test_seen": 44.0, "test_unseen": 18.0}]))
+    _summary(partial / "sft" / "eval-test_seen", 30.0)  # test_unseen still running: no summary yet
+
+    assert finished_rows(full, splits) == {"SFT": {"test_seen": 40.0, "test_unseen": 20.0},
+                                           "RFT": {"test_seen": 41.0, "test_unseen": 21.0},
+                                           "Best-of-4": {"test_seen": 50.0, "test_unseen": 30.0},
+                                           "ETO-iter-1": {"test_seen": 44.0, "test_unseen": 18.0}}
+    assert finished_rows(partial, splits) == {"SFT": {"test_seen": 30.0}}
+
+    table = report_seeds(tmp_path, [0, 1], splits, "science", tmp_path / "results" / "t.md")
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["SFT"] == "| SFT | 40.0 | 30.0 | **35.0** | 20.0 | - | - |"  # a mean needs every seed
+    assert lines["ETO-iter-1"] == "| ETO-iter-1 | 44.0 | - | - | 18.0 | - | - |"
+    assert (tmp_path / "results" / "t.md").read_text() == table + "\n"
+    assert json.loads((tmp_path / "results" / "t.json").read_text())["rows"]["1"] == {"SFT": {"test_seen": 30.0}}
