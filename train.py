@@ -190,16 +190,16 @@ def build_config(args: argparse.Namespace):
     return DPOConfig(out=args.out or "runs/eto", pairs=args.pairs, beta=args.beta, **common), preset
 
 
-def agent_config(args: argparse.Namespace, default_max_new_tokens: int):
-    from eto_ref.agent import AgentConfig
-
-    return AgentConfig(max_new_tokens=args.max_new_tokens or default_max_new_tokens,
-                       temperature=args.explore_temperature, icl_example=args.icl is not False,
-                       seed=args.seed if args.explore_temperature > 0 else None)
+def agent_config(args: argparse.Namespace, base):
+    """`base` (an AgentConfig) with the agent flags given on the command line applied."""
+    return replace(base, max_new_tokens=args.max_new_tokens or base.max_new_tokens,
+                   temperature=args.explore_temperature, icl_example=args.icl is not False,
+                   seed=args.seed if args.explore_temperature > 0 else None)
 
 
 def run_loop(args: argparse.Namespace):
     """--stage eto without --pairs: the ETO iterations from --model (default runs/sft/final)."""
+    from eto_ref.agent import AgentConfig
     from eto_ref.eto import LoopConfig, run_eto
 
     model = args.model or "runs/sft/final"
@@ -207,7 +207,8 @@ def run_loop(args: argparse.Namespace):
         raise SystemExit(f"--model {model}: not a model directory (no config.json); run --stage sft first")
     cfg = LoopConfig(model=model, out=args.out or "runs/eto", env=args.env, iterations=args.iterations or 1,
                      explore_limit=args.explore_limit, eval_limit=args.eval_limit, env_seed=args.env_seed,
-                     agent=agent_config(args, 128), device=args.device, progress=not args.no_progress)
+                     agent=agent_config(args, AgentConfig(max_new_tokens=128)), device=args.device,
+                     progress=not args.no_progress)
 
     def dpo_config(policy: str, pairs: str, out: str):
         args.model, args.pairs, args.out = policy, pairs, out
@@ -234,24 +235,23 @@ def run_all(args: argparse.Namespace):
     defaults = PipelineConfig()
     cfg = PipelineConfig(
         env=args.env, out=args.out or "runs/main", seed=args.seed, model=args.model, env_seed=args.env_seed,
-        sft_examples=args.sft_examples, sft_epochs=args.sft_epochs, sft_lr=args.sft_lr, dpo_lr=args.dpo_lr, beta=args.beta,
-        dpo_sft_weight=args.sft_weight,
+        sft_examples=args.sft_examples, sft_epochs=args.sft_epochs, sft_lr=args.sft_lr, dpo_lr=args.dpo_lr,
+        beta=args.beta, dpo_sft_weight=args.sft_weight,
         iterations=defaults.iterations if args.iterations is None else args.iterations,
         explore_limit=args.explore_limit or defaults.explore_limit,
         eval_limit=args.eval_limit or defaults.eval_limit, best_of_n=args.best_of_n,
         bon_temperature=args.bon_temperature, baselines=not args.no_baselines, icl_example=args.icl,
-        agent=replace(defaults.agent, max_new_tokens=args.max_new_tokens or defaults.agent.max_new_tokens,
-                      temperature=args.explore_temperature,
-                      seed=args.seed if args.explore_temperature > 0 else None),
+        agent=agent_config(args, defaults.agent),  # run_pipeline sets its icl_example from icl_example above
         device=args.device, progress=not args.no_progress)
-    if args.seeds and args.report:
-        table = report_seeds(cfg.out, [int(s) for s in args.seeds.split(",")], cfg.eval_splits, cfg.env, args.results)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    if args.report:
+        if not seeds:
+            raise SystemExit("--report: give the seeds to report with --seeds")
+        table = report_seeds(cfg.out, seeds, cfg.eval_splits, cfg.env, args.results)
         print(table)
         return table
-    if args.report:
-        raise SystemExit("--report: give the seeds to report with --seeds")
-    if args.seeds:
-        return run_seeds(cfg, [int(s) for s in args.seeds.split(",")], args.results)
+    if seeds:
+        return run_seeds(cfg, seeds, args.results)
     return run_pipeline(cfg)
 
 

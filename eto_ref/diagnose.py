@@ -19,18 +19,18 @@ import argparse
 import torch
 
 from eto_ref.agent import prompt_messages
+from eto_ref.losses import sequence_logprobs
 
 
 def reply_logprob(model, tokenizer, messages: list[dict], reply: str) -> float:
     """log p(reply | messages): the sum over the reply's agent tokens (those training would score)."""
     prompt, _ = tokenizer.render(messages, add_generation_prompt=True)
     full, mask = tokenizer.render(messages + [{"role": "assistant", "content": reply}])
-    ids = torch.tensor([full], device=next(model.parameters()).device)  # (1, T)
+    device = next(model.parameters()).device
+    ids = torch.tensor([full], device=device)  # (1, T)
+    in_reply = torch.tensor([[m and t >= len(prompt) for t, m in enumerate(mask)]], device=device)  # (1, T)
     with torch.no_grad():
-        logps = torch.log_softmax(model(ids)[0, :-1].float(), dim=-1)  # (T-1, V): predicts ids[1:]
-    token_logps = logps.gather(1, ids[0, 1:, None])[:, 0]  # (T-1,)
-    in_reply = torch.tensor(mask[1:]) & (torch.arange(1, len(full)) >= len(prompt))  # (T-1,)
-    return token_logps[in_reply.to(token_logps.device)].sum().item()
+        return sequence_logprobs(model(ids), ids, in_reply).item()
 
 
 def own_task_accuracy(scores: torch.Tensor) -> float:

@@ -183,14 +183,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def run_seeds(cfg: PipelineConfig, seeds: list[int], results_path: str | Path | None = None) -> str:
     """The main job once per seed (OUT/seed-K), then one table with per-seed numbers and their mean."""
     per_seed = {s: run_pipeline(replace(cfg, seed=s, out=str(Path(cfg.out) / f"seed-{s}")))["rows"] for s in seeds}
-    table = seeds_table(per_seed, cfg.eval_splits, title=f"{cfg.env}: average reward x100, seeds "
-                        + ", ".join(map(str, seeds)))
+    table = write_seeds_results(per_seed, cfg.eval_splits, cfg.env, results_path, asdict(cfg))
+    print(table)
+    return table
+
+
+def write_seeds_results(per_seed: dict[int, dict], splits, env: str, results_path: str | Path | None,
+                        config: dict | None) -> str:
+    """The seeds table; with a path, written there (Markdown) and beside it as .json with the config."""
+    seeds = list(per_seed)
+    table = seeds_table(per_seed, splits, title=f"{env}: average reward x100, seeds " + ", ".join(map(str, seeds)))
     if results_path is not None:
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
         Path(results_path).write_text(table + "\n")
-        write_json_atomic({"env": cfg.env, "seeds": seeds, "rows": per_seed, "config": asdict(cfg)},
+        write_json_atomic({"env": env, "seeds": seeds, "rows": per_seed, "config": config},
                           Path(results_path).with_suffix(".json"))
-    print(table)
     return table
 
 
@@ -227,15 +234,9 @@ def report_seeds(out: str | Path, seeds: list[int], splits, env: str,
                  results_path: str | Path | None = None) -> str:
     """The seeds table from what OUT/seed-K holds now (finished phases only), optionally written out."""
     per_seed = {s: finished_rows(Path(out) / f"seed-{s}", splits) for s in seeds}
-    table = seeds_table(per_seed, splits, title=f"{env}: average reward x100, seeds " + ", ".join(map(str, seeds)))
-    if results_path is not None:
-        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(results_path).write_text(table + "\n")
-        config = Path(out) / f"seed-{seeds[0]}" / "pipeline_config.json"
-        write_json_atomic({"env": env, "seeds": seeds, "rows": per_seed,
-                           "config": json.loads(config.read_text()) if config.is_file() else None},
-                          Path(results_path).with_suffix(".json"))
-    return table
+    config = Path(out) / f"seed-{seeds[0]}" / "pipeline_config.json"
+    return write_seeds_results(per_seed, splits, env, results_path,
+                               json.loads(config.read_text()) if config.is_file() else None)
 
 
 # --------------------------------------------------------------------------- reporting
