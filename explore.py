@@ -3,6 +3,9 @@
     # ETO step 1+2: explore the training tasks with the current policy, pair with the expert
     python explore.py --model runs/sft/final --env household --split train --out runs/explore-1
 
+    # validation: training tasks the main job never trains on (it uses train[:480])
+    python explore.py --model runs/main/sft/final --env science --split train --start 1000 --limit 100 --out runs/valid-sft --no-icl
+
     # evaluation: average reward x100 and success rate on a test split
     python explore.py --model runs/sft/final --env household --split test_unseen --out runs/eval-sft-unseen
 
@@ -34,7 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--env", default="science", help="webshop | household | science | scienceworld")
     p.add_argument("--split", default="train", choices=["train", "test_seen", "test_unseen"])
     p.add_argument("--out", default=None, help="output directory (default runs/explore-<env>-<split>)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N tasks of the split")
+    p.add_argument("--limit", type=int, default=None, help="only the first N tasks of the split (after --start)")
+    p.add_argument("--start", type=int, default=0,
+                   help="skip the first N tasks of the split; e.g. --split train --start 1000 --limit 100 is a "
+                        "validation slice the main job never trains on (it uses train[:480])")
     p.add_argument("--env-seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's exploration)")
     p.add_argument("--top-p", type=float, default=None)
@@ -66,7 +72,7 @@ def main(argv=None):
                         max_len=args.max_len, max_steps=args.max_steps,
                         icl_example=args.icl)
     cfg = ExploreConfig(env=args.env, split=args.split, out_dir=args.out or f"runs/explore-{args.env}-{args.split}",
-                        limit=args.limit, env_seed=args.env_seed, agent=agent)
+                        limit=args.limit, start=args.start, env_seed=args.env_seed, agent=agent)
     if args.split == "train":
         path, summary = explore_and_pair(model, tokenizer, cfg, not args.no_truncate_rejected,
                                          progress=not args.no_progress)

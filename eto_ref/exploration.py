@@ -37,9 +37,19 @@ class ExploreConfig:
     env: str = "science"
     split: str = "train"
     out_dir: str = "runs/explore"
-    limit: int | None = None  # first N tasks of the split
+    limit: int | None = None  # first N tasks of the split (after `start`)
+    start: int = 0  # skip the first `start` tasks: e.g. train[1000:1100] as a validation slice never trained on
     env_seed: int = 0
     agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+def split_slice(task_ids: list[str], start: int = 0, limit: int | None = None) -> list[str]:
+    """task_ids[start : start + limit] (all from `start` when limit is None)."""
+    if start < 0 or (limit is not None and limit < 0):
+        raise ValueError(f"start and limit must be >= 0, got start={start}, limit={limit}")
+    if start >= len(task_ids) and task_ids:
+        raise ValueError(f"start={start} is past the end of the split ({len(task_ids)} tasks)")
+    return task_ids[start:None if limit is None else start + limit]
 
 
 def rank_files(out_dir: Path) -> list[Path]:
@@ -79,7 +89,7 @@ def explore(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> list
 
     init_distributed(next(model.parameters()).device)  # under torchrun: join the ranks (once)
     env = make_env(cfg.env, seed=cfg.env_seed)
-    task_ids = env.task_ids(cfg.split)[: cfg.limit]
+    task_ids = split_slice(env.task_ids(cfg.split), cfg.start, cfg.limit)
     out_dir = Path(cfg.out_dir)
     path = out_dir / (TRAJECTORIES if world_size() == 1 else f"trajectories.rank-{rank()}.jsonl")
     done = finished_records(out_dir)

@@ -67,3 +67,24 @@ def test_explore_and_pair_writes_official_pairs(agent, tmp_path):
         assert p["chosen"][-1]["from"] == "gpt" and p["rejected"][-1]["from"] == "gpt"
     from eto_ref.trajectory import load_pairs
     assert len(load_pairs(path, on_error="raise")) == len(pairs)
+
+
+def test_split_slice_start_and_limit():
+    ids = [f"t/{i}" for i in range(10)]
+    assert exploration.split_slice(ids) == ids
+    assert exploration.split_slice(ids, 0, 3) == ["t/0", "t/1", "t/2"]
+    assert exploration.split_slice(ids, 7) == ["t/7", "t/8", "t/9"]
+    assert exploration.split_slice(ids, 8, 5) == ["t/8", "t/9"]  # a limit past the end stops at the end
+    with pytest.raises(ValueError, match="past the end"):
+        exploration.split_slice(ids, 10, 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        exploration.split_slice(ids, -1)
+
+
+def test_explore_with_start_runs_only_that_slice(agent, tmp_path):
+    """--start 5 --limit 2 is train[5:7]: a validation slice, resumable like any run."""
+    model, tok = agent
+    cfg = config(tmp_path, limit=2)
+    cfg.start = 5
+    records = explore(model, tok, cfg, progress=False)
+    assert [r["id"] for r in records] == ["household/train/5", "household/train/6"]
