@@ -101,6 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training tasks explored per iteration (default: all; --stage all: 160)")
     g.add_argument("--eval-limit", type=int, default=None,
                    help="tasks per test split in evaluations (default: all; --stage all: 50)")
+    g.add_argument("--valid", type=int, default=0,
+                   help="also evaluate on N training tasks nothing trains on, train[--valid-start:][:N], "
+                        "the column to choose settings by (default 0 = off)")
+    g.add_argument("--valid-start", type=int, default=1000,
+                   help="first task of the valid slice (default 1000; after the SFT and explored tasks)")
     g.add_argument("--explore-temperature", type=float, default=0.0, help="0 = greedy, the paper's (default)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="per agent turn (default 128; --stage all: 96)")
     g.add_argument("--env-seed", type=int, default=0, help="seed of the environment's task generator")
@@ -200,13 +205,15 @@ def agent_config(args: argparse.Namespace, base):
 def run_loop(args: argparse.Namespace):
     """--stage eto without --pairs: the ETO iterations from --model (default runs/sft/final)."""
     from eto_ref.agent import AgentConfig
-    from eto_ref.eto import LoopConfig, run_eto
+    from eto_ref.eto import VALID, LoopConfig, run_eto
 
     model = args.model or "runs/sft/final"
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"--model {model}: not a model directory (no config.json); run --stage sft first")
     cfg = LoopConfig(model=model, out=args.out or "runs/eto", env=args.env, iterations=args.iterations or 1,
                      explore_limit=args.explore_limit, eval_limit=args.eval_limit, env_seed=args.env_seed,
+                     eval_splits=((VALID,) if args.valid else ()) + LoopConfig.eval_splits,
+                     valid_start=args.valid_start, valid_limit=args.valid,
                      agent=agent_config(args, AgentConfig(max_new_tokens=128)), device=args.device,
                      progress=not args.no_progress)
 
@@ -226,7 +233,7 @@ STAGE_FLAGS = ("lr", "epochs", "batch_size", "micro_batch_size", "warmup_ratio",
 
 def run_all(args: argparse.Namespace):
     """--stage all: the main job (eto_ref/pipeline.py)."""
-    from eto_ref.pipeline import PipelineConfig, report_seeds, run_pipeline, run_seeds
+    from eto_ref.pipeline import PipelineConfig, report_seeds, run_pipeline, run_seeds, table_splits
 
     given = [f"--{k.replace('_', '-')}" for k in STAGE_FLAGS if getattr(args, k) is not None]
     if given:
@@ -241,13 +248,14 @@ def run_all(args: argparse.Namespace):
         explore_limit=args.explore_limit or defaults.explore_limit,
         eval_limit=args.eval_limit or defaults.eval_limit, best_of_n=args.best_of_n,
         bon_temperature=args.bon_temperature, baselines=not args.no_baselines, icl_example=args.icl,
+        valid=args.valid, valid_start=args.valid_start,
         agent=agent_config(args, defaults.agent),  # run_pipeline sets its icl_example from icl_example above
         device=args.device, progress=not args.no_progress)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     if args.report:
         if not seeds:
             raise SystemExit("--report: give the seeds to report with --seeds")
-        table = report_seeds(cfg.out, seeds, cfg.eval_splits, cfg.env, args.results)
+        table = report_seeds(cfg.out, seeds, table_splits(cfg), cfg.env, args.results)
         print(table)
         return table
     if seeds:

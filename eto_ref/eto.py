@@ -39,12 +39,35 @@ class LoopConfig:
     iterations: int = 1
     explore_limit: int | None = None  # training tasks explored per iteration (None: all)
     eval_limit: int | None = None  # tasks per test split (None: all)
-    eval_splits: tuple[str, ...] = ("test_seen", "test_unseen")
+    eval_splits: tuple[str, ...] = ("test_seen", "test_unseen")  # may include VALID
+    valid_start: int = 1000  # VALID = train[valid_start : valid_start + valid_limit]
+    valid_limit: int = 100
     env_seed: int = 0
     truncate_rejected: bool = True
     agent: AgentConfig = field(default_factory=AgentConfig)
     device: str = "auto"
     progress: bool = True
+
+
+VALID = "valid"  # not an environment split: a slice of train that nothing trains on, for choosing settings
+
+
+def eval_config(cfg: LoopConfig, split: str, out_dir: Path) -> ExploreConfig:
+    """The evaluation run of one split; VALID is train[valid_start : valid_start + valid_limit]."""
+    if split == VALID:
+        return ExploreConfig(env=cfg.env, split="train", out_dir=str(out_dir), start=cfg.valid_start,
+                             limit=cfg.valid_limit, env_seed=cfg.env_seed, agent=cfg.agent)
+    return ExploreConfig(env=cfg.env, split=split, out_dir=str(out_dir), limit=cfg.eval_limit,
+                         env_seed=cfg.env_seed, agent=cfg.agent)
+
+
+def check_valid_is_held_out(cfg: LoopConfig) -> None:
+    """VALID must not overlap the explored tasks, whose expert trajectories DPO trains on."""
+    explored = cfg.explore_limit  # the loop explores train[:explore_limit] (None: all of train)
+    if VALID in cfg.eval_splits and (explored is None or explored > cfg.valid_start):
+        raise ValueError(f"the valid split train[{cfg.valid_start}:{cfg.valid_start + cfg.valid_limit}] overlaps "
+                         f"the explored tasks train[:{'all' if explored is None else explored}]; "
+                         f"set an explore limit <= {cfg.valid_start}")
 
 
 def load_policy(path: str | Path, device: str = "auto"):
@@ -55,14 +78,13 @@ def load_policy(path: str | Path, device: str = "auto"):
 
 
 def evaluate_policy(model_dir: str | Path, out: Path, cfg: LoopConfig, model=None, tokenizer=None) -> dict:
-    """Average reward x100 per test split, written to out/eval-<split>/summary.json."""
+    """Average reward x100 per evaluation split, written to out/eval-<split>/summary.json."""
     if model is None:
         model, tokenizer = load_policy(model_dir, cfg.device)
     results = {}
     for split in cfg.eval_splits:
-        ecfg = ExploreConfig(env=cfg.env, split=split, out_dir=str(out / f"eval-{split}"), limit=cfg.eval_limit,
-                             env_seed=cfg.env_seed, agent=cfg.agent)
-        results[split] = evaluate(model, tokenizer, ecfg, progress=cfg.progress)["average_reward"]
+        results[split] = evaluate(model, tokenizer, eval_config(cfg, split, out / f"eval-{split}"),
+                                  progress=cfg.progress)["average_reward"]
     return results
 
 
@@ -70,6 +92,7 @@ def run_eto(cfg: LoopConfig, dpo_config) -> list[dict]:
     """Run `cfg.iterations` ETO iterations from `cfg.model`. `dpo_config(model, pairs, out)` -> DPOConfig."""
     from eto_ref.trainer import run_dpo
 
+    check_valid_is_held_out(cfg)
     out, policy, rows = Path(cfg.out), Path(cfg.model), []
     for k in range(1, cfg.iterations + 1):
         it = out / f"iter-{k}"

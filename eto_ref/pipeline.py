@@ -23,7 +23,7 @@ from pathlib import Path
 
 from eto_ref.agent import AgentConfig
 from eto_ref.baselines import best_of_n, rft_records
-from eto_ref.eto import LoopConfig, evaluate_policy, load_policy, run_eto
+from eto_ref.eto import VALID, LoopConfig, evaluate_policy, load_policy, run_eto
 from eto_ref.exploration import ExploreConfig, TRAJECTORIES
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
 from eto_ref.trainer import DPOConfig, SFTConfig, preset_name, run_dpo, run_sft
@@ -58,6 +58,8 @@ class PipelineConfig:
     # evaluation
     eval_limit: int = 50  # tasks per test split
     eval_splits: tuple[str, ...] = ("test_seen", "test_unseen")
+    valid: int = 0  # > 0: also evaluate on this many training tasks never trained on (column "valid")
+    valid_start: int = 1000  # ... train[valid_start : valid_start + valid]; must come after the SFT tasks
     # The official prompts add one in-context example; a tiny model trained from scratch on 0-shot
     # sequences has never seen one and is thrown off by it, so None = 0-shot for tiny models only.
     icl_example: bool | None = None
@@ -71,6 +73,17 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- phases
+
+
+def table_splits(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The evaluation columns: "valid" first when asked for (settings are chosen there), then the test splits."""
+    return ((VALID,) if cfg.valid > 0 else ()) + tuple(cfg.eval_splits)
+
+
+def check_valid(cfg: PipelineConfig) -> None:
+    if cfg.valid > 0 and cfg.valid_start < cfg.sft_examples:
+        raise ValueError(f"valid split train[{cfg.valid_start}:{cfg.valid_start + cfg.valid}] overlaps the SFT "
+                         f"data train[:{cfg.sft_examples}]; set valid_start >= {cfg.sft_examples}")
 
 
 def prepare_base_model(cfg: PipelineConfig) -> Path:
@@ -110,8 +123,8 @@ def dpo_config_fn(cfg: PipelineConfig):
 
 def loop_config(cfg: PipelineConfig, policy: Path) -> LoopConfig:
     return LoopConfig(model=str(policy), out=str(Path(cfg.out) / "eto"), env=cfg.env, iterations=cfg.iterations,
-                      explore_limit=cfg.explore_limit, eval_limit=cfg.eval_limit, eval_splits=cfg.eval_splits,
-                      env_seed=cfg.env_seed, agent=cfg.agent, device=cfg.device, progress=cfg.progress)
+                      explore_limit=cfg.explore_limit, eval_limit=cfg.eval_limit, eval_splits=table_splits(cfg),
+                      valid_start=cfg.valid_start, valid_limit=cfg.valid, env_seed=cfg.env_seed, agent=cfg.agent, device=cfg.device, progress=cfg.progress)
 
 
 def evaluate_once(model_dir: Path, out: Path, cfg: PipelineConfig) -> dict:
@@ -133,7 +146,7 @@ def run_rft(cfg: PipelineConfig, sft_final: Path, sft_data: Path) -> dict:
 
 
 def run_best_of_n(cfg: PipelineConfig, sft_final: Path) -> dict:
-    """Best-of-N of pi_0 on each test split."""
+    """Best-of-N of pi_0 on each test split (not on valid: Best-of-N is a baseline, not a setting to choose)."""
     model, tokenizer = load_policy(sft_final, cfg.device)
     agent = replace(cfg.agent, temperature=cfg.bon_temperature, seed=cfg.seed)
     results = {}
@@ -150,6 +163,7 @@ def run_best_of_n(cfg: PipelineConfig, sft_final: Path) -> dict:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """SFT -> evaluate -> ETO iterations (each evaluated) -> RFT, Best-of-N -> results table."""
     out = Path(cfg.out)
+    check_valid(cfg)
     base = prepare_base_model(cfg)
     if cfg.icl_example is None:
         cfg = replace(cfg, icl_example=preset_name(base) != "tiny")
@@ -159,6 +173,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     log(f"SFT of {base} on {data}")
     sft_final = run_sft(sft_config(cfg, base, data, out / "sft", cfg.sft_epochs, cfg.sft_lr))
     rows = {"SFT": evaluate_once(sft_final, out / "sft", cfg)}
+    splits = table_splits(cfg)
     log(f"SFT: {rows['SFT']}")
     log(f"ETO: {cfg.iterations} iteration(s)")
     iterations = run_eto(loop_config(cfg, sft_final), dpo_config_fn(cfg))
@@ -170,12 +185,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             log(f"Best-of-{cfg.best_of_n}")
             rows[f"Best-of-{cfg.best_of_n}"] = run_best_of_n(cfg, sft_final)
     for it in iterations:
-        rows[f"ETO-iter-{it['iteration']}"] = {s: it[s] for s in cfg.eval_splits if s in it}
+        rows[f"ETO-iter-{it['iteration']}"] = {s: it[s] for s in splits if s in it}
     results = {"env": cfg.env, "seed": cfg.seed, "rows": rows, "iterations": iterations}
     write_json_atomic(results, out / "results.json")
-    table = results_table(rows, cfg.eval_splits, title=f"{cfg.env}, seed {cfg.seed}: average reward x100")
+    table = results_table(rows, splits, title=f"{cfg.env}, seed {cfg.seed}: average reward x100")
     (out / "results.md").write_text(table + "\n")
-    write_reward_plot(rows, cfg.eval_splits, out / "reward_per_iteration.svg")
+    write_reward_plot(rows, splits, out / "reward_per_iteration.svg")
     print(table)
     return results
 
@@ -183,7 +198,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def run_seeds(cfg: PipelineConfig, seeds: list[int], results_path: str | Path | None = None) -> str:
     """The main job once per seed (OUT/seed-K), then one table with per-seed numbers and their mean."""
     per_seed = {s: run_pipeline(replace(cfg, seed=s, out=str(Path(cfg.out) / f"seed-{s}")))["rows"] for s in seeds}
-    table = write_seeds_results(per_seed, cfg.eval_splits, cfg.env, results_path, asdict(cfg))
+    table = write_seeds_results(per_seed, table_splits(cfg), cfg.env, results_path, asdict(cfg))
     print(table)
     return table
 

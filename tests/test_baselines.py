@@ -150,3 +150,17 @@ def test_report_reads_only_finished_phases(tmp_path):
     assert lines["ETO-iter-1"] == "| ETO-iter-1 | 44.0 | - | - | 18.0 | - | - |"
     assert (tmp_path / "results" / "t.md").read_text() == table + "\n"
     assert json.loads((tmp_path / "results" / "t.json").read_text())["rows"]["1"] == {"SFT": {"test_seen": 30.0}}
+
+
+def test_valid_column_comes_first_and_must_follow_the_sft_tasks(tmp_path):
+    from eto_ref.pipeline import PipelineConfig, check_valid, finished_rows, table_splits
+
+    assert table_splits(PipelineConfig()) == ("test_seen", "test_unseen")
+    cfg = PipelineConfig(valid=100)
+    assert table_splits(cfg) == ("valid", "test_seen", "test_unseen")
+    check_valid(cfg)  # train[1000:1100] after the SFT data train[:480]
+    with pytest.raises(ValueError, match=r"train\[400:500\] overlaps the SFT data train\[:480\]"):
+        check_valid(PipelineConfig(valid=100, valid_start=400))
+    _summary(tmp_path / "sft" / "eval-valid", 33.0)
+    _summary(tmp_path / "sft" / "eval-test_seen", 40.0)
+    assert finished_rows(tmp_path, table_splits(cfg)) == {"SFT": {"valid": 33.0, "test_seen": 40.0}}

@@ -1,6 +1,7 @@
 """One ETO iteration end to end on a tiny random model: explore -> pairs -> DPO -> evaluate."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -35,3 +36,28 @@ def test_one_iteration_writes_every_phase(tmp_path):
     for split in ("test_seen", "test_unseen"):
         assert json.loads((it / f"eval-{split}" / "summary.json").read_text())["episodes"] == 1
     assert json.loads((tmp_path / "eto" / "summary.json").read_text()) == rows
+
+
+def test_valid_split_is_the_train_slice_after_start():
+    """VALID evaluates train[valid_start : valid_start + valid_limit]; the test splits keep eval_limit."""
+    from eto_ref.eto import VALID, eval_config
+
+    cfg = LoopConfig(model="m", env="science", eval_limit=7, valid_start=1000, valid_limit=100)
+    valid = eval_config(cfg, VALID, Path("out"))
+    assert (valid.split, valid.start, valid.limit, valid.out_dir) == ("train", 1000, 100, "out")
+    seen = eval_config(cfg, "test_seen", Path("out"))
+    assert (seen.split, seen.start, seen.limit) == ("test_seen", 0, 7)
+
+
+def test_valid_split_must_not_overlap_the_explored_tasks():
+    import pytest
+
+    from eto_ref.eto import VALID, check_valid_is_held_out
+
+    splits = (VALID, "test_seen")
+    check_valid_is_held_out(LoopConfig(model="m", explore_limit=160, eval_splits=splits))  # train[:160] vs [1000:]
+    check_valid_is_held_out(LoopConfig(model="m", explore_limit=None))  # no valid split: nothing to check
+    with pytest.raises(ValueError, match=r"overlaps the explored tasks train\[:all\]"):
+        check_valid_is_held_out(LoopConfig(model="m", explore_limit=None, eval_splits=splits))
+    with pytest.raises(ValueError, match=r"train\[1000:1100\] overlaps the explored tasks train\[:1200\]"):
+        check_valid_is_held_out(LoopConfig(model="m", explore_limit=1200, eval_splits=splits))
