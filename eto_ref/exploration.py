@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eto_ref.agent import AgentConfig, run_episodes
+from eto_ref.agent import AgentConfig, parse_action, run_episodes
 from eto_ref.distributed import barrier, init_distributed, is_main, rank, shard, world_size
 from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
 from eto_ref.pairs import build_pairs
@@ -119,8 +119,23 @@ def explore(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> list
     return [done[t] for t in task_ids if t in done]
 
 
+def agent_replies(record: dict) -> list[str]:
+    """The policy's replies of one episode (the turns after the task; not the "OK" to the instruction)."""
+    return [t["value"] for t in record["conversations"][3:] if t["from"] == "gpt"]
+
+
+def invalid_format_rate(records: list[dict]) -> float:
+    """Percent of agent replies with no parsable `Action:` (each got the "Invalid format" observation).
+
+    A policy that has learned the ReAct format keeps this near 0; a jump after
+    training means the model was pushed off the format, not just off the task.
+    """
+    replies = [reply for r in records for reply in agent_replies(r)]
+    return 100 * sum(parse_action(reply) is None for reply in replies) / max(len(replies), 1)
+
+
 def summarize(records: list[dict], env: str, split: str) -> dict:
-    """Average reward x100 (the paper's metric), success rate, and how episodes ended."""
+    """Average reward x100 (the paper's metric), success rate, how episodes ended, malformed replies."""
     n = len(records)
     rewards = [float(r["reward"]) for r in records]
     reasons: dict[str, int] = {}
@@ -133,6 +148,7 @@ def summarize(records: list[dict], env: str, split: str) -> dict:
         "success_rate": 100 * sum(x >= 1.0 for x in rewards) / max(n, 1),
         "mean_steps": sum(r.get("steps", 0) for r in records) / max(n, 1),
         "end_reasons": reasons,
+        "invalid_format_rate": invalid_format_rate(records),
     }
 
 

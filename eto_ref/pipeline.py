@@ -24,7 +24,7 @@ from pathlib import Path
 from eto_ref.agent import AgentConfig
 from eto_ref.baselines import best_of_n, rft_records
 from eto_ref.eto import VALID, LoopConfig, evaluate_policy, load_policy, run_eto
-from eto_ref.exploration import ExploreConfig, TRAJECTORIES
+from eto_ref.exploration import ExploreConfig, TRAJECTORIES, invalid_format_rate
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
 from eto_ref.trainer import DPOConfig, SFTConfig, preset_name, run_dpo, run_sft
 
@@ -198,20 +198,27 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def run_seeds(cfg: PipelineConfig, seeds: list[int], results_path: str | Path | None = None) -> str:
     """The main job once per seed (OUT/seed-K), then one table with per-seed numbers and their mean."""
     per_seed = {s: run_pipeline(replace(cfg, seed=s, out=str(Path(cfg.out) / f"seed-{s}")))["rows"] for s in seeds}
-    table = write_seeds_results(per_seed, table_splits(cfg), cfg.env, results_path, asdict(cfg))
+    rates = {s: format_rates(Path(cfg.out) / f"seed-{s}", table_splits(cfg)) for s in seeds}
+    table = write_seeds_results(per_seed, table_splits(cfg), cfg.env, results_path, asdict(cfg), rates)
     print(table)
     return table
 
 
 def write_seeds_results(per_seed: dict[int, dict], splits, env: str, results_path: str | Path | None,
-                        config: dict | None) -> str:
-    """The seeds table; with a path, written there (Markdown) and beside it as .json with the config."""
+                        config: dict | None, rates: dict[int, dict] | None = None) -> str:
+    """The seeds table (and, given `rates`, the invalid-format table); with a path, written there
+    (Markdown) and beside it as .json with the config."""
     seeds = list(per_seed)
-    table = seeds_table(per_seed, splits, title=f"{env}: average reward x100, seeds " + ", ".join(map(str, seeds)))
+    names = ", ".join(map(str, seeds))
+    table = seeds_table(per_seed, splits, title=f"{env}: average reward x100, seeds {names}")
+    if rates is not None:
+        table += "\n\n" + seeds_table(rates, splits, title=f"{env}: replies without a parsable action, "
+                                                          f"% of agent replies, seeds {names}")
     if results_path is not None:
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
         Path(results_path).write_text(table + "\n")
-        write_json_atomic({"env": env, "seeds": seeds, "rows": per_seed, "config": config},
+        extra = {} if rates is None else {"invalid_format_rate": rates}
+        write_json_atomic({"env": env, "seeds": seeds, "rows": per_seed, **extra, "config": config},
                           Path(results_path).with_suffix(".json"))
     return table
 
@@ -245,13 +252,35 @@ def finished_rows(out: str | Path, splits) -> dict[str, dict]:
     return rows
 
 
+def policy_folders(out: str | Path) -> dict[str, Path]:
+    """Run folders of the trained policies of one run directory, by table row (those that exist)."""
+    out = Path(out)
+    folders = {"SFT": out / "sft", "RFT": out / "rft"}
+    iterations = sorted(out.glob("eto/iter-*"), key=lambda p: int(p.name.split("-")[1]))
+    folders.update({f"ETO-iter-{p.name.split('-')[1]}": p for p in iterations})
+    return {name: folder for name, folder in folders.items() if folder.is_dir()}
+
+
+def format_rates(out: str | Path, splits) -> dict[str, dict]:
+    """Per row and split: % of agent replies with no parsable action, from the finished evaluations."""
+    rates = {}
+    for name, folder in policy_folders(out).items():
+        for split in splits:
+            run = folder / f"eval-{split}"
+            if (run / "summary.json").is_file() and (run / TRAJECTORIES).is_file():
+                records = read_jsonl_records(run / TRAJECTORIES)
+                rates.setdefault(name, {})[split] = invalid_format_rate(records)
+    return rates
+
+
 def report_seeds(out: str | Path, seeds: list[int], splits, env: str,
                  results_path: str | Path | None = None) -> str:
-    """The seeds table from what OUT/seed-K holds now (finished phases only), optionally written out."""
+    """The seeds tables from what OUT/seed-K holds now (finished phases only), optionally written out."""
     per_seed = {s: finished_rows(Path(out) / f"seed-{s}", splits) for s in seeds}
+    rates = {s: format_rates(Path(out) / f"seed-{s}", splits) for s in seeds}
     config = Path(out) / f"seed-{seeds[0]}" / "pipeline_config.json"
     return write_seeds_results(per_seed, splits, env, results_path,
-                               json.loads(config.read_text()) if config.is_file() else None)
+                               json.loads(config.read_text()) if config.is_file() else None, rates)
 
 
 # --------------------------------------------------------------------------- reporting

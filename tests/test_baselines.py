@@ -144,10 +144,20 @@ def test_report_reads_only_finished_phases(tmp_path):
                                            "ETO-iter-1": {"test_seen": 44.0, "test_unseen": 18.0}}
     assert finished_rows(partial, splits) == {"SFT": {"test_seen": 30.0}}
 
+    replies = ["Thought: a\nAction: look around", "no action here", "Action: wait", "Action: wait"]
+    turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "task"}]
+    for reply in replies:
+        turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": "Observation: o"}]
+    with open(full / "sft" / "eval-test_seen" / "trajectories.jsonl", "w") as f:
+        f.write(json.dumps({"id": "science/test_seen/0", "conversations": turns, "reward": 0.4}) + "\n")
+
     table = report_seeds(tmp_path, [0, 1], splits, "science", tmp_path / "results" / "t.md")
-    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    rewards, formats = table.split("\n\n**science: replies without a parsable action")
+    lines = {line.split(" | ")[0].strip("| "): line for line in rewards.splitlines() if line.startswith("| ")}
     assert lines["SFT"] == "| SFT | 40.0 | 30.0 | **35.0** | 20.0 | - | - |"  # a mean needs every seed
     assert lines["ETO-iter-1"] == "| ETO-iter-1 | 44.0 | - | - | 18.0 | - | - |"
+    format_lines = [line for line in formats.splitlines() if line.startswith("| SFT")]
+    assert format_lines == ["| SFT | 25.0 | - | - | - | - | - |"]  # 1 reply of 4; no trajectories file: "-"
     assert (tmp_path / "results" / "t.md").read_text() == table + "\n"
     assert json.loads((tmp_path / "results" / "t.json").read_text())["rows"]["1"] == {"SFT": {"test_seen": 30.0}}
 

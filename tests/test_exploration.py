@@ -88,3 +88,20 @@ def test_explore_with_start_runs_only_that_slice(agent, tmp_path):
     cfg.start = 5
     records = explore(model, tok, cfg, progress=False)
     assert [r["id"] for r in records] == ["household/train/5", "household/train/6"]
+
+
+def test_summary_counts_replies_without_an_action():
+    def episode(*replies, reward=0.0):
+        turns = [{"from": "human", "value": "instruction"}, {"from": "gpt", "value": "OK"},
+                 {"from": "human", "value": "Your task is to boil water."}]
+        for reply in replies:
+            turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": "Observation: ..."}]
+        return {"id": "t", "conversations": turns, "reward": reward, "steps": len(replies), "reason": "max_steps"}
+
+    records = [episode("Thought: go.\nAction: look around", "Thought: plant is in the stove"),
+               episode("Action:", reward=1.0)]  # an empty action is no action
+    assert exploration.invalid_format_rate(records) == pytest.approx(100 * 2 / 3)  # "OK" is not a reply
+    summary = exploration.summarize(records, "science", "test_seen")
+    assert summary["invalid_format_rate"] == pytest.approx(66.6667, abs=1e-3)
+    assert (summary["average_reward"], summary["success_rate"], summary["mean_steps"]) == (50.0, 50.0, 1.5)
+    assert exploration.invalid_format_rate([]) == 0.0
