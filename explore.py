@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=8192, help="KV-cache slots per batch")
     p.add_argument("--no-truncate-rejected", action="store_true",
                    help="keep the whole failed trajectory (default: cut to expert length + 5 agent turns)")
+    p.add_argument("--rejected-extra-turns", type=int, default=5,
+                   help="the rejected side keeps at most expert length + N agent turns (default 5, the official rule)")
     p.add_argument("--icl", action=argparse.BooleanOptionalAction, default=True,
                    help="one in-context example in the prompt, as the official code (default on; "
                         "--no-icl for a model trained from scratch on 0-shot data, e.g. the tiny default)")
@@ -75,7 +77,7 @@ def main(argv=None):
                         limit=args.limit, start=args.start, env_seed=args.env_seed, agent=agent)
     if args.split == "train":
         path, summary = explore_and_pair(model, tokenizer, cfg, not args.no_truncate_rejected,
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress, extra_turns=args.rejected_extra_turns)
         if is_main():
             print(f"wrote {path}")
     else:

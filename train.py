@@ -106,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the column to choose settings by (default 0 = off)")
     g.add_argument("--valid-start", type=int, default=1000,
                    help="first task of the valid slice (default 1000; after the SFT and explored tasks)")
+    g.add_argument("--rejected-extra-turns", type=int, default=5,
+                   help="pairs: the rejected side keeps at most expert length + N agent turns (default 5, official)")
     g.add_argument("--explore-temperature", type=float, default=0.0, help="0 = greedy, the paper's (default)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="per agent turn (default 128; --stage all: 96)")
     g.add_argument("--env-seed", type=int, default=0, help="seed of the environment's task generator")
@@ -214,6 +216,7 @@ def run_loop(args: argparse.Namespace):
                      explore_limit=args.explore_limit, eval_limit=args.eval_limit, env_seed=args.env_seed,
                      eval_splits=((VALID,) if args.valid else ()) + LoopConfig.eval_splits,
                      valid_start=args.valid_start, valid_limit=args.valid,
+                     rejected_extra_turns=args.rejected_extra_turns,
                      agent=agent_config(args, AgentConfig(max_new_tokens=128)), device=args.device,
                      progress=not args.no_progress)
 
@@ -249,6 +252,7 @@ def run_all(args: argparse.Namespace):
         eval_limit=args.eval_limit or defaults.eval_limit, best_of_n=args.best_of_n,
         bon_temperature=args.bon_temperature, baselines=not args.no_baselines, icl_example=args.icl,
         valid=args.valid, valid_start=args.valid_start,
+        rejected_extra_turns=args.rejected_extra_turns,
         agent=agent_config(args, defaults.agent),  # run_pipeline sets its icl_example from icl_example above
         device=args.device, progress=not args.no_progress)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None

@@ -28,6 +28,7 @@ from eto_ref.agent import AgentConfig
 from eto_ref.checkpoint import load_model
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair
 from eto_ref.jsonl import write_json_atomic
+from eto_ref.pairs import EXTRA_REJECTED_TURNS
 from eto_ref.tokenizer import Tokenizer
 
 
@@ -44,6 +45,7 @@ class LoopConfig:
     valid_limit: int = 100
     env_seed: int = 0
     truncate_rejected: bool = True
+    rejected_extra_turns: int = EXTRA_REJECTED_TURNS  # rejected side: at most expert length + this many agent turns
     agent: AgentConfig = field(default_factory=AgentConfig)
     device: str = "auto"
     progress: bool = True
@@ -99,7 +101,8 @@ def run_eto(cfg: LoopConfig, dpo_config) -> list[dict]:
         model, tokenizer = load_policy(policy, cfg.device)
         ecfg = ExploreConfig(env=cfg.env, split="train", out_dir=str(it / "explore"), limit=cfg.explore_limit,
                              env_seed=cfg.env_seed, agent=cfg.agent)
-        pairs, explore_summary = explore_and_pair(model, tokenizer, ecfg, cfg.truncate_rejected, cfg.progress)
+        pairs, explore_summary = explore_and_pair(model, tokenizer, ecfg, cfg.truncate_rejected, cfg.progress,
+                                                  cfg.rejected_extra_turns)
         del model
         row = {"iteration": k, "policy": str(policy), "train_reward": explore_summary["average_reward"],
                "pairs": explore_summary["pairs"], "win": explore_summary["win"],

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from eto_ref.agent import AgentConfig, parse_action, run_episodes
 from eto_ref.distributed import barrier, init_distributed, is_main, rank, shard, world_size
 from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
-from eto_ref.pairs import build_pairs
+from eto_ref.pairs import EXTRA_REJECTED_TURNS, build_pairs
 
 TRAJECTORIES = "trajectories.jsonl"
 SUMMARY = "summary.json"
@@ -160,13 +160,17 @@ def expert_records(env_name: str, task_ids: list[str], env_seed: int = 0) -> lis
 
 
 def explore_and_pair(model, tokenizer, cfg: ExploreConfig, truncate_rejected: bool = True,
-                     progress: bool = True) -> tuple[Path, dict]:
-    """Explore the train split, pair failures (and wins) with the expert, write `pairs.json`."""
+                     progress: bool = True, extra_turns: int = EXTRA_REJECTED_TURNS) -> tuple[Path, dict]:
+    """Explore the train split, pair failures (and wins) with the expert, write `pairs.json`.
+
+    A rerun on a finished directory explores nothing and rebuilds the pairs (e.g. with
+    another `extra_turns`: the rejected side is cut to expert length + extra_turns agent turns).
+    """
     from eto_ref.trajectory import load_pairs  # noqa: F401  (the file we write is what load_pairs reads)
 
     records = explore(model, tokenizer, cfg, progress)
     experts = expert_records(cfg.env, [r["id"] for r in records], cfg.env_seed)
-    pairs, stats = build_pairs(experts, records, truncate_rejected)
+    pairs, stats = build_pairs(experts, records, truncate_rejected, extra_turns)
     out = Path(cfg.out_dir)
     summary = {**summarize(records, cfg.env, cfg.split), "pairs": len(pairs), **stats.as_dict()}
     if is_main():

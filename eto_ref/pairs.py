@@ -10,7 +10,8 @@ trajectory of the same task. This module is that rule, faithful to the official
     r == r_e  ->  no pair                                   ("tie": equally good)
 
 The rejected side of a "lose" pair is cut to at most `len(expert) + 5` agent
-turns (failed runs are often much longer than successful ones). Both sides must
+turns (failed runs are often much longer than successful ones); `extra_turns`
+sets the 5. Both sides must
 end with an agent turn.
 
 Trajectories here are official ETO records: `{"id", "conversations": [{"from",
@@ -59,7 +60,8 @@ def count_agent_turns(turns: list[dict]) -> int:
     return sum(turn["from"] == "gpt" for turn in turns)
 
 
-def build_pair(expert: dict, explored: dict, truncate_rejected: bool = True) -> tuple[str, dict | None]:
+def build_pair(expert: dict, explored: dict, truncate_rejected: bool = True,
+               extra_turns: int = EXTRA_REJECTED_TURNS) -> tuple[str, dict | None]:
     """Apply the ETO pairing rule to one task. Returns (outcome, pair or None).
 
     outcome is "win", "lose", "tie" or "dropped".
@@ -73,7 +75,7 @@ def build_pair(expert: dict, explored: dict, truncate_rejected: bool = True) -> 
     if r < r_e:
         outcome, winner, loser = "lose", expert_turns, explored_turns
         if truncate_rejected:
-            limit = count_agent_turns(expert_turns) + EXTRA_REJECTED_TURNS
+            limit = count_agent_turns(expert_turns) + extra_turns
             loser = strip_trailing_observation(truncate_agent_turns(loser, limit))
     else:
         outcome, winner, loser = "win", explored_turns, expert_turns
@@ -89,7 +91,8 @@ def build_pair(expert: dict, explored: dict, truncate_rejected: bool = True) -> 
     return outcome, pair
 
 
-def build_pairs(experts: list[dict], explored: list[dict], truncate_rejected: bool = True) -> tuple[list[dict], PairStats]:
+def build_pairs(experts: list[dict], explored: list[dict], truncate_rejected: bool = True,
+                extra_turns: int = EXTRA_REJECTED_TURNS) -> tuple[list[dict], PairStats]:
     """Pair every explored trajectory with the expert trajectory of the same task id."""
     expert_by_id = {str(e["id"]): e for e in experts}
     stats, pairs = PairStats(), []
@@ -98,7 +101,7 @@ def build_pairs(experts: list[dict], explored: list[dict], truncate_rejected: bo
         if expert is None or traj.get("reward") is None:
             stats.dropped += 1
             continue
-        outcome, pair = build_pair(expert, traj, truncate_rejected)
+        outcome, pair = build_pair(expert, traj, truncate_rejected, extra_turns)
         setattr(stats, outcome, getattr(stats, outcome) + 1)
         if pair is not None:
             pairs.append(pair)

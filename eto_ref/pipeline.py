@@ -26,6 +26,7 @@ from eto_ref.baselines import best_of_n, rft_records
 from eto_ref.eto import VALID, LoopConfig, evaluate_policy, load_policy, run_eto
 from eto_ref.exploration import ExploreConfig, TRAJECTORIES, invalid_format_rate
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
+from eto_ref.pairs import EXTRA_REJECTED_TURNS
 from eto_ref.trainer import DPOConfig, SFTConfig, preset_name, run_dpo, run_sft
 
 
@@ -48,6 +49,7 @@ class PipelineConfig:
     dpo_lr: float = 5e-5
     dpo_epochs: int = 3
     beta: float = 0.1
+    rejected_extra_turns: int = EXTRA_REJECTED_TURNS  # pairs: the rejected side keeps at most expert length + this many agent turns
     dpo_sft_weight: float | None = None  # + weight * chosen NLL; None: the preset's (tiny 1.0, 7b 0 = the paper)
     # baselines
     rft_epochs: int = 1  # RFT continues from pi_0 on expert + successes ...
@@ -124,7 +126,9 @@ def dpo_config_fn(cfg: PipelineConfig):
 def loop_config(cfg: PipelineConfig, policy: Path) -> LoopConfig:
     return LoopConfig(model=str(policy), out=str(Path(cfg.out) / "eto"), env=cfg.env, iterations=cfg.iterations,
                       explore_limit=cfg.explore_limit, eval_limit=cfg.eval_limit, eval_splits=table_splits(cfg),
-                      valid_start=cfg.valid_start, valid_limit=cfg.valid, env_seed=cfg.env_seed, agent=cfg.agent, device=cfg.device, progress=cfg.progress)
+                      valid_start=cfg.valid_start, valid_limit=cfg.valid,
+                      rejected_extra_turns=cfg.rejected_extra_turns, env_seed=cfg.env_seed, agent=cfg.agent,
+                      device=cfg.device, progress=cfg.progress)
 
 
 def evaluate_once(model_dir: Path, out: Path, cfg: PipelineConfig) -> dict:

@@ -52,6 +52,10 @@ def test_rejected_is_truncated_to_expert_length_plus_five_agent_turns():
     assert pair["rejected"][-1]["from"] == "gpt"
     _, untruncated = build_pair(expert, explored, truncate_rejected=False)
     assert len(actions_of(untruncated["rejected"])) == 20
+    _, tight = build_pair(expert, explored, extra_turns=0)  # no longer than the expert
+    assert actions_of(tight["rejected"]) == ["x0", "x1", "x2"] and tight["rejected"][-1]["from"] == "gpt"
+    pairs, _ = build_pairs([expert], [explored], extra_turns=1)
+    assert actions_of(pairs[0]["rejected"]) == ["x0", "x1", "x2", "x3"]
 
 
 def test_truncate_agent_turns_keeps_observations_between():
