@@ -97,12 +97,16 @@ def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
     out = tmp_path / "main"
     results = train.main(["--stage", "all", "--env", "science", "--out", str(out), "--sft-examples", "32", "--sft-epochs", "3",
                           "--explore-limit", "8", "--eval-limit", "4", "--iterations", "2", "--best-of-n", "2",
-                          "--max-new-tokens", "24", "--no-progress"])
+                          "--max-new-tokens", "24", "--valid", "3", "--no-progress"])
     assert set(results["rows"]) == {"SFT", "RFT", "Best-of-2", "ETO-iter-1", "ETO-iter-2"} or \
         "note" in results["iterations"][-1]
     for name, row in results["rows"].items():
         assert 0.0 <= row["test_seen"] <= 100.0, name
+        assert ("valid" in row) == (name != "Best-of-2"), name  # Best-of-N: test splits only
+    valid = [json.loads(line)["id"] for line in (out / "sft" / "eval-valid" / "trajectories.jsonl").open()]
+    assert valid == ["science/train/1000", "science/train/1001", "science/train/1002"]
     assert (out / "results.md").read_text().startswith("**science, seed 0")
+    assert "| method | valid | test_seen | test_unseen |" in (out / "results.md").read_text()
     assert (out / "reward_per_iteration.svg").is_file()
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
 
