@@ -27,6 +27,7 @@ from eto_ref.agent import AgentConfig
 from eto_ref.checkpoint import load_model
 from eto_ref.distributed import init_distributed, is_main
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair
+from eto_ref.pairs import EXTRA_REJECTED_TURNS
 from eto_ref.tokenizer import Tokenizer
 
 
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=8192, help="KV-cache slots per batch")
     p.add_argument("--no-truncate-rejected", action="store_true",
                    help="keep the whole failed trajectory (default: cut to expert length + 5 agent turns)")
-    p.add_argument("--rejected-extra-turns", type=int, default=5,
+    p.add_argument("--rejected-extra-turns", type=int, default=EXTRA_REJECTED_TURNS,
                    help="the rejected side keeps at most expert length + N agent turns (default 5, the official rule)")
     p.add_argument("--icl", action=argparse.BooleanOptionalAction, default=True,
                    help="one in-context example in the prompt, as the official code (default on; "

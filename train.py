@@ -39,6 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from eto_ref.distributed import is_main
+from eto_ref.pairs import EXTRA_REJECTED_TURNS
 from eto_ref.trainer import DPOConfig, SFTConfig, preset_name, preset_values, run_dpo, run_sft
 
 DEFAULT_MODEL = "models/tiny"
@@ -106,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the column to choose settings by (default 0 = off)")
     g.add_argument("--valid-start", type=int, default=1000,
                    help="first task of the valid slice (default 1000; after the SFT and explored tasks)")
-    g.add_argument("--rejected-extra-turns", type=int, default=5,
+    g.add_argument("--rejected-extra-turns", type=int, default=EXTRA_REJECTED_TURNS,
                    help="pairs: the rejected side keeps at most expert length + N agent turns (default 5, official)")
     g.add_argument("--explore-temperature", type=float, default=0.0, help="0 = greedy, the paper's (default)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="per agent turn (default 128; --stage all: 96)")

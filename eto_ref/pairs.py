@@ -11,8 +11,7 @@ trajectory of the same task. This module is that rule, faithful to the official
 
 The rejected side of a "lose" pair is cut to at most `len(expert) + 5` agent
 turns (failed runs are often much longer than successful ones); `extra_turns`
-sets the 5. Both sides must
-end with an agent turn.
+sets the 5. Both sides must end with an agent turn.
 
 Trajectories here are official ETO records: `{"id", "conversations": [{"from",
 "value"}, ...], "reward"}` whose conversations start with the 2-turn instruction

@@ -49,7 +49,7 @@ class PipelineConfig:
     dpo_lr: float = 5e-5
     dpo_epochs: int = 3
     beta: float = 0.1
-    rejected_extra_turns: int = EXTRA_REJECTED_TURNS  # pairs: the rejected side keeps at most expert length + this many agent turns
+    rejected_extra_turns: int = EXTRA_REJECTED_TURNS  # rejected side: at most expert length + this many agent turns
     dpo_sft_weight: float | None = None  # + weight * chosen NLL; None: the preset's (tiny 1.0, 7b 0 = the paper)
     # baselines
     rft_epochs: int = 1  # RFT continues from pi_0 on expert + successes ...
@@ -202,8 +202,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def run_seeds(cfg: PipelineConfig, seeds: list[int], results_path: str | Path | None = None) -> str:
     """The main job once per seed (OUT/seed-K), then one table with per-seed numbers and their mean."""
     per_seed = {s: run_pipeline(replace(cfg, seed=s, out=str(Path(cfg.out) / f"seed-{s}")))["rows"] for s in seeds}
-    rates = {s: format_rates(Path(cfg.out) / f"seed-{s}", table_splits(cfg)) for s in seeds}
-    table = write_seeds_results(per_seed, table_splits(cfg), cfg.env, results_path, asdict(cfg), rates)
+    splits = table_splits(cfg)
+    rates = {s: format_rates(Path(cfg.out) / f"seed-{s}", splits) for s in seeds}
+    table = write_seeds_results(per_seed, splits, cfg.env, results_path, asdict(cfg), rates)
     print(table)
     return table
 
