@@ -77,8 +77,8 @@ def main(argv=None):
     cfg = ExploreConfig(env=args.env, split=args.split, out_dir=args.out or f"runs/explore-{args.env}-{args.split}",
                         limit=args.limit, start=args.start, env_seed=args.env_seed, agent=agent)
     if args.split == "train":
-        path, summary = explore_and_pair(model, tokenizer, cfg, not args.no_truncate_rejected,
-                                         progress=not args.no_progress, extra_turns=args.rejected_extra_turns)
+        extra_turns = None if args.no_truncate_rejected else args.rejected_extra_turns
+        path, summary = explore_and_pair(model, tokenizer, cfg, progress=not args.no_progress, extra_turns=extra_turns)
         if is_main():
             print(f"wrote {path}")
     else:

@@ -44,8 +44,8 @@ class LoopConfig:
     valid_start: int = 1000  # VALID = train[valid_start : valid_start + valid_limit]
     valid_limit: int = 100
     env_seed: int = 0
-    truncate_rejected: bool = True
-    rejected_extra_turns: int = EXTRA_REJECTED_TURNS  # rejected side: at most expert length + this many agent turns
+    rejected_extra_turns: int | None = EXTRA_REJECTED_TURNS  # rejected side: at most expert length + this many
+    # agent turns (None: the whole failed run)
     agent: AgentConfig = field(default_factory=AgentConfig)
     device: str = "auto"
     progress: bool = True
@@ -101,8 +101,7 @@ def run_eto(cfg: LoopConfig, dpo_config) -> list[dict]:
         model, tokenizer = load_policy(policy, cfg.device)
         ecfg = ExploreConfig(env=cfg.env, split="train", out_dir=str(it / "explore"), limit=cfg.explore_limit,
                              env_seed=cfg.env_seed, agent=cfg.agent)
-        pairs, explore_summary = explore_and_pair(model, tokenizer, ecfg, cfg.truncate_rejected, cfg.progress,
-                                                  cfg.rejected_extra_turns)
+        pairs, explore_summary = explore_and_pair(model, tokenizer, ecfg, cfg.progress, cfg.rejected_extra_turns)
         del model
         row = {"iteration": k, "policy": str(policy), "train_reward": explore_summary["average_reward"],
                "pairs": explore_summary["pairs"], "win": explore_summary["win"],

@@ -159,18 +159,19 @@ def expert_records(env_name: str, task_ids: list[str], env_seed: int = 0) -> lis
     return [env.expert_trajectory(t) for t in task_ids]
 
 
-def explore_and_pair(model, tokenizer, cfg: ExploreConfig, truncate_rejected: bool = True,
-                     progress: bool = True, extra_turns: int = EXTRA_REJECTED_TURNS) -> tuple[Path, dict]:
+def explore_and_pair(model, tokenizer, cfg: ExploreConfig, progress: bool = True,
+                     extra_turns: int | None = EXTRA_REJECTED_TURNS) -> tuple[Path, dict]:
     """Explore the train split, pair failures (and wins) with the expert, write `pairs.json`.
 
     A rerun on a finished directory explores nothing and rebuilds the pairs (e.g. with
-    another `extra_turns`: the rejected side is cut to expert length + extra_turns agent turns).
+    another `extra_turns`: the rejected side is cut to expert length + extra_turns agent turns,
+    None keeps it whole).
     """
     from eto_ref.trajectory import load_pairs  # noqa: F401  (the file we write is what load_pairs reads)
 
     records = explore(model, tokenizer, cfg, progress)
     experts = expert_records(cfg.env, [r["id"] for r in records], cfg.env_seed)
-    pairs, stats = build_pairs(experts, records, truncate_rejected, extra_turns)
+    pairs, stats = build_pairs(experts, records, extra_turns)
     out = Path(cfg.out_dir)
     summary = {**summarize(records, cfg.env, cfg.split), "pairs": len(pairs), **stats.as_dict()}
     if is_main():

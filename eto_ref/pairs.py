@@ -11,7 +11,7 @@ trajectory of the same task. This module is that rule, faithful to the official
 
 The rejected side of a "lose" pair is cut to at most `len(expert) + 5` agent
 turns (failed runs are often much longer than successful ones); `extra_turns`
-sets the 5. Both sides must end with an agent turn.
+sets the 5 (None keeps the whole failed run). Both sides must end with an agent turn.
 
 Trajectories here are official ETO records: `{"id", "conversations": [{"from",
 "value"}, ...], "reward"}` whose conversations start with the 2-turn instruction
@@ -59,8 +59,8 @@ def count_agent_turns(turns: list[dict]) -> int:
     return sum(turn["from"] == "gpt" for turn in turns)
 
 
-def build_pair(expert: dict, explored: dict, truncate_rejected: bool = True,
-               extra_turns: int = EXTRA_REJECTED_TURNS) -> tuple[str, dict | None]:
+def build_pair(expert: dict, explored: dict,
+               extra_turns: int | None = EXTRA_REJECTED_TURNS) -> tuple[str, dict | None]:
     """Apply the ETO pairing rule to one task. Returns (outcome, pair or None).
 
     outcome is "win", "lose", "tie" or "dropped".
@@ -73,7 +73,7 @@ def build_pair(expert: dict, explored: dict, truncate_rejected: bool = True,
         return "tie", None
     if r < r_e:
         outcome, winner, loser = "lose", expert_turns, explored_turns
-        if truncate_rejected:
+        if extra_turns is not None:
             limit = count_agent_turns(expert_turns) + extra_turns
             loser = strip_trailing_observation(truncate_agent_turns(loser, limit))
     else:
@@ -90,8 +90,8 @@ def build_pair(expert: dict, explored: dict, truncate_rejected: bool = True,
     return outcome, pair
 
 
-def build_pairs(experts: list[dict], explored: list[dict], truncate_rejected: bool = True,
-                extra_turns: int = EXTRA_REJECTED_TURNS) -> tuple[list[dict], PairStats]:
+def build_pairs(experts: list[dict], explored: list[dict],
+                extra_turns: int | None = EXTRA_REJECTED_TURNS) -> tuple[list[dict], PairStats]:
     """Pair every explored trajectory with the expert trajectory of the same task id."""
     expert_by_id = {str(e["id"]): e for e in experts}
     stats, pairs = PairStats(), []
@@ -100,7 +100,7 @@ def build_pairs(experts: list[dict], explored: list[dict], truncate_rejected: bo
         if expert is None or traj.get("reward") is None:
             stats.dropped += 1
             continue
-        outcome, pair = build_pair(expert, traj, truncate_rejected, extra_turns)
+        outcome, pair = build_pair(expert, traj, extra_turns)
         setattr(stats, outcome, getattr(stats, outcome) + 1)
         if pair is not None:
             pairs.append(pair)

@@ -50,7 +50,7 @@ def test_rejected_is_truncated_to_expert_length_plus_five_agent_turns():
     _, pair = build_pair(expert, explored)
     assert actions_of(pair["rejected"]) == [f"x{i}" for i in range(3 + 5)]
     assert pair["rejected"][-1]["from"] == "gpt"
-    _, untruncated = build_pair(expert, explored, truncate_rejected=False)
+    _, untruncated = build_pair(expert, explored, extra_turns=None)
     assert len(actions_of(untruncated["rejected"])) == 20
     _, tight = build_pair(expert, explored, extra_turns=0)  # no longer than the expert
     assert actions_of(tight["rejected"]) == ["x0", "x1", "x2"] and tight["rejected"][-1]["from"] == "gpt"
