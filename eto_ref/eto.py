@@ -14,7 +14,7 @@ command after an interruption continues where it stopped:
     OUT/iter-1/explore/   trajectories.jsonl, pairs.json, summary.json
     OUT/iter-1/dpo/       the DPO run (final/ = pi_1)
     OUT/iter-1/eval-test_seen/, eval-test_unseen/   trajectories + summary.json
-    OUT/summary.json      one row per iteration
+    OUT/summary.json      one row per iteration (with the seconds each phase took)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from eto_ref.agent import AgentConfig
 from eto_ref.checkpoint import load_model
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair
 from eto_ref.jsonl import write_json_atomic
+from eto_ref.metrics import timed
 from eto_ref.pairs import EXTRA_REJECTED_TURNS
 from eto_ref.tokenizer import Tokenizer
 
@@ -97,21 +98,24 @@ def run_eto(cfg: LoopConfig, dpo_config) -> list[dict]:
     check_valid_is_held_out(cfg)
     out, policy, rows = Path(cfg.out), Path(cfg.model), []
     for k in range(1, cfg.iterations + 1):
-        it = out / f"iter-{k}"
-        model, tokenizer = load_policy(policy, cfg.device)
-        ecfg = ExploreConfig(env=cfg.env, split="train", out_dir=str(it / "explore"), limit=cfg.explore_limit,
-                             env_seed=cfg.env_seed, agent=cfg.agent)
-        pairs, explore_summary = explore_and_pair(model, tokenizer, ecfg, cfg.progress, cfg.rejected_extra_turns)
-        del model
+        it, seconds = out / f"iter-{k}", {}
+        with timed(seconds, "explore"):
+            model, tokenizer = load_policy(policy, cfg.device)
+            ecfg = ExploreConfig(env=cfg.env, split="train", out_dir=str(it / "explore"), limit=cfg.explore_limit,
+                                 env_seed=cfg.env_seed, agent=cfg.agent)
+            pairs, explore_summary = explore_and_pair(model, tokenizer, ecfg, cfg.progress, cfg.rejected_extra_turns)
+            del model
         row = {"iteration": k, "policy": str(policy), "train_reward": explore_summary["average_reward"],
                "pairs": explore_summary["pairs"], "win": explore_summary["win"],
-               "tie": explore_summary["tie"], "lose": explore_summary["lose"]}
+               "tie": explore_summary["tie"], "lose": explore_summary["lose"], "seconds": seconds}
         if explore_summary["pairs"] == 0:
             row["note"] = "no pairs: the policy ties the expert on every task; stopping"
             rows.append(row)
             break
-        policy = run_dpo(dpo_config(str(policy), str(pairs), str(it / "dpo")))  # pi_ref = the policy we start from
-        row.update({"model": str(policy), **evaluate_policy(policy, it, cfg)})
+        with timed(seconds, "dpo"):
+            policy = run_dpo(dpo_config(str(policy), str(pairs), str(it / "dpo")))  # pi_ref = the policy we start from
+        with timed(seconds, "evaluate"):
+            row.update({"model": str(policy), **evaluate_policy(policy, it, cfg)})
         rows.append(row)
         write_json_atomic(rows, out / "summary.json")
     write_json_atomic(rows, out / "summary.json")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -85,4 +86,21 @@ def show(bar: tqdm, **values) -> None:
                     refresh=False)
 
 
-__all__ = ["MetricsLog", "read_metrics", "progress_bar", "show", "write_json_atomic"]
+@contextmanager
+def timed(seconds: dict, name: str):
+    """Write the wall time of the block, in seconds, to `seconds[name]`.
+
+    A phase that resumes from disk counts only the work it had left.
+    """
+    start = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - start, 1)
+
+
+def duration(seconds: float) -> str:
+    """125.4 -> '2m05s'."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+__all__ = ["MetricsLog", "read_metrics", "progress_bar", "show", "timed", "duration", "write_json_atomic"]

@@ -8,7 +8,7 @@
     OUT/eto/iter-k/           explore/ (trajectories, pairs), dpo/ (final/ = pi_k), eval-<split>/
     OUT/rft/                  RFT: fine-tuned on expert + pi_0's successful explorations of iter-1
     OUT/best-of-n/<split>/    N sampled runs of pi_0 per test task, best reward kept
-    OUT/results.json, results.md, reward_per_iteration.svg
+    OUT/results.json, results.md, reward_per_iteration.svg   (results.json: also the seconds per phase)
 
 Every phase resumes on its own, so rerunning the same command after an
 interruption continues where it stopped and skips what is finished.
@@ -26,6 +26,7 @@ from eto_ref.baselines import best_of_n, rft_records
 from eto_ref.eto import VALID, LoopConfig, evaluate_policy, load_policy, run_eto
 from eto_ref.exploration import ExploreConfig, TRAJECTORIES, invalid_format_rate
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
+from eto_ref.metrics import duration, timed
 from eto_ref.pairs import EXTRA_REJECTED_TURNS
 from eto_ref.trainer import DPOConfig, SFTConfig, preset_name, run_dpo, run_sft
 
@@ -168,29 +169,38 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     """SFT -> evaluate -> ETO iterations (each evaluated) -> RFT, Best-of-N -> results table."""
     out = Path(cfg.out)
     check_valid(cfg)
-    base = prepare_base_model(cfg)
+    seconds = {}  # wall time of each phase in this invocation
+    with timed(seconds, "base model"):
+        base = prepare_base_model(cfg)
     if cfg.icl_example is None:
         cfg = replace(cfg, icl_example=preset_name(base) != "tiny")
     cfg = replace(cfg, agent=replace(cfg.agent, icl_example=cfg.icl_example))
     write_json_atomic(asdict(cfg), out / "pipeline_config.json")
     data = prepare_sft_data(cfg)
     log(f"SFT of {base} on {data}")
-    sft_final = run_sft(sft_config(cfg, base, data, out / "sft", cfg.sft_epochs, cfg.sft_lr))
-    rows = {"SFT": evaluate_once(sft_final, out / "sft", cfg)}
+    with timed(seconds, "SFT"):
+        sft_final = run_sft(sft_config(cfg, base, data, out / "sft", cfg.sft_epochs, cfg.sft_lr))
+    with timed(seconds, "SFT evaluation"):
+        rows = {"SFT": evaluate_once(sft_final, out / "sft", cfg)}
     splits = table_splits(cfg)
     log(f"SFT: {rows['SFT']}")
     log(f"ETO: {cfg.iterations} iteration(s)")
-    iterations = run_eto(loop_config(cfg, sft_final), dpo_config_fn(cfg))
+    with timed(seconds, "ETO"):
+        iterations = run_eto(loop_config(cfg, sft_final), dpo_config_fn(cfg))
     if cfg.baselines:
         if cfg.iterations >= 1:
             log("RFT")
-            rows["RFT"] = run_rft(cfg, sft_final, data)
+            with timed(seconds, "RFT"):
+                rows["RFT"] = run_rft(cfg, sft_final, data)
         if cfg.best_of_n > 0:
             log(f"Best-of-{cfg.best_of_n}")
-            rows[f"Best-of-{cfg.best_of_n}"] = run_best_of_n(cfg, sft_final)
+            with timed(seconds, f"Best-of-{cfg.best_of_n}"):
+                rows[f"Best-of-{cfg.best_of_n}"] = run_best_of_n(cfg, sft_final)
     for it in iterations:
         rows[f"ETO-iter-{it['iteration']}"] = {s: it[s] for s in splits if s in it}
-    results = {"env": cfg.env, "seed": cfg.seed, "rows": rows, "iterations": iterations}
+    seconds["total"] = round(sum(seconds.values()), 1)
+    log("time per phase: " + ", ".join(f"{name} {duration(t)}" for name, t in seconds.items()))
+    results = {"env": cfg.env, "seed": cfg.seed, "rows": rows, "iterations": iterations, "seconds": seconds}
     write_json_atomic(results, out / "results.json")
     table = results_table(rows, splits, title=f"{cfg.env}, seed {cfg.seed}: average reward x100")
     (out / "results.md").write_text(table + "\n")

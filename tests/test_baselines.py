@@ -109,6 +109,9 @@ def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
     assert "| method | valid | test_seen | test_unseen |" in (out / "results.md").read_text()
     assert (out / "reward_per_iteration.svg").is_file()
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    seconds = results["seconds"]
+    assert list(seconds) == ["base model", "SFT", "SFT evaluation", "ETO", "RFT", "Best-of-2", "total"]
+    assert seconds["total"] == pytest.approx(sum(t for name, t in seconds.items() if name != "total"), abs=0.1)
 
 
 def test_seeds_table_lists_each_seed_and_the_mean():

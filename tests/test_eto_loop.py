@@ -36,6 +36,8 @@ def test_one_iteration_writes_every_phase(tmp_path):
     for split in ("test_seen", "test_unseen"):
         assert json.loads((it / f"eval-{split}" / "summary.json").read_text())["episodes"] == 1
     assert json.loads((tmp_path / "eto" / "summary.json").read_text()) == rows
+    assert set(rows[0]["seconds"]) == {"explore", "dpo", "evaluate"}
+    assert all(t >= 0 for t in rows[0]["seconds"].values())
 
 
 def test_valid_split_is_the_train_slice_after_start():
@@ -61,3 +63,15 @@ def test_valid_split_must_not_overlap_the_explored_tasks():
         check_valid_is_held_out(LoopConfig(model="m", explore_limit=None, eval_splits=splits))
     with pytest.raises(ValueError, match=r"train\[1000:1100\] overlaps the explored tasks train\[:1200\]"):
         check_valid_is_held_out(LoopConfig(model="m", explore_limit=1200, eval_splits=splits))
+
+
+def test_timed_records_the_wall_time_of_a_block_and_duration_reads_it():
+    import time
+
+    from eto_ref.metrics import duration, timed
+
+    seconds = {}
+    with timed(seconds, "phase"):
+        time.sleep(0.05)
+    assert 0.05 <= seconds["phase"] < 5
+    assert duration(125.4) == "2m05s" and duration(59.6) == "1m00s" and duration(0) == "0m00s"
