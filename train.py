@@ -122,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                               "ignoring the task text)")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT learning rate (default 2e-3)")
     g.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO learning rate (default 5e-5)")
+    g.add_argument("--dpo-epochs", type=int, default=3, help="DPO epochs per ETO iteration (default 3, the paper's)")
     g.add_argument("--best-of-n", type=int, default=4, help="N of the Best-of-N baseline (default 4, 0 = skip)")
     g.add_argument("--bon-temperature", type=float, default=0.7, help="Best-of-N sampling temperature (default 0.7)")
     g.add_argument("--no-baselines", action="store_true", help="skip RFT and Best-of-N")
@@ -242,12 +243,12 @@ def run_all(args: argparse.Namespace):
     given = [f"--{k.replace('_', '-')}" for k in STAGE_FLAGS if getattr(args, k) is not None]
     if given:
         raise SystemExit(f"{', '.join(given)}: set per stage; with --stage all use --sft-lr, --dpo-lr, "
-                         "--sft-examples, --sft-epochs, --explore-limit, --eval-limit, --iterations")
+                         "--sft-examples, --sft-epochs, --dpo-epochs, --explore-limit, --eval-limit, --iterations")
     defaults = PipelineConfig()
     cfg = PipelineConfig(
         env=args.env, out=args.out or "runs/main", seed=args.seed, model=args.model, env_seed=args.env_seed,
         sft_examples=args.sft_examples, sft_epochs=args.sft_epochs, sft_lr=args.sft_lr, dpo_lr=args.dpo_lr,
-        beta=args.beta, dpo_sft_weight=args.sft_weight,
+        dpo_epochs=args.dpo_epochs, beta=args.beta, dpo_sft_weight=args.sft_weight,
         iterations=defaults.iterations if args.iterations is None else args.iterations,
         explore_limit=args.explore_limit or defaults.explore_limit,
         eval_limit=args.eval_limit or defaults.eval_limit, best_of_n=args.best_of_n,

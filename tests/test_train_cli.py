@@ -93,14 +93,15 @@ def test_stage_all_refuses_per_stage_flags():
 
 
 def test_stage_all_passes_its_flags_to_the_pipeline(monkeypatch):
-    """--sft-epochs / --sft-examples reach PipelineConfig; unset, the pipeline's defaults hold."""
+    """--sft-epochs / --sft-examples / --dpo-epochs reach PipelineConfig; unset, the pipeline's defaults hold."""
     import eto_ref.pipeline as pipeline
     import train as cli
 
     seen = []
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: seen.append(cfg))
-    cli.main(["--stage", "all", "--sft-epochs", "2", "--sft-examples", "16", "--no-progress"])
+    cli.main(["--stage", "all", "--sft-epochs", "2", "--sft-examples", "16", "--dpo-epochs", "1", "--no-progress"])
     cli.main(["--stage", "all", "--no-progress"])
-    assert (seen[0].sft_epochs, seen[0].sft_examples) == (2, 16)
+    assert (seen[0].sft_epochs, seen[0].sft_examples, seen[0].dpo_epochs) == (2, 16, 1)
     assert (seen[1].sft_epochs, seen[1].sft_examples) == (pipeline.PipelineConfig.sft_epochs, 480)
+    assert seen[1].dpo_epochs == pipeline.PipelineConfig.dpo_epochs == 3
     assert seen[1].sft_epochs == 6
