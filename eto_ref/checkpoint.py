@@ -26,7 +26,9 @@ from eto_ref.model import ModelConfig, Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# Files copied beside the weights of every saved model (chat_template.jinja: transformers 5 keeps templates there).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json")
 IGNORED_CHECKPOINT_KEYS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
 
 
@@ -193,8 +195,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Pat
     Tokenizer files are copied from `tokenizer_dir` when given.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     try:
         config = model.config.to_hf_dict()
         config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
@@ -216,6 +217,14 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def temp_dir_beside(out_dir: Path) -> Path:
+    """A new empty directory next to `out_dir` (same filesystem, so it can be renamed onto it), mode 755."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is for everyone to read
+    return tmp
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -33,6 +33,7 @@ template can put control tokens into a sequence.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -84,10 +85,40 @@ CHAT_TEMPLATES = {
     ),
 }
 
+# A chatml template's literal default system turn (newline written as a character or as \n).
+DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a template
+
 # Qwen2's pre-tokenizer regex (Llama-3's, with single digits): newline runs are their own pieces,
 # so "<|end_header_id|>" + "\n\n" + "Hi" splits the same whether tokenized whole or by segment.
 PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                      r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def read_chat_template(model_dir: Path, config: dict) -> str | None:
+    """The model's Jinja chat template: tokenizer_config.json's `chat_template`, else chat_template.jinja."""
+    chat_template = config.get("chat_template")
+    if isinstance(chat_template, str):
+        return chat_template
+    path = model_dir / CHAT_TEMPLATE_FILE
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    return None  # (a list of named templates, as some configs hold, is not read)
+
+
+def default_system_message(chat_template: str | None) -> str | None:
+    """The system message a chatml template inserts when a conversation has none, else None.
+
+    SmolLM2's template starts every conversation without a system turn with
+    `<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n`
+    (Qwen2's with "You are a helpful assistant."). The text is read from the Jinja
+    source: a string literal `<|im_start|>system` + newline + text + `<|im_end|>`,
+    whose text holds no quotes or braces (so `+ message['content'] +` is not taken for it).
+    """
+    if not chat_template:
+        return None
+    match = DEFAULT_SYSTEM.search(chat_template)
+    return match.group(1).replace("\\n", "\n") if match else None
 
 
 def check_template_name(template: str) -> None:
@@ -140,10 +171,13 @@ class Tokenizer:
     (end-of-turn and eos: stop generating at any of them), `pad_id` (pad token, else eos, else 0).
     """
 
-    def __init__(self, hf: HFTokenizer, template: str, config: dict | None = None, source: str = "tokenizer"):
+    def __init__(self, hf: HFTokenizer, template: str, config: dict | None = None, source: str = "tokenizer",
+                 chat_template: str | None = None):
         check_template_name(template)
         config = config or {}
         self.hf, self.template, self.source = hf, template, source
+        # The system turn the model's own template adds to a conversation without one (SmolLM2, Qwen2).
+        self.default_system = default_system_message(chat_template) if template == "chatml" else None
         self.hf.encode_special_tokens = True  # text is data: "</s>" inside a message is 4 characters
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self.dummy_prefix = adds_dummy_prefix(hf)
@@ -188,11 +222,9 @@ class Tokenizer:
             config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-        chat_template = config.get("chat_template")
-        if not isinstance(chat_template, str):  # some configs hold a list of named templates
-            chat_template = None
+        chat_template = read_chat_template(model_dir, config)
         template = template or detect_template(hf.get_vocab(with_added_tokens=True), chat_template)
-        return cls(hf, template, config, str(path))
+        return cls(hf, template, config, str(path), chat_template)
 
     # ----------------------------------------------------------------- text <-> ids
 
@@ -222,6 +254,8 @@ class Tokenizer:
         model continues with a reply.
         """
         self._check_conversation(messages)
+        if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.default_system}] + list(messages)
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         ids, mask = [], []
         for index, message in enumerate(messages):

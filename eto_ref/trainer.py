@@ -56,7 +56,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from eto_ref.checkpoint import check_state_dict, load_model, our_name, read_state_dict, replace_dir, save_model
+from eto_ref.checkpoint import (TOKENIZER_FILES, check_state_dict, load_model, our_name, read_state_dict, replace_dir,
+                                save_model)
 from eto_ref.distributed import (all_gather_dicts, all_reduce_sum, barrier, full_tensor,
                                   gradient_sync, init_distributed, is_fsdp, is_main, shard, shard_like, world_size,
                                   wrap_ddp, wrap_fsdp)
@@ -65,7 +66,6 @@ from eto_ref.lora import disable_adapter, inject_lora, load_adapter, lora_module
 from eto_ref.metrics import MetricsLog, progress_bar, show
 from eto_ref.schedule import lr_at
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 REFERENCE_FILE = "reference_logps.json"
