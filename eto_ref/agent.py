@@ -16,9 +16,13 @@ in-context example as real alternating turns:
     ...
 
 An unparseable reply gets the observation "Invalid format..." and the episode
-goes on (the step still counts). Episodes of many tasks run in lockstep, batched
-through the KV-cached sampler: each episode keeps its own cache rows across its
-turns, so a new turn only prefills the new observation.
+goes on (the step still counts). Episodes of many tasks run batched through the
+KV-cached sampler (eto_ref/sampler.py): each episode keeps its own cache row across
+its turns, so a new turn only prefills the new observation; the prompt's shared
+part (instruction and example) is computed once; and as soon as a row's reply ends,
+its environment steps and its next turn (or, when the episode is over, the next
+task) is queued while the other rows go on decoding (continuous batching): the
+batch stays full instead of waiting for its slowest reply or episode.
 
 The recorded trajectory is 0-shot (instruction, OK, task, turns...) in the
 official ETO format, ready for pairing and training.
@@ -26,8 +30,14 @@ official ETO format, ready for pairing and training.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
+from collections import deque
 from dataclasses import dataclass, field
+
+from eto_ref.config import setting
+from eto_ref.sampler import SamplingConfig, Session
 
 ACTION_PATTERN = re.compile(r"Action:\s*(.*)", re.DOTALL)
 INVALID_FORMAT = "Observation: Invalid format. The input must contains 'Action: '"
@@ -84,11 +94,19 @@ class Episode:
                 "steps": self.steps, "reason": self.reason}
 
 
+def finite_reward(reward) -> float:
+    """An environment's reward as a float; ValueError for a missing, non-numeric or non-finite one."""
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        raise ValueError(f"reward must be a finite number, got {reward!r}")
+    return float(reward)
+
+
 def step_episode(env, episode: Episode, reply: str, max_steps: int) -> str | None:
     """Apply one agent reply to the environment; returns the observation turn to append, or None when done.
 
-    An environment that raises ends the episode with reason "env_error" (the
-    exploration goes on with the other tasks).
+    An environment that raises, or returns a reward that is not a finite number or an
+    `info` that is not a dict, ends the episode with reason "env_error: ..." (the run goes
+    on with the other tasks; such an episode is never paired, see eto_ref.pairs).
     """
     episode.turns.append({"from": "gpt", "value": reply})
     episode.steps += 1
@@ -98,10 +116,12 @@ def step_episode(env, episode: Episode, reply: str, max_steps: int) -> str | Non
     else:
         try:
             obs, reward, done, info = env.step(action)
+            episode.reward = finite_reward(reward)
+            if info is not None and not isinstance(info, dict):
+                raise TypeError(f"info must be a dict, got {type(info).__name__}")
         except Exception as e:  # noqa: BLE001 - a faulty environment must not stop the run
             episode.done, episode.reason = True, f"env_error: {type(e).__name__}: {e}"
             return None
-        episode.reward = float(reward)
         observation = observation_turn(obs)
         if done:
             episode.reason = (info or {}).get("reason", "done")
@@ -118,6 +138,8 @@ def start_episode(make_env, task_id: str):
     try:
         env = make_env()
         task = env.reset(task_id)
+        if not isinstance(task, str):
+            raise TypeError(f"reset({task_id!r}) must return the task text, got {type(task).__name__}")
     except Exception as e:  # noqa: BLE001 - one broken task must not stop the others
         episode = Episode(task_id, "", "", done=True, reason=f"env_error: {type(e).__name__}: {e}")
         return None, episode
@@ -135,98 +157,131 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 @dataclass
 class AgentConfig:
-    max_new_tokens: int = 128  # per agent turn
-    temperature: float = 0.0  # 0 = greedy (the default for exploration and evaluation)
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    batch_size: int = 16  # episodes run in lockstep
-    max_len: int = 8192  # KV-cache slots per batch (shared by its rows)
-    max_steps: int | None = None  # None: the environment's own limit
-    icl_example: bool = True  # one in-context example in the prompt, as the official code (False: 0-shot)
+    """How the agent runs episodes. Defaults: the official code's (one in-context example, greedy)."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # greedy by default, as the paper
+    seed: int | None = setting(None, "sampling seed: the episode of task t samples with its own seed (seed, t)")
+    batch_size: int = setting(16, "episodes run at once (a finished one's row takes the next task)")
+    max_len: int = setting(8192, "most tokens one conversation may hold (its KV cache grows by need up to this)")
+    max_steps: int | None = setting(None, "cap on an episode's steps (None: the environment's own limit)")
+    icl: bool = setting(True, "one in-context example in the prompt, as the official code (False: 0-shot)")
 
 
-def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentConfig = AgentConfig(),
+def episode_seed(seed: int, task_id: str) -> int:
+    """A task's own sampling seed: the same whatever batch or order the episode runs in."""
+    return int(hashlib.sha256(f"{seed}/{task_id}".encode()).hexdigest()[:15], 16)
+
+
+@dataclass
+class Running:
+    """An episode in progress in one row of the session."""
+
+    env: object
+    episode: Episode
+    messages: list[dict]  # the conversation so far, as chat messages (the prompt with its example)
+    max_steps: int
+
+
+def first_prompt(env, episode: Episode, config: AgentConfig) -> list[dict]:
+    """The prompt of an episode: instruction, "OK", the in-context example (when used), the task."""
+    return prompt_messages(episode.instruction, env.icl_example() if config.icl else [], episode.task)
+
+
+def step_limit(env, config: AgentConfig) -> int:
+    return env.max_steps if config.max_steps is None else min(env.max_steps, config.max_steps)
+
+
+def agent_turn(session: Session, tokenizer, row: int, run: Running, reply: str, reason: str) -> bool:
+    """Apply one generated reply to its episode; queue the next turn's tokens. True when the episode ended.
+
+    The cache must hold the canonical rendering of the conversation (the tokens
+    training will see): if the model's own tokens differ from how the tokenizer
+    renders its reply, those tokens are rewound and the canonical ones queued instead.
+    """
+    episode = run.episode
+    if reason == "cache_full":
+        episode.done, episode.reason = True, "cache_full"
+    elif not reply:  # nothing but a stop token: greedy decoding would repeat it
+        episode.turns.append({"from": "gpt", "value": reply})
+        episode.steps += 1
+        episode.done, episode.reason = True, "no_output"
+    else:
+        observation = step_episode(run.env, episode, reply, run.max_steps)
+    if episode.done:
+        return True
+    run.messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": observation}]
+    full = tokenizer.render(run.messages, add_generation_prompt=True)[0]
+    history = session.history(row)
+    keep = common_prefix_length(history, full)
+    session.rewind(row, len(history) - keep)
+    session.append([full[keep:]], rows=[row])
+    return False
+
+
+class EpisodeBatch:
+    """The rows of one Session, each running an episode; a row whose episode ends takes the next task."""
+
+    def __init__(self, model, tokenizer, make_env, task_ids: list[str], config: AgentConfig, on_episode_end=None):
+        self.model, self.tokenizer, self.make_env, self.config = model, tokenizer, make_env, config
+        self.queue = deque(task_ids)
+        self.on_episode_end = on_episode_end
+        self.size = max(1, min(config.batch_size, len(task_ids)))
+        self.session: Session | None = None  # made when the first episode starts (its prompt gives the prefix)
+        self.running: dict[int, Running] = {}
+        self.ended: dict[str, Episode] = {}
+
+    def end(self, episode: Episode) -> None:
+        self.ended[episode.task_id] = episode
+        if self.on_episode_end is not None:
+            self.on_episode_end(episode)
+
+    def start(self, row: int) -> bool:
+        """Start the next task that the environment can start in `row`; False when no task is left."""
+        while self.queue:
+            env, episode = start_episode(self.make_env, self.queue.popleft())
+            if episode.done:  # the environment failed to start this task
+                self.end(episode)
+                continue
+            messages = first_prompt(env, episode, self.config)
+            if self.session is None:
+                prefix = self.tokenizer.render(messages[:-1])[0]  # everything before the task: the same in all
+                self.session = Session(self.model, self.size, self.config.max_len, prefix=prefix)
+            seed = None if self.config.seed is None else episode_seed(self.config.seed, episode.task_id)
+            self.session.start(row, self.tokenizer.render(messages, add_generation_prompt=True)[0], seed)
+            self.running[row] = Running(env, episode, messages, step_limit(env, self.config))
+            return True
+        return False
+
+    def on_reply(self, row: int, completion) -> bool:
+        """A row's reply is complete: step its episode; queue the next turn, or the next task. False: row idle."""
+        run = self.running[row]
+        if not agent_turn(self.session, self.tokenizer, row, run, completion.text.strip(), completion.reason):
+            return True  # the episode goes on; its observation is queued
+        self.end(self.running.pop(row).episode)
+        return self.start(row)
+
+    def run(self) -> None:
+        """Start an episode in every row, then generate until every task has run."""
+        for row in range(self.size):
+            if not self.start(row):
+                break
+        if self.session is None:
+            return  # no task could start
+        idle = [row for row in self.session.rows if row not in self.running]
+        if idle:
+            self.session.drop(idle)
+        self.session.run(self.config.sampling, self.on_reply, stop_ids=self.tokenizer.stop_ids,
+                         stop_strings=STOP_STRINGS, decode=self.tokenizer.decode, drop_done=True)
+
+
+def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentConfig | None = None,
                  on_episode_end=None) -> list[Episode]:
-    """Run one episode per task, `config.batch_size` at a time, batched in lockstep.
+    """Run one episode per task, `config.batch_size` at a time; returns them in task order.
 
     `make_env()` returns a fresh environment (one per episode, since an
     environment holds one episode's state). `on_episode_end(episode)` is called as
     soon as an episode ends (exploration writes it to disk there).
-
-    Each episode's conversation lives in the rows of one `Session`: the prompt is
-    prefilled once; after each reply only the observation turn and the next
-    assistant header are prefilled. The cache always holds the canonical
-    rendering of the conversation (the tokens training will see): if the model's
-    own tokens differ from how the tokenizer renders its reply, those tokens are
-    rewound and the canonical ones prefilled instead.
     """
-    episodes = []
-    for start in range(0, len(task_ids), config.batch_size):
-        chunk = task_ids[start:start + config.batch_size]
-        episodes += run_batch(model, tokenizer, make_env, chunk, config, on_episode_end)
-    return episodes
-
-
-def run_batch(model, tokenizer, make_env, task_ids, config: AgentConfig, on_episode_end=None) -> list[Episode]:
-    from eto_ref.sampler import Session
-
-    envs, episodes, messages, rendered = [], [], [], []
-    for task_id in task_ids:
-        env, episode = start_episode(make_env, task_id)
-        envs.append(env)
-        episodes.append(episode)
-        messages.append(prompt_messages(episode.instruction, env.icl_example() if config.icl_example else [],
-                                        episode.task) if not episode.done else [])
-        rendered.append(tokenizer.render(messages[-1], add_generation_prompt=True)[0] if not episode.done else [])
-    for episode in episodes:
-        if episode.done and on_episode_end is not None:  # the environment failed to start this task
-            on_episode_end(episode)
-    live = [row for row, episode in enumerate(episodes) if not episode.done]
-    if not live:
-        return episodes
-    session = Session(model, batch_size=len(task_ids), max_len=config.max_len)
-    session.append([rendered[row] for row in live], rows=live)
-    if len(live) < len(task_ids):
-        session.drop([row for row in range(len(task_ids)) if row not in live])
-    turn = 0
-
-    def limit(env) -> int:
-        return env.max_steps if config.max_steps is None else min(env.max_steps, config.max_steps)
-
-    while live:
-        completions = session.generate(
-            config.max_new_tokens, stop_ids=tokenizer.stop_ids, stop_strings=STOP_STRINGS,
-            decode=tokenizer.decode, temperature=config.temperature, top_k=config.top_k,
-            top_p=config.top_p, seed=None if config.seed is None else config.seed + turn, rows=live)
-        turn += 1
-        finished, next_tokens = [], []
-        for row, completion in zip(live, completions):
-            episode, reply = episodes[row], completion.text.strip()
-            if completion.reason == "cache_full":
-                episode.done, episode.reason = True, "cache_full"
-            elif not reply:  # nothing but a stop token: the episode cannot go on
-                episode.turns.append({"from": "gpt", "value": reply})
-                episode.steps += 1
-                episode.done, episode.reason = True, "no_output"
-            else:
-                observation = step_episode(envs[row], episode, reply, limit(envs[row]))
-            if episode.done:
-                finished.append(row)
-                continue
-            messages[row] += [{"role": "assistant", "content": reply}, {"role": "user", "content": observation}]
-            full = tokenizer.render(messages[row], add_generation_prompt=True)[0]
-            history = session.history(row)
-            keep = common_prefix_length(history, full)
-            if keep < len(history):  # the model's tokens are not the canonical rendering: rewind them
-                session.rewind(row, len(history) - keep)
-            next_tokens.append((row, full[keep:]))
-        for row in finished:
-            if on_episode_end is not None:
-                on_episode_end(episodes[row])
-        if finished:
-            session.drop(finished)
-        live = [row for row in live if row not in finished]
-        if next_tokens:
-            session.append([t for _, t in next_tokens], rows=[r for r, _ in next_tokens])
-    return episodes
+    batch = EpisodeBatch(model, tokenizer, make_env, list(task_ids), config or AgentConfig(), on_episode_end)
+    batch.run()
+    return [batch.ended[t] for t in task_ids]

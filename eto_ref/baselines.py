@@ -54,14 +54,14 @@ def best_of_n_rewards(samples: list[list[dict]]) -> list[dict]:
 def best_of_n(model, tokenizer, cfg: ExploreConfig, n: int, progress: bool = True) -> dict:
     """Run `n` sampled episodes per task of `cfg.split` (seeds seed, seed+1, ...), score the best of each.
 
-    `cfg.agent.temperature` must be > 0 (greedy samples would all be equal).
+    `cfg.agent.sampling.temperature` must be > 0 (greedy samples would all be equal).
     Each run goes to `cfg.out_dir/sample-i/` and resumes like any exploration;
     the summary of the best-of-n records is written to `cfg.out_dir/summary.json`.
     """
     from dataclasses import replace
 
-    if cfg.agent.temperature <= 0:
-        raise ValueError(f"best-of-n needs a sampling temperature > 0, got {cfg.agent.temperature}")
+    if cfg.agent.sampling.greedy:
+        raise ValueError(f"best-of-n needs a sampling temperature > 0, got {cfg.agent.sampling.temperature}")
     seed = cfg.agent.seed or 0
     runs = []
     for i in range(n):
@@ -69,7 +69,7 @@ def best_of_n(model, tokenizer, cfg: ExploreConfig, n: int, progress: bool = Tru
         runs.append(explore(model, tokenizer, replace(cfg, out_dir=str(Path(cfg.out_dir) / f"sample-{i}"),
                                                       agent=agent), progress))
     summary = {**summarize(best_of_n_rewards(runs), cfg.env, cfg.split), "n": n,
-               "temperature": cfg.agent.temperature,
+               "temperature": cfg.agent.sampling.temperature,
                "mean_sample_reward": 100 * sum(float(r["reward"]) for run in runs for r in run)
                / max(sum(len(run) for run in runs), 1)}
     write_json_atomic(summary, Path(cfg.out_dir) / "summary.json")

@@ -12,17 +12,19 @@ is absent from the checkpoint (it *is* the embedding).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from eto_ref.model import ModelConfig, Transformer
+from eto_ref.model import ModelConfig, Transformer, rope_inverse_frequencies
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,6 +40,72 @@ class CheckpointError(ValueError):
 
 class MissingCheckpointFile(CheckpointError, FileNotFoundError):
     """A file the model directory needs (config.json) is absent; also a FileNotFoundError."""
+
+
+# --------------------------------------------------------------------------- config.json <-> ModelConfig
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+def rope_settings(d: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from `rope_theta` + `rope_scaling` (transformers 4) or one
+    `rope_parameters` dict (transformers 5); only Llama-3 scaling is supported."""
+    rope_params = d.get("rope_parameters") or {}
+    rope_theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    rope_scaling = d.get("rope_scaling") or rope_params or None
+    if rope_scaling is not None:
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        if rope_type not in ("llama3", "default"):
+            raise ValueError(f"{source}: key 'rope_scaling': unsupported rope_type {rope_type!r} (supported: llama3)")
+        rope_scaling = None if rope_type == "default" else {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
+    return rope_theta, rope_scaling
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    """A Hugging Face `config.json` dictionary -> ModelConfig.
+
+    Raises ValueError naming `source` and the key for an unknown architecture or a missing required key.
+    """
+    archs = d.get("architectures")
+    if not archs:
+        raise ValueError(f"{source}: missing key 'architectures' (expected one of {SUPPORTED_ARCHITECTURES})")
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{source}: unknown architecture {arch!r} in key 'architectures'; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    for key in REQUIRED_CONFIG_KEYS:
+        if key not in d:
+            raise ValueError(f"{source}: missing required key {key!r} for {arch}")
+    rope_theta, rope_scaling = rope_settings(d, source)
+    known = {f.name for f in fields(ModelConfig)} | {"architectures", "rope_parameters", "model_type", "hidden_act"}
+    return ModelConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
+        max_position_embeddings=d.get("max_position_embeddings", 4096), rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+        rope_theta=rope_theta, rope_scaling=rope_scaling,
+        attention_bias=d.get("attention_bias", arch == "Qwen2ForCausalLM"),
+        tie_word_embeddings=d.get("tie_word_embeddings", False), architecture=arch,
+        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+        extra={k: v for k, v in d.items() if k not in known},
+    )
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """The Hugging Face `config.json` form of a ModelConfig (what transformers reads)."""
+    d = dict(config.extra)
+    d.update({k: v for k, v in asdict(config).items() if k not in ("architecture", "extra")})
+    d["architectures"] = [config.architecture]
+    d["model_type"] = MODEL_TYPES[config.architecture]
+    d["hidden_act"] = "silu"
+    if config.architecture == "Qwen2ForCausalLM":
+        d.pop("attention_bias")  # Qwen2 always has q/k/v bias; the key is not part of its config
+    return d
+
+
+# --------------------------------------------------------------------------- weights
 
 
 def hf_name(our_name: str) -> str:
@@ -117,6 +185,14 @@ def check_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], sourc
                                   f"the model from config.json expects {tuple(shape)}")
 
 
+def check_finite_tensors(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """CheckpointError naming the first tensor holding NaN or inf (a diverged run's weights)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{source}: tensor {name!r} holds NaN or inf values; this model diverged "
+                                  "(train again from its last good checkpoint, at a lower learning rate)")
+
+
 def read_config(model_dir: Path) -> ModelConfig:
     """config.json -> ModelConfig; a missing or unusable config (unknown architecture, missing key) is a CheckpointError."""
     path = model_dir / "config.json"
@@ -125,7 +201,11 @@ def read_config(model_dir: Path) -> ModelConfig:
         raise MissingCheckpointFile(f"{path}: model config not found (a model directory needs config.json; "
                                     f"found: {found})")
     try:
-        return ModelConfig.from_json(path)
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return config_from_hf(d, source=str(path))
     except (ValueError, KeyError, TypeError) as e:
         message = str(e) if isinstance(e, ValueError) else repr(e)
         raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
@@ -161,6 +241,16 @@ def check_tokenizer_fits(model_dir: Path, config: ModelConfig) -> None:
                               "use the tokenizer saved with this model")
 
 
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Identify a checkpoint cheaply: config.json bytes + (name, size, mtime) of its weight files."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for p in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.safetensors.index.json")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
     """Load a Hugging Face Llama/Mistral/Qwen2 directory into our Transformer.
 
@@ -176,12 +266,12 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device
         model = Transformer(config)
     tensors = read_state_dict(model_dir, dtype)
     check_state_dict(model, tensors, model_dir)
+    check_finite_tensors(tensors, model_dir)
     state = {our_name(k): v.to(device) for k, v in tensors.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # Non-persistent buffers (RoPE frequencies) are not in checkpoints: rebuild them for real.
-    from eto_ref.model import rope_inverse_frequencies
     model.inv_freq = rope_inverse_frequencies(config).to(device)
     return model.to(device).eval()
 
@@ -197,7 +287,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Pat
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)
     try:
-        config = model.config.to_hf_dict()
+        config = config_to_hf(model.config)
         config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         state = {}

@@ -38,8 +38,8 @@ def is_initialized() -> bool:
 
 
 def rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if is_initialized() else 0
+    """This process's rank: the process group's, else torchrun's RANK variable (0 when not distributed)."""
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:

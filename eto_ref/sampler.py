@@ -2,15 +2,19 @@
 
 Three layers, bottom-up:
 
-1. `logits_to_probs` + `sample`: next-token choice from logits (greedy,
-   temperature, top-k, top-p), reproducible with a seeded `torch.Generator`.
-2. `Session`: a batch of conversations sharing one preallocated `KVCache`.
-   `append` queues each row's new tokens (prompt, then observation + assistant
-   header every turn); `generate` runs the queued tokens of all rows through the
-   model in ONE padded forward (the prefill), then decodes one token per step
-   for every running row until each row stops. The generated tokens stay in the
-   cache, so the next turn only prefills the new observation instead of
-   re-encoding the whole history.
+1. `logits_to_probs` + `sample_rows`: next-token choice from logits (greedy,
+   temperature, top-k, top-p), each row with its own seeded `torch.Generator`, so
+   a row's tokens do not depend on which other rows share its batch.
+2. `Session`: a batch of conversations (rows) sharing one `KVCache`, in which each
+   row keeps its own length. A turn is
+       session.append(...)     queue each row's new tokens (prompt, or observation + assistant header)
+       session.generate(...)   prefill: the queued tokens of all rows in ONE right-padded forward,
+                               then decode one token per step for every running row until each stops.
+   The generated tokens stay in the cache, so the next turn only prefills the new
+   observation. `start(row, tokens)` begins a new conversation in a row while the
+   others go on (continuous batching: a finished episode's row takes the next task),
+   and with a `prefix` (the instruction every prompt begins with) that row gets the
+   prefix's keys/values copied in instead of computing them again.
 3. `generate(model, prompts, ...)`: a one-shot helper (new session, append, generate).
 
 What a row's conversation holds (`session.history(row)`): every appended token
@@ -24,21 +28,14 @@ Stopping (per row; checked in this order after each new token):
                       last of `tokens` (the end of the assistant turn), not in `text`.
     "stop_string"     the decoded reply contains a stop string (e.g. "\\nObservation:").
                       `text` is cut where the stop string starts. `tokens` are the
-                      generated tokens that lie wholly before that point; the slots
-                      of the cut-off tokens are marked invalid in the cache, so they
-                      are never attended again: the cache holds exactly `tokens`.
+                      generated tokens that lie wholly before that point; the cut-off
+                      ones are taken back from the cache: it holds exactly `tokens`.
                       (When the stop string starts inside a token, that token is cut
                       too, and `text` is a few characters longer than decode(tokens).)
     "max_new_tokens"  the row reached `max_new_tokens` tokens; all are kept.
-    "cache_full"      no free slot is left to feed the next token (all are kept), or
-                      the queued tokens do not fit (then nothing is generated and
-                      the queued tokens stay queued). Overflow never corrupts the cache.
-
-Cost: cache slots are shared by the rows of the batch (see `KVCache`): every
-forward takes `T` slots for all rows, where `T` is the longest row's new tokens
-(1 in a decode step). Rows that stopped stay in the batch as masked padding
-until the call ends; rows whose conversation is over are removed for good with
-`session.drop(rows)`, which shrinks the batch (and the cost of every later step).
+    "cache_full"      the row's next token would not fit in `max_len` slots (all are
+                      kept), or its queued tokens do not fit (then nothing is generated
+                      and they stay queued). Overflow never corrupts the cache.
 """
 
 from __future__ import annotations
@@ -48,9 +45,25 @@ from typing import Callable, Sequence
 
 import torch
 
-from eto_ref.model import KVCache, Transformer
+from eto_ref.config import setting
+from eto_ref.kv_cache import KVCache
+from eto_ref.model import SharedPrefixKV, Transformer
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures at or below this decode greedily
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How replies are sampled (the agent's and the sampler's one source for these settings)."""
+
+    max_new_tokens: int = setting(512, "most tokens per reply (the official code: 512)")
+    temperature: float = setting(0.0, "0 = greedy, the paper's exploration and evaluation")
+    top_k: int | None = setting(None, "sample among the k most likely tokens only")
+    top_p: float | None = setting(None, "sample within the smallest set of tokens of this total probability")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= GREEDY_TEMPERATURE
 
 
 # --------------------------------------------------------------------------- next-token choice
@@ -79,12 +92,19 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
     return probs
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row (B,) from logits (B, V); greedy (argmax) when temperature ~ 0."""
-    if temperature <= GREEDY_TEMPERATURE:
+def sample_rows(logits: torch.Tensor, sampling: SamplingConfig,
+                generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+    """One token per row (B,) from logits (B, V): argmax when greedy, else a draw per row
+    from its own generator (None: torch's global one)."""
+    if sampling.greedy:
         return logits.argmax(dim=-1)
-    return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
+    probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)  # (B, V)
+    generators = generators or [None] * len(probs)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])  # (B,)
+
+
+def row_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 # --------------------------------------------------------------------------- conversations with a cache
@@ -104,25 +124,30 @@ class Session:
 
         session = Session(model, batch_size=2, max_len=4096)
         session.append([prompt_a, prompt_b])              # queue each row's tokens
-        out = session.generate(64, stop_ids=[eos], stop_strings=["\\nObservation:"], decode=tok.decode)
+        out = session.generate(SamplingConfig(64), stop_ids=[eos], stop_strings=["\\nObservation:"],
+                               decode=tok.decode)
         session.append([obs_a + header, obs_b + header])   # next turn: only these get prefilled
-        out = session.generate(64, ...)
-        session.drop([0])                                  # row 0's episode is over: stop paying for it
+        out = session.generate(SamplingConfig(64), ...)
+        session.start(0, prompt_c)                         # row 0's episode is over: a new one starts there
+        session.drop([1])                                  # no more work for row 1: stop paying for it
 
     Rows keep the ids 0..batch_size-1 they were created with, also after `drop`.
     `rows` arguments select a subset (default: every live row, in id order); the
     other rows are untouched (their queued tokens wait for a later call).
     """
 
-    def __init__(self, model: Transformer, batch_size: int, max_len: int,
+    def __init__(self, model: Transformer, batch_size: int, max_len: int, prefix: Sequence[int] = (),
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         weight = next(model.parameters())
         self.model = model
         self.device = torch.device(device) if device is not None else weight.device
-        self.cache = KVCache(model.config, batch_size, max_len, self.device, dtype or weight.dtype)
+        self.cache = KVCache(model.config, batch_size, max_len, device=self.device, dtype=dtype or weight.dtype)
         self.rows: list[int] = list(range(batch_size))  # live row ids; rows[i] is cache row i
         self._history: dict[int, list[int]] = {r: [] for r in self.rows}  # conversation tokens per row
         self._pending: dict[int, list[int]] = {r: [] for r in self.rows}  # not yet fed to the model
+        self._generators: dict[int, torch.Generator | None] = {r: None for r in self.rows}
+        self.prefix = [int(t) for t in prefix]
+        self._prefix_kv: SharedPrefixKV | None = None  # computed on first use
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -130,10 +155,14 @@ class Session:
         """The row's whole conversation so far: appended and returned generated tokens."""
         return list(self._history[row])
 
+    def cached(self, row: int) -> int:
+        """Tokens of the row held in the cache."""
+        return self.cache.lengths[self.rows.index(row)]
+
     @property
     def free_slots(self) -> int:
-        """Cache slots left (shared by all rows)."""
-        return self.cache.max_len - self.cache.length
+        """Cache slots left for the fullest row."""
+        return self.cache.max_len - max(self.cache.lengths, default=0)
 
     def append(self, rows_tokens: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> None:
         """Queue new tokens for each row (e.g. the prompt; later observation + assistant header).
@@ -147,11 +176,42 @@ class Session:
             self._pending[row] += [int(t) for t in tokens]
             self._history[row] += [int(t) for t in tokens]
 
+    @torch.inference_mode()
+    def start(self, row: int, tokens: Sequence[int], seed: int | None = None) -> None:
+        """Begin a new conversation in `row` (forgetting its old one) with `tokens` queued.
+
+        When `tokens` begin with the session's prefix, the prefix's keys/values are
+        copied into the row (the prefix runs through the model once per session, at
+        batch 1) and only the rest is queued. `seed` seeds the row's own sampler.
+        """
+        self._select([row])
+        tokens = [int(t) for t in tokens]
+        i = self.rows.index(row)
+        P = len(self.prefix)
+        if P and tokens[:P] == self.prefix and len(tokens) > P:
+            self.cache.set_prefix([i], self._prefix())
+            self._pending[row] = tokens[P:]
+        else:
+            self.cache.reset([i])
+            self._pending[row] = tokens
+        self._history[row] = list(tokens)
+        self.seed(row, seed)
+
+    def seed(self, row: int, seed: int | None) -> None:
+        """Give `row` its own sampling generator (None: torch's global one)."""
+        self._generators[row] = None if seed is None else row_generator(seed, self.device)
+
+    def _prefix(self) -> SharedPrefixKV:
+        if self._prefix_kv is None:
+            self._prefix_kv = self.model.prefill_prefix(self.prefix)
+        return self._prefix_kv
+
+    @torch.inference_mode()
     def drop(self, rows: Sequence[int]) -> None:
         """Remove finished conversations from the batch for good (their cache rows are freed)."""
         gone = set(rows)
         keep = [i for i, r in enumerate(self.rows) if r not in gone]
-        self.cache.keep_rows(torch.tensor(keep, dtype=torch.long, device=self.device))
+        self.cache.keep_rows(torch.tensor(keep, dtype=torch.long))
         self.rows = [self.rows[i] for i in keep]
         for row in gone:
             self._pending.pop(row, None)
@@ -159,9 +219,8 @@ class Session:
     def rewind(self, row: int, n: int) -> None:
         """Take back the last `n` tokens of a row's conversation (queued ones first, then cached ones).
 
-        Cached tokens are taken back by marking their slots invalid, so they are never
-        attended again. The agent uses this to replace the model's own tokenization of
-        a reply by the tokenizer's canonical one.
+        The agent uses this to replace the model's own tokenization of a reply by the
+        tokenizer's canonical one.
         """
         if n <= 0:
             return
@@ -171,11 +230,8 @@ class Session:
         queued = min(n, len(self._pending[row]))
         if queued:
             del self._pending[row][-queued:]
-        cached = n - queued
-        if cached:
-            i = self.rows.index(row)
-            slots = self.cache.valid[i, : self.cache.length].nonzero().flatten()  # this row's real tokens, in order
-            self.cache.valid[i, slots[-cached:]] = False
+        if n - queued:
+            self.cache.rewind(self.rows.index(row), n - queued)
 
     def _select(self, rows: Sequence[int] | None) -> list[int]:
         rows = list(self.rows if rows is None else rows)
@@ -187,102 +243,146 @@ class Session:
     # ----------------------------------------------------------------- the two kinds of forward
 
     def _prefill(self, rows: list[int]) -> torch.Tensor:
-        """Feed the queued tokens of `rows` in one left-padded forward; returns next-token logits (B, V).
-
-        Left padding puts every row's last real token in the last column. Rows not in
-        `rows` are all padding: their slots stay invalid and their logits are meaningless.
-        """
+        """Feed the queued tokens of `rows` (and only those rows) in one right-padded forward;
+        returns their next-token logits (len(rows), V). The LM head runs only at each row's last token."""
         T = max(len(self._pending[r]) for r in rows)
-        ids = torch.zeros(self.cache.batch_size, T, dtype=torch.long)  # (B, T)
-        real = torch.zeros(self.cache.batch_size, T, dtype=torch.bool)  # (B, T)
-        for row in rows:
-            i, tokens = self.rows.index(row), self._pending[row]
-            ids[i, T - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-            real[i, T - len(tokens):] = True
+        ids = torch.zeros(len(rows), T, dtype=torch.long)  # (b, T)
+        real = torch.zeros(len(rows), T, dtype=torch.bool)  # (b, T)
+        last = torch.zeros(len(rows), dtype=torch.long)  # (b,) index of each row's last token
+        for i, row in enumerate(rows):
+            tokens = self._pending[row]
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            real[i, : len(tokens)] = True
+            last[i] = len(tokens) - 1
             self._pending[row] = []
+        every_row = len(rows) == len(self.rows)
+        self.cache.select(None if every_row and rows == self.rows else [self.rows.index(r) for r in rows])
         logits = self.model(ids.to(self.device), attention_mask=real.to(self.device), kv_cache=self.cache,
-                            last_only=True)  # (B, 1, V)
-        return logits[:, -1]  # (B, V)
+                            logits_at=last.to(self.device))  # (b, 1, V)
+        self.cache.select(None)
+        return logits[:, -1]  # (b, V)
 
     def _decode_step(self, tokens: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (B,) at the next slot, real where `feed` (B,); returns logits (B, V)."""
-        return self.model(tokens[:, None], attention_mask=feed[:, None], kv_cache=self.cache, last_only=True)[:, -1]
+        """Feed one token per cache row (B,), real where `feed` (B,); returns next-token logits (B, V)."""
+        last = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
+        return self.model(tokens[:, None], attention_mask=feed[:, None], kv_cache=self.cache, logits_at=last)[:, -1]
 
     # ----------------------------------------------------------------- generation
 
     @torch.inference_mode()
-    def generate(
-        self,
-        max_new_tokens: int,
-        stop_ids: Sequence[int] = (),
-        stop_strings: Sequence[str] = (),
-        decode: Callable[[list[int]], str] | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        rows: Sequence[int] | None = None,
-    ) -> list[Completion]:
-        """Continue each selected row's conversation; one `Completion` per row, in `rows` order.
+    def generate(self, sampling: SamplingConfig, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                 decode: Callable[[list[int]], str] | None = None,
+                 rows: Sequence[int] | None = None) -> list[Completion]:
+        """Continue each selected row's conversation by one reply; one `Completion` per row, in `rows` order.
 
-        Prefills the queued tokens of the rows, then decodes one token per step for
-        all rows still running (see the module docstring for the stop rules and what
-        the cache keeps). `decode` (token ids -> text) is needed for `stop_strings`
-        and fills `Completion.text`. `seed` makes sampling repeatable.
+        Prefill the queued tokens, then decode one token per step for the rows still
+        running (see the module docstring for the stop rules and what the cache keeps).
+        `decode` (token ids -> text) is needed for `stop_strings` and fills `Completion.text`.
         """
+        rows = self._check_generate(sampling, stop_strings, decode, rows)
+        done: dict[int, Completion] = {}
+
+        def record(row: int, completion: Completion) -> bool:
+            done[row] = completion
+            return False  # one reply per row
+
+        self.run(sampling, record, stop_ids, stop_strings, decode, rows=rows)
+        return [done[row] for row in rows]
+
+    @torch.inference_mode()
+    def run(self, sampling: SamplingConfig, on_reply: Callable[[int, Completion], bool],
+            stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+            decode: Callable[[list[int]], str] | None = None, rows: Sequence[int] | None = None,
+            drop_done: bool = False) -> None:
+        """Generate replies for `rows` (default: every live row) until none has work left.
+
+        As soon as a row's reply ends, `on_reply(row, completion)` is called; it queues the
+        row's next turn (`append`, or `start` for a new conversation) and returns True, or
+        returns False when the row has nothing more to do (with `drop_done`, the row is then
+        dropped from the batch). A row whose reply ended has its next tokens prefilled at
+        the next step while the other rows go on decoding: no row waits for the slowest
+        reply of the batch, and the batch stays full.
+        """
+        working = set(self._select(rows))
+        replies: dict[int, list[int]] = {}  # row -> tokens generated so far in its current reply
+        fed: dict[int, int] = {}  # row -> how many of them are in the cache
+        logits: dict[int, torch.Tensor] = {}  # row -> next-token logits (V,)
+        while True:
+            self._start_replies(working, replies, fed, logits, sampling, on_reply)
+            if not replies:
+                return
+            ended = self._sample_step(replies, fed, logits, sampling, stop_ids, stop_strings, decode)
+            for row, completion in ended:
+                if not on_reply(row, completion):
+                    working.discard(row)
+            if drop_done:
+                idle = [r for r in self.rows if r not in working]
+                if idle:
+                    self.drop(idle)
+            running = [r for r in self.rows if r in replies]
+            if running:
+                tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)  # (B,)
+                feed = torch.zeros(len(self.rows), dtype=torch.bool, device=self.device)  # (B,)
+                for row in running:
+                    tokens[self.rows.index(row)], feed[self.rows.index(row)] = replies[row][-1], True
+                    fed[row] += 1
+                step_logits = self._decode_step(tokens, feed)  # (B, V)
+                for row in running:
+                    logits[row] = step_logits[self.rows.index(row)]
+
+    def _start_replies(self, working, replies, fed, logits, sampling, on_reply) -> None:
+        """Prefill the rows that have new tokens queued and are not replying yet; they start a reply.
+
+        A row whose queued tokens do not fit in the cache gets a "cache_full" reply at once.
+        """
+        starting = [r for r in self.rows if r in working and r not in replies and self._pending[r]]
+        while starting:
+            full = [r for r in starting if not self._fits(r, 0)]
+            for row in full:
+                if not on_reply(row, Completion([], "", "cache_full")):
+                    working.discard(row)
+            starting = [r for r in starting if r not in full]
+            if starting:
+                for row, row_logits in zip(starting, self._prefill(starting)):
+                    replies[row], fed[row], logits[row] = [], 0, row_logits
+            starting = [r for r in full if r in working and self._pending[r] and self._fits(r, 0)]
+
+    def _sample_step(self, replies, fed, logits, sampling, stop_ids, stop_strings, decode) -> list:
+        """Sample the next token of every replying row; return the (row, Completion) of the replies that ended."""
+        rows = sorted(replies)
+        picked = sample_rows(torch.stack([logits[r] for r in rows]), sampling, [self._generators[r] for r in rows])
+        ended = []
+        for row, token in zip(rows, picked.tolist()):
+            replies[row].append(token)
+            completion = self._check_stop(replies[row], sampling.max_new_tokens, stop_ids, stop_strings, decode)
+            if completion is None and not self._fits(row, 1):  # the sampled token could not be fed
+                completion = Completion(replies[row], self._text(replies[row], decode), "cache_full")
+            if completion is not None:
+                self._keep(row, completion, fed.pop(row))
+                del replies[row], logits[row]
+                ended.append((row, completion))
+        return ended
+
+    def _check_generate(self, sampling, stop_strings, decode, rows) -> list[int]:
         rows = self._select(rows)
-        if not rows:
-            return []
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if sampling.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
         if stop_strings and decode is None:
             raise ValueError("stop_strings need a `decode` function (token ids -> text)")
         empty = [r for r in rows if not self._pending[r]]
         if empty:
             raise ValueError(f"rows {empty} have no new tokens to feed: append the next turn first")
-        if max(len(self._pending[r]) for r in rows) > self.free_slots:
-            return [Completion([], "", "cache_full") for _ in rows]
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        stop_ids, index = set(stop_ids), {row: self.rows.index(row) for row in rows}
+        return rows
 
-        logits = self._prefill(rows)  # (B, V)
-        new = {row: [] for row in rows}  # generated tokens per row
-        done: dict[int, Completion] = {}
-        slots: list[int] = []  # slots[j]: the cache slot where the j-th generated token was fed
-        feed = torch.zeros(self.cache.batch_size, dtype=torch.bool, device=self.device)  # (B,) rows running
-        feed[list(index.values())] = True
-        while True:
-            tokens = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            sampled = tokens.tolist()
-            for row in rows:
-                if row in done:
-                    continue
-                token = sampled[index[row]]
-                new[row].append(token)
-                stopped = self._check_stop(new[row], max_new_tokens, stop_ids, stop_strings, decode)
-                if stopped is not None:
-                    done[row] = stopped
-                    feed[index[row]] = False
-            if len(done) == len(rows):
-                break
-            if self.free_slots == 0:  # the sampled tokens cannot be fed: stop, keeping them
-                for row in rows:
-                    done.setdefault(row, Completion(new[row], self._text(new[row], decode), "cache_full"))
-                break
-            slots.append(self.cache.length)
-            logits = self._decode_step(tokens, feed)  # (B, V)
-
-        for row in rows:
-            self._keep(row, new[row], done[row], slots)
-        return [done[row] for row in rows]
+    def _fits(self, row: int, extra: int) -> bool:
+        """Whether the row's queued tokens plus `extra` more fit in the cache."""
+        return self.cached(row) + len(self._pending[row]) + extra <= self.cache.max_len
 
     @staticmethod
     def _text(tokens: list[int], decode) -> str:
         return decode(tokens) if decode is not None else ""
 
-    def _check_stop(self, tokens: list[int], max_new_tokens: int, stop_ids: set[int],
+    def _check_stop(self, tokens: list[int], max_new_tokens: int, stop_ids: Sequence[int],
                     stop_strings: Sequence[str], decode) -> Completion | None:
         """The row's Completion if the newest token ends it, else None."""
         if tokens[-1] in stop_ids:
@@ -300,33 +400,32 @@ class Session:
             return Completion(list(tokens), self._text(tokens, decode), "max_new_tokens")
         return None
 
-    def _keep(self, row: int, generated: list[int], completion: Completion, slots: list[int]) -> None:
+    def _keep(self, row: int, completion: Completion, fed: int) -> None:
         """Make the conversation (and the cache) hold exactly the returned tokens.
 
-        Generated token j (0-based) sits in slot `slots[j]` when it was fed; the row's
-        last generated token was never fed. Kept: the last one is queued for the next
-        forward. Cut off (stop string): its slot is invalidated, never attended again.
+        The first `fed` generated tokens are in the cache. Kept tokens not fed yet (the
+        last one of a reply) are queued for the next forward; fed tokens that were cut
+        off (stop string) are taken back from the cache.
         """
         kept = len(completion.tokens)
         self._history[row] += completion.tokens
-        if kept == len(generated):
-            self._pending[row] = [generated[-1]]
-            return
-        i = self.rows.index(row)
-        for j in range(kept, len(generated) - 1):
-            self.cache.valid[i, slots[j]] = False
+        if kept >= fed:
+            self._pending[row] = completion.tokens[fed:]
+        else:
+            self.cache.rewind(self.rows.index(row), fed - kept)
 
 
 # --------------------------------------------------------------------------- one-shot helper
 
 
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             max_len: int | None = None, **kwargs) -> list[Completion]:
-    """Complete each prompt once (batched); `kwargs` as `Session.generate`.
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+             max_len: int | None = None, seed: int | None = None, **kwargs) -> list[Completion]:
+    """Complete each prompt once (batched); row i samples with seed `seed + i`; `kwargs` as `Session.generate`.
 
-    The cache is sized for the longest prompt plus `max_new_tokens` unless `max_len` is given.
+    The cache holds the longest prompt plus `max_new_tokens` unless `max_len` is given.
     """
-    max_len = max_len or max(len(p) for p in prompts) + max_new_tokens
+    max_len = max_len or max(len(p) for p in prompts) + sampling.max_new_tokens
     session = Session(model, batch_size=len(prompts), max_len=max_len)
-    session.append(prompts)
-    return session.generate(max_new_tokens, **kwargs)
+    for row, prompt in enumerate(prompts):
+        session.start(row, prompt, seed=None if seed is None else seed + row)
+    return session.generate(sampling, **kwargs)

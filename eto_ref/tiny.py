@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 
 from eto_ref.checkpoint import save_model
+from eto_ref.config import PRESET_KEY
 from eto_ref.model import ModelConfig, Transformer, count_parameters
 
 # A few million parameters: trains in minutes on a laptop CPU.
@@ -60,7 +61,8 @@ def create_tiny_model(out_dir: str | Path, texts: Iterable[str], vocab_size: int
     tok_dir = out_dir.parent / f".{out_dir.name}.tokenizer"
     tok = train_bpe_tokenizer(texts, vocab_size=vocab_size, out_dir=tok_dir, template=template)
     config = ModelConfig(vocab_size=tok.vocab_size, **{**TINY, **overrides},
-                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                         extra={PRESET_KEY: "tiny"})  # trained from scratch: the "tiny" preset, whatever its size
     torch.manual_seed(seed)
     model = Transformer(config)
     init_weights(model)

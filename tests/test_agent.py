@@ -1,9 +1,13 @@
 """The ReAct agent loop: action parsing, invalid formats, faulty environments, batched == one at a time."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from eto_ref.agent import INVALID_FORMAT, AgentConfig, Episode, parse_action, prompt_messages, run_episodes, step_episode
+
+from eto_ref.sampler import SamplingConfig
 from eto_ref.model import ModelConfig, Transformer
 from eto_ref.tiny import environment_texts
 from eto_ref.tokenizer import train_bpe_tokenizer
@@ -69,15 +73,33 @@ def agent(tmp_path_factory):
     return model, tok
 
 
-def test_batched_episodes_equal_one_at_a_time(agent):
+class VaryingLimitEnv:
+    """The household environment with a step limit of 1-4 steps depending on the task: episodes end unevenly."""
+
+    def __init__(self):
+        self.env = make_env("household")
+        self.instruction, self.max_steps = self.env.instruction, 4
+
+    def reset(self, task_id):
+        self.max_steps = 1 + int(task_id.split("/")[-1]) % 4
+        return self.env.reset(task_id)
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_batched_episodes_equal_one_at_a_time(agent, batch_size):
+    """Continuous batching (5 tasks through 2 or 3 rows: a finished episode's row takes the next task),
+    the prompt's shared prefix computed once, and per-row caches give the episodes of one-at-a-time runs."""
     model, tok = agent
     env = make_env("household")
-    tasks = env.task_ids("test_seen")[:3]
-    config = AgentConfig(max_new_tokens=12, batch_size=3, max_len=4096, max_steps=4)
-    batched = run_episodes(model, tok, lambda: make_env("household"), tasks, config)
-    single = run_episodes(model, tok, lambda: make_env("household"), tasks,
-                          AgentConfig(max_new_tokens=12, batch_size=1, max_len=4096, max_steps=4))
+    tasks = env.task_ids("test_seen")[:5]
+    config = AgentConfig(sampling=SamplingConfig(max_new_tokens=12), batch_size=batch_size, max_len=4096)
+    batched = run_episodes(model, tok, VaryingLimitEnv, tasks, config)
+    single = run_episodes(model, tok, VaryingLimitEnv, tasks, replace(config, batch_size=1))
     assert [e.record() for e in batched] == [e.record() for e in single]
+    assert len({e.steps for e in batched}) > 1  # episodes of different lengths: rows were refilled mid-run
     for e in batched:  # an untrained model emits garbage: episodes still end, with a reason
         assert e.done and e.reason and e.record()["conversations"][0]["value"] == env.instruction
 
@@ -87,5 +109,5 @@ def test_on_episode_end_sees_every_episode_once(agent):
     seen = []
     tasks = make_env("household").task_ids("train")[:2]
     run_episodes(model, tok, lambda: make_env("household"), tasks,
-                 AgentConfig(max_new_tokens=6, batch_size=2, max_len=4096, max_steps=4), on_episode_end=seen.append)
+                 AgentConfig(sampling=SamplingConfig(max_new_tokens=6), batch_size=2, max_len=4096, max_steps=4), on_episode_end=seen.append)
     assert sorted(e.task_id for e in seen) == sorted(tasks)

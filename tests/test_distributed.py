@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from eto_ref import trainer
+from eto_ref import config, dpo, sft, trainer
 from eto_ref.distributed import shard
 from eto_ref.model import ModelConfig, Transformer
 from tests.test_trainer import (assert_same_params, data_files, dpo_config, params_of, sft_config,  # noqa: F401
@@ -80,15 +80,15 @@ def train_both_stages(root: str, model: str, data: dict, interrupt_sft_at: int |
                       fsdp: bool = False) -> None:
     """SFT (a held-out example, checkpoints, uneven micro-batches), then DPO from its result."""
     kw = {"fsdp": True} if fsdp else {}
-    sft = sft_config(model, data, Path(root) / "sft", epochs=2, batch_size=4, micro_batch_size=1,
-                     eval_fraction=0.2, save_every=2, **kw)
+    stage = sft_config(model, data, Path(root) / "sft", epochs=2, batch_size=4, micro_batch_size=1,
+                       eval_fraction=0.2, save_every=2, **kw)
     if interrupt_sft_at is not None:  # a killed run, then the same command again: resume
         try:
-            trainer.run_sft(sft, callback=_stop_at(interrupt_sft_at))
+            sft.run_sft(stage, callback=_stop_at(interrupt_sft_at))
         except KeyboardInterrupt:
             pass
-    final = trainer.run_sft(sft)
-    trainer.run_dpo(dpo_config(final, data, Path(root) / "dpo", epochs=1, batch_size=4, micro_batch_size=1,
+    final = sft.run_sft(stage)
+    dpo.run_dpo(dpo_config(final, data, Path(root) / "dpo", epochs=1, batch_size=4, micro_batch_size=1,
                                save_every=1, **kw))
 
 
@@ -131,7 +131,7 @@ def test_ddp_two_ranks_equal_one_process_and_resume(tiny_model, data_files, sing
     assert_same_runs(tmp_path, single_process_run)
     events = [r.get("event") for r in map(json.loads, (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines())]
     assert events.count("resume") == 1
-    assert json.loads((tmp_path / "dpo" / trainer.REFERENCE_FILE).read_text())["logps"]  # cached by rank 0
+    assert json.loads((tmp_path / "dpo" / dpo.REFERENCE_FILE).read_text())["logps"]  # cached by rank 0
 
 
 def test_fsdp_two_ranks_equal_one_process(tiny_model, data_files, single_process_run, tmp_path):  # noqa: F811
@@ -158,13 +158,14 @@ def tiny_agent_dir(root: Path) -> Path:
 
 def explore_job(model_dir: str, out_dir: str, limit: int) -> None:
     from eto_ref.agent import AgentConfig
+    from eto_ref.sampler import SamplingConfig
     from eto_ref.checkpoint import load_model
     from eto_ref.exploration import ExploreConfig, explore
     from eto_ref.tokenizer import Tokenizer
 
     model, tok = load_model(model_dir).eval(), Tokenizer.from_dir(model_dir)
     cfg = ExploreConfig(env="household", split="train", out_dir=out_dir, limit=limit,
-                        agent=AgentConfig(max_new_tokens=6, batch_size=2, max_len=4096, max_steps=2))
+                        agent=AgentConfig(sampling=SamplingConfig(max_new_tokens=6), batch_size=2, max_len=4096, max_steps=2))
     records = explore(model, tok, cfg, progress=False)
     (Path(out_dir) / f"returned-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(records))
 
@@ -218,8 +219,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_compile_and_fsdp_are_config_flags():
-    cfg = trainer.SFTConfig()
+    cfg = config.SFTConfig()
     assert cfg.fsdp is False and cfg.compile is False
     model = Transformer(ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1))
-    assert trainer.parallelize(model, trainer.SFTConfig(fsdp=True), torch.device("cpu")) is model  # 1 rank: as is
+    assert trainer.parallelize(model, config.SFTConfig(fsdp=True), torch.device("cpu")) is model  # 1 rank: as is

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import eto_ref.exploration as exploration
+from eto_ref.sampler import SamplingConfig
 from eto_ref.agent import AgentConfig
 from eto_ref.exploration import ExploreConfig, explore, explore_and_pair
 from eto_ref.model import ModelConfig, Transformer
@@ -24,7 +25,7 @@ def agent(tmp_path_factory):
 
 def config(tmp_path, limit=4):
     return ExploreConfig(env="household", split="train", out_dir=str(tmp_path), limit=limit,
-                         agent=AgentConfig(max_new_tokens=8, batch_size=1, max_len=4096, max_steps=2))
+                         agent=AgentConfig(sampling=SamplingConfig(max_new_tokens=8), batch_size=1, max_len=4096, max_steps=2))
 
 
 def test_killed_exploration_resumes_without_loss_or_repeats(agent, tmp_path, monkeypatch):

@@ -288,7 +288,8 @@ def test_tokenizer_larger_than_the_embedding_is_a_checkpoint_error(tmp_path, tok
 
 
 def test_training_stops_on_a_tokenizer_that_does_not_fit_before_any_step(tmp_path, tokenizer_dir):
-    from eto_ref.trainer import SFTConfig, run_sft
+    from eto_ref.config import SFTConfig
+    from eto_ref.sft import run_sft
 
     from eto_ref.tokenizer import Tokenizer
     vocab = Tokenizer.from_dir(tokenizer_dir).vocab_size
@@ -376,6 +377,7 @@ def test_ids_from_data_never_become_paths_outside_the_output_directory(tmp_path,
     """Ids never become file names: exploration writes only its fixed file names inside out_dir."""
     import envs
     from eto_ref.agent import AgentConfig
+    from eto_ref.sampler import SamplingConfig
     from eto_ref.exploration import ExploreConfig, explore_and_pair
     from tests.test_hardening_agent import scripted_agent
 
@@ -386,11 +388,12 @@ def test_ids_from_data_never_become_paths_outside_the_output_directory(tmp_path,
     monkeypatch.chdir(work)  # relative "../../escaped" would land around here
     out = work / "deep" / "out"
     cfg = ExploreConfig(env="household", split="train", out_dir=str(out),
-                        agent=AgentConfig(max_new_tokens=48, batch_size=2, max_len=2048, max_steps=2))
+                        agent=AgentConfig(sampling=SamplingConfig(max_new_tokens=48), batch_size=2, max_len=2048, max_steps=2))
     path, summary = explore_and_pair(model, tok, cfg, progress=False)
     assert summary["episodes"] == len(EvilIdsEnv.IDS)
     assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == [
-        "deep", "deep/out", "deep/out/pairs.json", "deep/out/summary.json", "deep/out/trajectories.jsonl"]
+        "deep", "deep/out", "deep/out/pairs.json", "deep/out/run.json", "deep/out/summary.json",
+        "deep/out/trajectories.jsonl"]
     assert [p.name for p in tmp_path.iterdir() if p.name != "tok"] == ["work"]
     assert not Path("/tmp/absolute-escape").exists()
     ids = [json.loads(line)["id"] for line in (out / "trajectories.jsonl").read_text().splitlines()]

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from eto_ref.agent import INVALID_FORMAT, AgentConfig, run_episodes
+
+from eto_ref.sampler import SamplingConfig
 from eto_ref.model import ModelConfig, Transformer
 from eto_ref.tiny import environment_texts
 from eto_ref.tokenizer import train_bpe_tokenizer
@@ -37,9 +39,12 @@ class ScriptedModel(nn.Module):
         self.script, self.endless = script, endless
         self.reply = iter(())
 
-    def forward(self, ids, attention_mask=None, kv_cache=None, last_only=False):
+    def prefill_prefix(self, prefix):
+        return self.inner.prefill_prefix(prefix)
+
+    def forward(self, ids, attention_mask=None, kv_cache=None, logits_at=None):
         logits = self.inner(ids, attention_mask=attention_mask, kv_cache=kv_cache,
-                            last_only=last_only)  # (B, T or 1, V): fills the cache
+                            logits_at=logits_at)  # (B, 1, V): fills the cache
         if ids.shape[1] > 1:  # a prefill: the next token is the first of a new reply
             self.reply = cycle(self.script) if self.endless else iter(self.script)
         token = next(self.reply, self.script[-1])
@@ -98,7 +103,7 @@ def test_environment_raising_mid_episode_ends_that_episode_and_the_others_go_on(
     model, tok = scripted_agent("Thought: look around.\nAction: look", tmp_path)
     ended = []
     episodes = run_episodes(model, tok, envs_where_the_first_crashes(crash_at=2), TASKS,
-                            AgentConfig(max_new_tokens=48, batch_size=batch_size, max_len=4096, max_steps=3),
+                            AgentConfig(sampling=SamplingConfig(max_new_tokens=48), batch_size=batch_size, max_len=4096, max_steps=3),
                             on_episode_end=ended.append)
     crashed, *others = episodes
     assert crashed.done and crashed.reason == "env_error: RuntimeError: simulator crashed at step 2"
@@ -120,7 +125,7 @@ def test_model_with_no_output_ends_each_episode_with_a_reason(tmp_path, kind, re
     """
     model, tok = scripted_agent(reply, tmp_path, end_turn=end_turn)
     episodes = run_episodes(model, tok, lambda: make_env("household"), TASKS[:2],
-                            AgentConfig(max_new_tokens=24, batch_size=1, max_len=4096, max_steps=3))
+                            AgentConfig(sampling=SamplingConfig(max_new_tokens=24), batch_size=1, max_len=4096, max_steps=3))
     assert len(episodes) == 2  # the second batch ran after the first one's degenerate episode
     for ep in episodes:
         assert ep.done and ep.reason == "no_output" and ep.steps == 1
@@ -146,7 +151,7 @@ def test_environment_raising_in_reset_ends_that_episode_and_the_others_go_on(tmp
 
     ended = []
     episodes = run_episodes(model, tok, BrokenReset, TASKS[:3],
-                            AgentConfig(max_new_tokens=24, batch_size=3, max_len=4096, max_steps=2),
+                            AgentConfig(sampling=SamplingConfig(max_new_tokens=24), batch_size=3, max_len=4096, max_steps=2),
                             on_episode_end=ended.append)
     assert episodes[1].reason == "env_error: RuntimeError: no such room" and episodes[1].steps == 0
     assert [ep.reason for ep in (episodes[0], episodes[2])] == ["max_steps", "max_steps"]
@@ -157,7 +162,7 @@ def test_environment_raising_in_reset_ends_that_episode_and_the_others_go_on(tmp
 def test_endless_text_is_cut_at_max_new_tokens_each_turn(tmp_path):
     model, tok = scripted_agent("blah ", tmp_path, end_turn=False, endless=True)
     (ep,) = run_episodes(model, tok, lambda: make_env("household"), TASKS[:1],
-                         AgentConfig(max_new_tokens=10, batch_size=1, max_len=4096, max_steps=2))
+                         AgentConfig(sampling=SamplingConfig(max_new_tokens=10), batch_size=1, max_len=4096, max_steps=2))
     assert ep.done and ep.reason == "max_steps" and ep.steps == 2
     replies = [t["value"] for t in ep.turns if t["from"] == "gpt"]
     assert len(replies) == 2 and all(r.startswith("blah blah") and len(tok.encode(r)) <= 10 for r in replies)
@@ -167,9 +172,11 @@ def test_endless_text_that_fills_the_cache_ends_with_cache_full_and_the_next_bat
     model, tok = scripted_agent("blah ", tmp_path, end_turn=False, endless=True)
     env = make_env("household")
     from eto_ref.agent import prompt_messages
+    from eto_ref.sampler import SamplingConfig
     prompt = tok.render(prompt_messages(env.instruction, env.icl_example(), env.reset(TASKS[0])),
                         add_generation_prompt=True)[0]
-    config = AgentConfig(max_new_tokens=10, batch_size=1, max_len=len(prompt) + 15, max_steps=5)
+    config = AgentConfig(sampling=SamplingConfig(max_new_tokens=10), batch_size=1, max_len=len(prompt) + 15,
+                         max_steps=5)
     episodes = run_episodes(model, tok, lambda: make_env("household"), TASKS[:2], config)
     assert [ep.reason for ep in episodes] == ["cache_full", "cache_full"]
     assert all(ep.done and 1 <= ep.steps < 5 for ep in episodes)
@@ -189,7 +196,7 @@ def test_exploration_keeps_every_finished_episode_when_an_environment_crashes(tm
     monkeypatch.setattr(envs, "make_env", make)
     model, tok = scripted_agent("Thought: look around.\nAction: look", tmp_path / "tok")
     cfg = ExploreConfig(env="household", split="train", out_dir=str(tmp_path / "out"), limit=3,
-                        agent=AgentConfig(max_new_tokens=48, batch_size=3, max_len=4096, max_steps=2))
+                        agent=AgentConfig(sampling=SamplingConfig(max_new_tokens=48), batch_size=3, max_len=4096, max_steps=2))
     records = explore(model, tok, cfg, progress=False)
     on_disk = [json.loads(line) for line in (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in on_disk) == sorted(TASKS) and len(on_disk) == 3

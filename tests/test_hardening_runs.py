@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from eto_ref import trainer
+from eto_ref import dpo, run_dir, sft, trainer
 from eto_ref.checkpoint import read_state_dict
 from eto_ref.metrics import read_metrics
-from eto_ref.trainer import NonFiniteLossError, run_dpo, run_sft
+from eto_ref.dpo import run_dpo
+from eto_ref.sft import run_sft
+from eto_ref.trainer import NonFiniteLossError
 from tests.test_trainer import (  # noqa: F401  (tiny_model and data_files are fixtures)
     Interrupt, assert_same_params, data_files, dpo_config, interrupt_at, params_of, sft_config, tiny_model,
 )
@@ -33,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The child trains with the parent's thread count (same float reductions), slowly enough to be killed mid-run.
 CHILD = """
 import json, sys, time, torch
-from eto_ref.trainer import DPOConfig, SFTConfig, run_dpo, run_sft
+from eto_ref.config import DPOConfig, SFTConfig
+from eto_ref.dpo import run_dpo
+from eto_ref.sft import run_sft
 stage, config, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 run, Config = (run_sft, SFTConfig) if stage == "sft" else (run_dpo, DPOConfig)
@@ -47,7 +51,7 @@ def train_until_killed(stage: str, cfg) -> str:
                               str(torch.get_num_threads())], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
-        while not trainer.checkpoint_dirs(cfg.out):
+        while not run_dir.checkpoint_dirs(cfg.out):
             if child.poll() is not None:
                 pytest.fail(f"the training subprocess ended before its first checkpoint:\n{child.stderr.read().decode()}")
             if time.monotonic() > deadline:
@@ -70,7 +74,7 @@ def test_killed_run_resumes_from_the_last_checkpoint_to_the_same_weights(stage, 
     train_until_killed(stage, cfg)
     out = Path(cfg.out)
     assert not (out / "final").exists()
-    survivors = trainer.checkpoint_dirs(out)
+    survivors = run_dir.checkpoint_dirs(out)
     assert survivors and all((c / "model.safetensors").is_file() for c in survivors)
 
     resumed = run(cfg)  # the same config again
@@ -99,19 +103,19 @@ def test_half_written_checkpoints_are_never_picked_up_on_resume(tiny_model, data
     # A directory with a step name but without trainer_state.json (written by something else) is not complete.
     (root / "step-000005").mkdir()
     (root / "step-000005" / "model.safetensors").write_bytes(b"garbage")
-    assert trainer.checkpoint_dirs(cfg.out) == [complete]
-    assert trainer.find_resume_checkpoint(cfg) == complete
+    assert run_dir.checkpoint_dirs(cfg.out) == [complete]
+    assert run_dir.find_resume_checkpoint(cfg) == complete
 
     resumed = run_sft(cfg)
     assert_same_params(params_of(resumed), params_of(straight))
-    assert [p.name for p in trainer.checkpoint_dirs(cfg.out)] == ["step-000002", "step-000004"]
+    assert [p.name for p in run_dir.checkpoint_dirs(cfg.out)] == ["step-000002", "step-000004"]
 
 
 def test_a_failing_checkpoint_write_leaves_no_directory_and_keeps_the_previous_one(
         tiny_model, data_files, tmp_path, monkeypatch):
     """Checkpoints are written to a temp dir and renamed: a write that fails halfway never shows up."""
     cfg = sft_config(tiny_model, data_files, tmp_path, epochs=2, save_every=2)
-    real = trainer.save_optimizer_state
+    real = run_dir.save_optimizer_state
     calls = []
 
     def disk_full_on_the_second_save(*args):
@@ -120,7 +124,7 @@ def test_a_failing_checkpoint_write_leaves_no_directory_and_keeps_the_previous_o
             raise OSError("No space left on device")
         return real(*args)
 
-    monkeypatch.setattr(trainer, "save_optimizer_state", disk_full_on_the_second_save)
+    monkeypatch.setattr(run_dir, "save_optimizer_state", disk_full_on_the_second_save)
     with pytest.raises(OSError, match="No space left"):
         run_sft(cfg)
     root = tmp_path / "checkpoints"
@@ -128,9 +132,9 @@ def test_a_failing_checkpoint_write_leaves_no_directory_and_keeps_the_previous_o
     assert json.loads((root / "step-000002" / "trainer_state.json").read_text())["step"] == 2
 
 
-def poison_loss_from_step(monkeypatch, factory: str, first_bad_step: int, value: float, calls_per_step: int):
+def poison_loss_from_step(monkeypatch, module, factory: str, first_bad_step: int, value: float, calls_per_step: int):
     """Make the micro-batch loss (and its reported value) `value` from `first_bad_step` on."""
-    real = getattr(trainer, factory)
+    real = getattr(module, factory)
 
     def poisoned_factory(*args, **kw):
         micro_loss, calls = real(*args, **kw), [0]
@@ -144,19 +148,19 @@ def poison_loss_from_step(monkeypatch, factory: str, first_bad_step: int, value:
             return loss, metrics
         return poisoned
 
-    monkeypatch.setattr(trainer, factory, poisoned_factory)
+    monkeypatch.setattr(module, factory, poisoned_factory)
 
 
 @pytest.mark.parametrize("stage, bad", [("sft", math.nan), ("sft", math.inf), ("dpo", math.nan)])
 def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
         stage, bad, tiny_model, data_files, tmp_path, monkeypatch):
-    run, make, factory, calls = ((run_sft, sft_config, "sft_micro_loss", 2) if stage == "sft"
-                                 else (run_dpo, dpo_config, "dpo_micro_loss", 1))
-    poison_loss_from_step(monkeypatch, factory, first_bad_step=3, value=bad, calls_per_step=calls)
+    run, make, module, factory, calls = ((run_sft, sft_config, sft, "sft_micro_loss", 2) if stage == "sft"
+                                         else (run_dpo, dpo_config, dpo, "dpo_micro_loss", 1))
+    poison_loss_from_step(monkeypatch, module, factory, first_bad_step=3, value=bad, calls_per_step=calls)
     with pytest.raises(NonFiniteLossError, match=r"^step 3: non-finite training signal \(loss (nan|inf)"
-                                                 r".*last saved checkpoint is the last good state"):
+                                                 r".*Every saved checkpoint is finite"):
         run(make(tiny_model, data_files, tmp_path, epochs=2, save_every=2))
-    assert [p.name for p in trainer.checkpoint_dirs(tmp_path)] == ["step-000002"]
+    assert [p.name for p in run_dir.checkpoint_dirs(tmp_path)] == ["step-000002"]
     assert not (tmp_path / "final").exists()
     tensors = read_state_dict(tmp_path / "checkpoints" / "step-000002")
     assert all(torch.isfinite(t).all() for t in tensors.values())

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from eto_ref.checkpoint import config_to_hf
 from eto_ref.lora import (
     VALID_TARGETS,
     LoRALinear,
@@ -429,7 +430,7 @@ def test_bad_adapter_dirs(trained, tmp_path):
 def hf_llama_from(model):
     """A transformers LlamaForCausalLM with exactly the weights of our (un-adapted) Transformer."""
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.LlamaConfig(**model.config.to_hf_dict())
+    hf_cfg = transformers.LlamaConfig(**config_to_hf(model.config))
     hf_cfg._attn_implementation = "eager"
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     sd = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in model.state_dict().items()}

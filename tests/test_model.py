@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from eto_ref.checkpoint import CheckpointError, load_model, save_model
-from eto_ref.model import KVCache, ModelConfig, Transformer
+from eto_ref.kv_cache import KVCache
+from eto_ref.model import ModelConfig, Transformer, padded_causal_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,7 +67,8 @@ def test_logits_match_with_explicit_position_ids(case, tmp_path):
     ids = torch.randint(0, BASE["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(2))
     pos = torch.arange(50, 70).repeat(2, 1)  # far beyond the llama3 original length of 32
     with torch.no_grad():
-        got = ours(ids, position_ids=pos)
+        causal = padded_causal_mask(torch.ones_like(ids, dtype=torch.bool))  # (B, T, T)
+        got = ours.lm_head(ours.hidden_states(ids, pos, causal))
     assert (got - hf_logits(hf, ids, pos)).abs().max() < 1e-4
 
 
@@ -192,3 +194,81 @@ def test_save_is_atomic_and_replaces(tmp_path):
     save_model(model, tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+
+
+# ----------------------------------------------------------------------------- shared prefix, logits where asked
+
+
+def test_shared_prefix_forward_equals_the_plain_forward():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**BASE, num_key_value_heads=2)).eval()
+    prefix = torch.randint(0, BASE["vocab_size"], (1, 9))
+    rest = torch.randint(0, BASE["vocab_size"], (3, 7))
+    ids = torch.cat([prefix.expand(3, -1), rest], dim=1)  # (3, 16): rows share their first 9 tokens
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 12:] = False  # right padding in one row
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask)
+        shared = model(ids, attention_mask=mask, shared_prefix=9)
+    torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_logits_at_selected_positions_or_one_per_row():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**BASE)).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 10))
+    where = torch.rand(2, 10) > 0.5
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(ids, logits_at=where), full[where])  # (N, V)
+        torch.testing.assert_close(model(ids, logits_at=torch.tensor([3, 9])), full[[0, 1], [3, 9]][:, None])
+
+
+def _prefix_batch(B=4, P=12, rest=(9, 5, 11, 7), seed=0):
+    """Rows sharing their first P tokens, right-padded, with an agent-token mask that starts inside the prefix."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, BASE["vocab_size"], (P,), generator=g)
+    T = P + max(rest)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    attention = torch.zeros(B, T, dtype=torch.bool)
+    loss_mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, n in enumerate(rest):
+        ids[i, :P] = prefix
+        ids[i, P:P + n] = torch.randint(0, BASE["vocab_size"], (n,), generator=g)
+        attention[i, :P + n] = True
+        loss_mask[i, P - 3:P - 1] = True  # an agent turn inside the shared prefix (the "OK")
+        loss_mask[i, P + 1:P + n] = torch.rand(n - 1, generator=g) > 0.3
+    return ids, attention, loss_mask
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefix_gradients_equal_the_plain_forward_for_both_losses(checkpointing):
+    """BC (Eq. 5) and DPO (Eq. 7) gradients through a prefix run once equal those of every row running it."""
+    from eto_ref.losses import bc_loss, dpo_loss, scored_positions, sequence_logprobs
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**BASE, num_key_value_heads=2))
+    model.gradient_checkpointing = checkpointing
+    ids, attention, loss_mask = _prefix_batch()
+
+    def grads(shared: bool, loss_name: str):
+        model.zero_grad()
+        if shared:
+            logits = model(ids, attention_mask=attention, logits_at=scored_positions(loss_mask), shared_prefix=12)
+        else:
+            logits = model(ids, attention_mask=attention)  # (B, T, V) every row runs everything
+        if loss_name == "bc":
+            loss = bc_loss(logits, ids, loss_mask)
+        else:
+            logps = sequence_logprobs(logits, ids, loss_mask)  # rows 0, 1 chosen; 2, 3 rejected
+            loss = dpo_loss(logps[:2], logps[2:], torch.tensor([-30.0, -25.0]), torch.tensor([-28.0, -31.0])).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.train()
+    for loss_name in ("bc", "dpo"):
+        plain_loss, plain = grads(False, loss_name)
+        shared_loss, shared = grads(True, loss_name)
+        torch.testing.assert_close(shared_loss, plain_loss, atol=1e-5, rtol=1e-5)
+        for name in plain:
+            torch.testing.assert_close(shared[name], plain[name], atol=1e-5, rtol=1e-4, msg=f"{loss_name}: {name}")

@@ -7,7 +7,10 @@ seconds and does not depend on the environments or the default tiny model.
 import json
 import subprocess
 import sys
+
 from pathlib import Path
+
+import pytest
 
 from eto_ref.checkpoint import load_model
 from eto_ref.metrics import read_metrics
@@ -23,13 +26,21 @@ def train(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
     return result
 
 
-def test_help_lists_the_flags():
-    out = train("--help").stdout
-    for flag in ("--stage", "--model", "--data", "--pairs", "--lr", "--batch-size", "--micro-batch-size",
-                 "--lora-rank", "--beta", "--sft-weight", "--iterations", "--eval-fraction", "--save-every",
-                 "--keep-checkpoints", "--max-len", "--device", "--dtype", "--preset"):
+def test_help_lists_each_stages_flags_with_their_defaults_and_presets():
+    out = train("--stage", "sft", "--help").stdout
+    for flag in ("--model", "--data", "--lr", "--batch-size", "--micro-batch-size", "--lora-rank", "--eval-fraction",
+                 "--save-every", "--keep-checkpoints", "--max-len", "--device", "--dtype", "--preset", "--threads"):
         assert flag in out, flag
-    assert "2e-5" in out and "1e-6" in out  # the 7B defaults are documented
+    assert "default 2e-05; presets: tiny 0.002, small 0.0001" in " ".join(out.split())  # --lr, one source
+    out = " ".join(train("--stage", "eto", "--help").stdout.split())
+    for flag in ("--pairs", "--beta", "--sft-weight", "--iterations", "--explore-limit", "--beta-schedule",
+                 "--temperature", "--agent-batch-size", "--icl"):
+        assert flag in out, flag
+    assert "default 1e-06" in out  # the paper's DPO learning rate
+    out = " ".join(train("--stage", "all", "--help").stdout.split())
+    for flag in ("--sft-lr", "--dpo-lr", "--sft-epochs", "--dpo-epochs", "--lr", "--sft-examples", "--best-of-n",
+                 "--seeds", "--report", "--valid"):
+        assert flag in out, flag
 
 
 def test_sft_then_eto_end_to_end(tiny_model, data_files, tmp_path):  # noqa: F811
@@ -73,35 +84,54 @@ def test_sft_then_eto_end_to_end(tiny_model, data_files, tmp_path):  # noqa: F81
 
 def test_dpo_chosen_nll_weight_comes_from_the_preset_unless_given(tiny_model, data_files):  # noqa: F811
     import train as cli
+    from eto_ref.config import DPOConfig
 
     def dpo_config(*extra):
         args = cli.parse_args(["--stage", "eto", "--model", str(tiny_model), "--pairs", data_files["pairs"], *extra])
-        return cli.build_config(args)[0]
+        return cli.stage_config(DPOConfig, args, cli.model_preset(str(tiny_model), args))
 
     assert dpo_config().sft_weight == 1.0  # tiny preset
     assert dpo_config("--preset", "7b").sft_weight == 0.0  # the paper's pure DPO objective
     assert dpo_config("--sft-weight", "0").sft_weight == 0.0
 
 
-def test_stage_all_refuses_per_stage_flags():
-    import pytest
-
-    import train as cli
-
-    with pytest.raises(SystemExit, match="--lr: set per stage"):
-        cli.main(["--stage", "all", "--lr", "1e-3"])
-
-
-def test_stage_all_passes_its_flags_to_the_pipeline(monkeypatch):
-    """--sft-epochs / --sft-examples / --dpo-epochs reach PipelineConfig; unset, the pipeline's defaults hold."""
+def test_stage_all_flags_reach_the_nested_configs(monkeypatch, tiny_model):  # noqa: F811
+    """Unprefixed stage flags set both stages, --sft-X / --dpo-X one of them (and win); job, loop and agent
+    flags reach their configs; unset values come from the model's preset."""
     import eto_ref.pipeline as pipeline
     import train as cli
+    from eto_ref.config import PRESETS
 
     seen = []
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: seen.append(cfg))
-    cli.main(["--stage", "all", "--sft-epochs", "2", "--sft-examples", "16", "--dpo-epochs", "1", "--no-progress"])
-    cli.main(["--stage", "all", "--no-progress"])
-    assert (seen[0].sft_epochs, seen[0].sft_examples, seen[0].dpo_epochs) == (2, 16, 1)
-    assert (seen[1].sft_epochs, seen[1].sft_examples) == (pipeline.PipelineConfig.sft_epochs, 480)
-    assert seen[1].dpo_epochs == pipeline.PipelineConfig.dpo_epochs == 3
-    assert seen[1].sft_epochs == 6
+    cli.main(["--stage", "all", "--model", str(tiny_model), "--lr", "1e-3", "--sft-lr", "2e-3", "--epochs", "2",
+              "--dpo-beta", "0.3", "--sft-examples", "16", "--iterations", "2", "--temperature", "0.5",
+              "--agent-batch-size", "3", "--no-progress", "--no-baselines"])
+    cli.main(["--stage", "all", "--model", str(tiny_model), "--no-progress"])
+    given, default = seen
+    assert (given.sft.lr, given.dpo.lr, given.sft.epochs, given.dpo.epochs) == (2e-3, 1e-3, 2, 2)
+    assert (given.dpo.beta, given.sft_examples, given.loop.iterations, given.baselines) == (0.3, 16, 2, False)
+    assert (given.loop.agent.sampling.temperature, given.loop.agent.batch_size) == (0.5, 3)
+    assert given.sft.progress is False and given.dpo.progress is False
+    tiny = PRESETS["tiny"]
+    assert (default.sft.lr, default.sft.epochs, default.dpo.lr) == (tiny["sft"]["lr"], tiny["sft"]["epochs"],
+                                                                     tiny["dpo"]["lr"])
+    assert default.loop.explore_limit == tiny["loop"]["explore_limit"] and default.loop.agent.icl is False
+    assert default.sft_examples == 480 and default.dpo.epochs == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stage", "sft", "--batch-size", "-4"], "--batch-size: must be >= 1, got -4"),
+    (["--stage", "sft", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
+    (["--stage", "sft", "--max-len", "-5"], "--max-len: must be >= 1, got -5"),
+    (["--stage", "eto", "--beta", "-0.5"], "--beta: must be > 0, got -0.5"),
+    (["--stage", "sft", "--lr", "inf"], "--lr: must be a finite number, got inf"),
+    (["--stage", "sft", "--lr", "nan"], "--lr: must be a finite number, got nan"),
+    (["--stage", "all", "--explore-limit", "0"], "--explore-limit: must be >= 1, got 0"),
+    (["--stage", "all", "--agent-batch-size", "0"], "--agent-batch-size: must be >= 1, got 0"),
+    (["--stage", "sft", "--warmup-ratio", "1.5"], "--warmup-ratio: must be >= 0 and <= 1, got 1.5"),
+])
+def test_out_of_range_settings_are_one_line_errors(flags, message):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

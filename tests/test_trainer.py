@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from eto_ref import trainer
+from eto_ref import checkpoint, config, dpo, run_dir, sft, trainer
 from eto_ref.checkpoint import load_model, save_model
 from eto_ref.lora import disable_adapter
 from eto_ref.metrics import read_metrics
 from eto_ref.model import ModelConfig, Transformer
 from eto_ref.schedule import lr_at, warmup_steps
-from eto_ref.trainer import DPOConfig, SFTConfig, run_dpo, run_sft
+from eto_ref.config import DPOConfig, SFTConfig
+from eto_ref.dpo import run_dpo
+from eto_ref.sft import run_sft
 
 INSTRUCTION = "Interact with a household to solve a task. Reply with Thought: ... and Action: ..."
 
@@ -181,15 +183,15 @@ def test_gradient_accumulation_equals_full_batch(tiny_model, data_files):
 
     cfg = SFTConfig(model=str(tiny_model), max_len=256, lr=1e-3, weight_decay=0.1)
     tok = Tokenizer.from_dir(tiny_model)
-    examples, _ = trainer.encode_sft_data(load_trajectories(data_files["sft"]), tok, cfg.max_len)
-    counts = [trainer.scored_targets(ex.loss_mask) for ex in examples]
+    examples, _ = sft.encode_sft_data(load_trajectories(data_files["sft"]), tok, cfg.max_len)
+    counts = [sft.scored_targets(ex.loss_mask) for ex in examples]
     assert len(set(counts)) > 1
-    loss_fn = trainer.sft_micro_loss(examples, counts, tok.pad_id, torch.device("cpu"))
+    loss_fn = sft.sft_micro_loss(examples, counts, tok.pad_id, torch.device("cpu"))
     batch = list(range(len(examples)))
 
     results = []
     for micro in (len(batch), 1):
-        model = trainer.load_policy(cfg, torch.device("cpu"), torch.float32)
+        model = trainer.load_trainable_model(cfg, torch.device("cpu"), torch.float32)
         named = trainer.trainable_parameters(model)
         opt = trainer.make_optimizer(cfg, named)
         opt.zero_grad()
@@ -206,7 +208,7 @@ def test_gradient_accumulation_equals_full_batch(tiny_model, data_files):
     assert_same_params(p_acc, p_full)
 
     # The wrong way (mean of micro-batch means) is measurably different: the test can see the bug.
-    model = trainer.load_policy(cfg, torch.device("cpu"), torch.float32)
+    model = trainer.load_trainable_model(cfg, torch.device("cpu"), torch.float32)
     from eto_ref.losses import bc_loss
     from eto_ref.trajectory import collate_sft
     for i in batch:
@@ -228,11 +230,11 @@ def test_dpo_step_raises_margin(tiny_model, data_files, tmp_path):
     cfg = dpo_config(tiny_model, data_files, tmp_path, lr=1e-3)
     device = torch.device("cpu")
     tok = Tokenizer.from_dir(tiny_model)
-    pairs, examples, _ = trainer.encode_pair_data(load_pairs(data_files["pairs"]), tok, cfg.max_len)
-    model = trainer.load_policy(cfg, device, torch.float32)
-    ref = trainer.reference_logprobs(model, examples, tok.pad_id, 4, device, torch.float32)  # (N, 2)
+    pairs, examples, _ = dpo.encode_pair_data(load_pairs(data_files["pairs"]), tok, cfg.max_len)
+    model = trainer.load_trainable_model(cfg, device, torch.float32)
+    ref = dpo.reference_logprobs(model, examples, tok.pad_id, 4, device, torch.float32)  # (N, 2)
     counts = [1] * len(examples)
-    loss_fn = trainer.dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)
+    loss_fn = dpo.dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)
     batch = list(range(len(examples)))
     named = trainer.trainable_parameters(model)
     opt = trainer.make_optimizer(cfg, named)
@@ -255,7 +257,7 @@ def test_run_dpo_metrics_and_files(tiny_model, data_files, tmp_path):
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert steps[-1]["margin"] > steps[0]["margin"]
     assert any("eval_loss" in r and "eval_accuracy" in r for r in records)
-    assert (tmp_path / trainer.REFERENCE_FILE).is_file()
+    assert (tmp_path / dpo.REFERENCE_FILE).is_file()
     load_model(final)
 
 
@@ -265,22 +267,22 @@ def test_lora_reference_is_the_model_with_adapters_disabled(tiny_model, data_fil
 
     cfg = dpo_config(tiny_model, data_files, tmp_path, lora_rank=4, lora_alpha=8, lr=1e-2, epochs=2)
     run_dpo(cfg)
-    cache = json.loads((tmp_path / trainer.REFERENCE_FILE).read_text())["logps"]
+    cache = json.loads((tmp_path / dpo.REFERENCE_FILE).read_text())["logps"]
 
     tok = Tokenizer.from_dir(tiny_model)
-    pairs, examples, _ = trainer.encode_pair_data(load_pairs(data_files["pairs"]), tok, cfg.max_len)
-    policy = trainer.load_policy(cfg, torch.device("cpu"), torch.float32)
-    trainer.restore_weights(policy, trainer.checkpoint_dirs(tmp_path)[-1], lora=True)  # trained adapters
+    pairs, examples, _ = dpo.encode_pair_data(load_pairs(data_files["pairs"]), tok, cfg.max_len)
+    policy = trainer.load_trainable_model(cfg, torch.device("cpu"), torch.float32)
+    run_dir.restore_weights(policy, run_dir.checkpoint_dirs(tmp_path)[-1], lora=True)  # trained adapters
     policy.eval()
     moved = False
     with torch.no_grad():
         for pair, ex in zip(pairs, examples):
             b = collate_pairs([ex], tok.pad_id)
-            key = trainer.pair_key(pair.id, b)
+            key = dpo.pair_key(pair.id, b)
             with disable_adapter(policy):
-                c, r, _ = trainer.pair_logprobs(policy, b)
+                c, r, _ = dpo.pair_logprobs(policy, b)
             torch.testing.assert_close(torch.tensor(cache[key]), torch.cat([c, r]), atol=1e-4, rtol=1e-5)
-            c2, r2, _ = trainer.pair_logprobs(policy, b)
+            c2, r2, _ = dpo.pair_logprobs(policy, b)
             moved |= not torch.allclose(torch.cat([c, r]), torch.cat([c2, r2]), atol=1e-3)
     assert moved, "the trained adapters should change the policy's log-probs"
 
@@ -288,21 +290,21 @@ def test_lora_reference_is_the_model_with_adapters_disabled(tiny_model, data_fil
 def test_reference_cache_reused_on_resume_and_recomputed_for_another_checkpoint(
         tiny_model, data_files, tmp_path, monkeypatch):
     calls = []
-    real = trainer.reference_logprobs
+    real = dpo.reference_logprobs
 
     def counting(model, examples, *args, **kw):
         calls.append(len(examples))
         return real(model, examples, *args, **kw)
 
-    monkeypatch.setattr(trainer, "reference_logprobs", counting)
+    monkeypatch.setattr(dpo, "reference_logprobs", counting)
     out = tmp_path / "run"
     with pytest.raises(Interrupt):
         run_dpo(dpo_config(tiny_model, data_files, out, epochs=2), callback=interrupt_at(1))
     assert calls == [6]
-    mtime = (out / trainer.REFERENCE_FILE).stat().st_mtime_ns
+    mtime = (out / dpo.REFERENCE_FILE).stat().st_mtime_ns
     run_dpo(dpo_config(tiny_model, data_files, out, epochs=2))  # resume: the cache is reused
     assert calls == [6]
-    assert (out / trainer.REFERENCE_FILE).stat().st_mtime_ns == mtime
+    assert (out / dpo.REFERENCE_FILE).stat().st_mtime_ns == mtime
 
     other = tmp_path / "other_model"  # a different starting checkpoint -> recompute
     model = load_model(tiny_model)
@@ -311,8 +313,8 @@ def test_reference_cache_reused_on_resume_and_recomputed_for_another_checkpoint(
     save_model(model, other, tokenizer_dir=tiny_model)
     run_dpo(dpo_config(other, data_files, out, epochs=2, resume=False))
     assert calls == [6, 6]
-    doc = json.loads((out / trainer.REFERENCE_FILE).read_text())
-    assert doc["fingerprint"]["checkpoint"] == trainer.model_fingerprint(other)
+    doc = json.loads((out / dpo.REFERENCE_FILE).read_text())
+    assert doc["fingerprint"]["checkpoint"] == checkpoint.model_fingerprint(other)
 
 
 # --------------------------------------------------------------------------- resume and checkpoints
@@ -326,7 +328,7 @@ def test_resume_ends_with_the_same_parameters(tiny_model, data_files, tmp_path, 
     interrupted = tmp_path / "interrupted"
     with pytest.raises(Interrupt):
         run(make(tiny_model, data_files, interrupted, **kw), callback=interrupt_at(3))
-    assert [p.name for p in trainer.checkpoint_dirs(interrupted)] == ["step-000002"]
+    assert [p.name for p in run_dir.checkpoint_dirs(interrupted)] == ["step-000002"]
     resumed = run(make(tiny_model, data_files, interrupted, **kw))
     assert_same_params(params_of(resumed), params_of(straight))
     records = [r for r in read_metrics(interrupted / "metrics.jsonl") if "loss" in r]
@@ -343,7 +345,7 @@ def test_resume_refuses_other_settings(tiny_model, data_files, tmp_path):
 def test_checkpoints_hold_no_pickle_and_final_loads(tiny_model, data_files, tmp_path):
     final = run_sft(sft_config(tiny_model, data_files, tmp_path, epochs=3, save_every=1, keep_checkpoints=2,
                                eval_fraction=0.34))
-    ckpts = trainer.checkpoint_dirs(tmp_path)
+    ckpts = run_dir.checkpoint_dirs(tmp_path)
     assert [p.name for p in ckpts] == ["step-000004", "step-000005"]  # 4 train examples / 2 = 2 steps x 3 epochs
     for path in tmp_path.rglob("*"):
         if path.is_file():
@@ -370,7 +372,7 @@ def test_max_examples_uses_the_first_records(tiny_model, data_files, tmp_path):
 
 def test_lora_sft_final_is_a_merged_plain_model(tiny_model, data_files, tmp_path):
     final = run_sft(sft_config(tiny_model, data_files, tmp_path, lora_rank=4, lr=1e-2, epochs=1))
-    ckpt = trainer.checkpoint_dirs(tmp_path)[-1]
+    ckpt = run_dir.checkpoint_dirs(tmp_path)[-1]
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "adapter_config.json").is_file()
     merged = params_of(final)
     assert not any("lora" in k for k in merged)
@@ -389,12 +391,32 @@ def test_final_dir_loads_in_transformers(tiny_model, data_files, tmp_path):
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_preset_by_model_size(tiny_model):
-    assert trainer.preset_name(tiny_model) == "tiny"
-    assert trainer.estimate_parameters(tiny_model) == sum(p.numel() for p in load_model(tiny_model).parameters())
-    assert trainer.preset_values("sft", "7b")["lr"] == 2e-5
-    assert trainer.preset_values("dpo", "7b")["lr"] == 1e-6
+def test_preset_by_model_name_or_size(tiny_model, tmp_path):
+    """tiny: the built-in from-scratch model (or any model this small); small: pretrained models under 1B
+    parameters (SmolLM2-135M must not get the 7B recipe); 7b above. Presets hold only overrides."""
+    assert config.preset_for(tiny_model) == "tiny"
+    assert config.preset_for("smollm2") == "small" and config.preset_for("tiny") == "tiny"
+    cfg_json = json.loads((tiny_model / "config.json").read_text())
+    assert config.estimate_parameters(cfg_json) == sum(p.numel() for p in load_model(tiny_model).parameters())
+    smollm2 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+               "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+               "num_key_value_heads": 3, "tie_word_embeddings": True}
+    llama7b = {**smollm2, "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+               "tie_word_embeddings": False}
+    for name, c in (("small", smollm2), ("7b", llama7b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(c))
+        assert config.preset_for(tmp_path / name) == name
+    marked = {**llama7b, config.PRESET_KEY: "tiny"}  # the key eto_ref/tiny.py writes wins over the size
+    (tmp_path / "marked").mkdir()
+    (tmp_path / "marked" / "config.json").write_text(json.dumps(marked))
+    assert config.preset_for(tmp_path / "marked") == "tiny"
+    assert SFTConfig().lr == 2e-5 and DPOConfig().lr == 1e-6  # the field defaults are the paper's 7B values
+    assert "lr" not in config.preset_values("7b", "sft")  # ... so the 7b preset leaves them
     cfg = DPOConfig.for_model(tiny_model, pairs="p.json", out="runs/x", beta=0.5)
-    assert (cfg.lr, cfg.beta, cfg.schedule, cfg.model) == (trainer.PRESETS["tiny"]["dpo"]["lr"], 0.5, "constant",
+    assert (cfg.lr, cfg.beta, cfg.schedule, cfg.model) == (config.PRESETS["tiny"]["dpo"]["lr"], 0.5, "constant",
                                                            str(tiny_model))
     assert SFTConfig.for_model(tiny_model, preset="7b").lr == 2e-5
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        SFTConfig.for_model(tiny_model, preset="huge")

@@ -1,0 +1,188 @@
+"""The settings of a training stage, in one place: each default is a dataclass field.
+
+The field defaults are the official ETO values for Llama-2-7B-Chat (`run_eto.sh`,
+`fastchat/train/train_dpo.py`): SFT lr 2e-5, 3 epochs, batch 64, cosine, 3% warmup;
+DPO lr 1e-6, beta 0.1, 3 epochs, batch 32, constant, 10% warmup. A model of
+another size needs other values; a *preset* holds only the fields it overrides:
+
+    preset  model                                    what changes
+    tiny    the built-in 4M model, trained from      much larger learning rates, small batches,
+            scratch (eto_ref/tiny.py)                chosen-side NLL in DPO
+    small   pretrained models under 1B parameters    full fine-tuning at CPU-sized batches and
+            (the default, SmolLM2-135M-Instruct)     learning rates chosen on the validation slice
+    7b      the paper's models                       gradient checkpointing (values as the paper)
+
+`preset_for(model_dir)` picks one from the model directory: the `eto_ref_preset` key
+that eto_ref writes into config.json (the tiny model), else the parameter count.
+`TrainConfig.for_model(model, **given)` = the defaults, the preset's overrides, then
+what the caller gave. Command-line flags are generated from these fields (eto_ref/cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRESET_KEY = "eto_ref_preset"  # config.json key naming a model's preset (written by eto_ref/tiny.py)
+SMALL_MAX_PARAMETERS = 1_000_000_000  # pretrained models below this use the "small" preset
+TINY_MAX_PARAMETERS = 20_000_000  # a model this small (without the key) is a from-scratch toy: "tiny"
+PRESET_NAMES = ("tiny", "small", "7b")
+
+
+def setting(default, help: str, **kwargs):  # noqa: A002 - the argparse word
+    """A dataclass field with its help text (the one place a setting is described)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by both stages (SFT and DPO). Defaults: the paper's 7B values."""
+
+    model: str = setting("smollm2", "model directory to start from, or a built-in name: smollm2, tiny")
+    out: str = setting("runs/sft", "run directory (checkpoints, metrics.jsonl, final/)")
+    lr: float = setting(2e-5, "peak learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay (the official ETO scripts use 0)")
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    epochs: int = setting(3, "passes over the data")
+    batch_size: int = setting(64, "sequences (SFT) or pairs (DPO) per optimizer step")
+    micro_batch_size: int = setting(4, "sequences or pairs per forward/backward; gradients accumulate to batch_size")
+    max_len: int = setting(4096, "max tokens per sequence (longer ones are cut, with a warning)")
+    clip: float = setting(1.0, "max gradient norm (0 = no clipping)")
+    schedule: str = setting("cosine", "lr schedule after warmup: cosine | constant")
+    warmup_ratio: float = setting(0.03, "fraction of the steps spent warming the lr up from 0")
+    max_steps: int | None = setting(None, "cap on optimizer steps (the schedule is laid out over the capped total)")
+    max_examples: int | None = setting(None, "use only the first N records of the data file (quick runs)")
+    lora_rank: int = setting(0, "LoRA adapter rank; 0 = full fine-tuning")
+    lora_alpha: float = setting(16.0, "LoRA scale alpha")
+    lora_dropout: float = setting(0.05, "LoRA input dropout")
+    lora_targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"), "modules LoRA adapts")
+    eval_fraction: float = setting(0.05, "held-out fraction of the data for the evaluation loss")
+    eval_every: int = setting(0, "steps between held-out evaluations (0 = only at the end)")
+    save_every: int = setting(100, "steps between checkpoints (0 = none)")
+    keep_checkpoints: int = setting(2, "checkpoints kept")
+    seed: int = setting(0, "data order, held-out split, LoRA init and dropout")
+    device: str = setting("auto", "auto | cpu | cuda")
+    dtype: str = setting("auto", "compute dtype: auto (float32 on CPU, bfloat16 autocast on CUDA) | float32 | "
+                                 "bfloat16")
+    gradient_checkpointing: bool = setting(False, "recompute each layer's activations in backward (less memory)")
+    fsdp: bool = setting(False, "under torchrun: shard weights, grads and AdamW states over the ranks (else DDP)")
+    compile: bool = setting(False, "torch.compile the model (CUDA; slow to start, faster steps)")
+    resume: bool = setting(True, "continue the run in `out` from its last checkpoint (False: start over)")
+    progress: bool = setting(True, "progress bar on stderr")
+
+    # Fields whose change makes an old checkpoint of `out` unusable for resuming.
+    RESUME_KEYS = ("model", "lr", "weight_decay", "epochs", "batch_size", "max_len", "schedule", "warmup_ratio",
+                   "lora_rank", "lora_alpha", "lora_targets", "eval_fraction", "seed", "max_examples", "max_steps")
+    STAGE = "sft"
+
+    @classmethod
+    def for_model(cls, model: str | Path, preset: str = "auto", **given):
+        """The config of `model`: the field defaults, the preset's overrides (auto: `preset_for`), `given`.
+
+            DPOConfig.for_model("runs/sft/final", pairs="pairs.json", out="runs/eto/iter-1")
+        """
+        preset = preset_for(model) if preset == "auto" else preset
+        return cls(model=str(model), **{**preset_values(preset, cls.STAGE), **given})
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Behavioral cloning (paper Eq. 5) on expert trajectories (ETO-format SFT JSON/JSONL)."""
+
+    data: str = setting("data/science_sft.json", "ETO-format SFT data (JSON list or JSONL)")
+
+    RESUME_KEYS = TrainConfig.RESUME_KEYS + ("data",)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """One DPO stage of ETO (paper Eq. 7) on preference pairs (ETO-format pair JSON/JSONL)."""
+
+    pairs: str = setting("", "ETO-format preference pairs (JSON list or JSONL)")
+    out: str = setting("runs/eto", "run directory (checkpoints, metrics.jsonl, reference_logps.json, final/)")
+    beta: float = setting(0.1, "DPO beta: the strength of the pull towards the reference")
+    sft_weight: float = setting(0.0, "add this times the chosen side's token-mean NLL (0 = the paper's objective)")
+    lr: float = setting(1e-6, "peak learning rate")
+    batch_size: int = setting(32, "pairs per optimizer step")
+    micro_batch_size: int = setting(2, "pairs per forward/backward (each is a chosen and a rejected row)")
+    schedule: str = setting("constant", "lr schedule after warmup: cosine | constant")
+    warmup_ratio: float = setting(0.1, "fraction of the steps spent warming the lr up from 0")
+    eval_fraction: float = setting(0.0, "held-out fraction of the pairs (the paper trains on all)")
+
+    RESUME_KEYS = TrainConfig.RESUME_KEYS + ("pairs", "beta", "sft_weight")
+    STAGE = "dpo"
+
+
+# Per model size: only what differs from the field defaults. Keys: the stage configs ("sft", "dpo"),
+# the ETO loop ("loop", eto_ref/eto.py), the agent ("agent", "sampling", eto_ref/agent.py, eto_ref/sampler.py)
+# and the main job ("pipeline", eto_ref/pipeline.py).
+PRESETS = {
+    "tiny": {
+        "sft": dict(lr=2e-3, epochs=6, batch_size=8, micro_batch_size=8, max_len=2048),
+        # sft_weight: with the paper's pure DPO objective the tiny model also loses likelihood on the
+        # expert trajectories and its replies degrade (docs/results-tiny.md); the chosen side's NLL keeps them.
+        "dpo": dict(lr=5e-5, batch_size=16, micro_batch_size=4, max_len=2048, sft_weight=1.0),
+        "loop": dict(explore_limit=160, eval_limit=50),
+        # trained from scratch on 0-shot sequences, it is thrown off by an in-context example
+        "agent": dict(icl=False),
+        "sampling": dict(max_new_tokens=96),
+    },
+    "small": {
+        # SmolLM2-135M on 2 CPU cores: full fine-tuning, batches of 8 (a step is ~30 s); lr chosen on valid.
+        "sft": dict(lr=1e-4, epochs=2, batch_size=8, micro_batch_size=8, max_len=2048),
+        "dpo": dict(lr=2e-6, batch_size=8, micro_batch_size=4, max_len=2048),
+        "loop": dict(explore_limit=96, eval_limit=50),
+        # fine-tuned 0-shot, SmolLM2 follows an in-context example's task instead of its own (2.0 vs 47.3)
+        "agent": dict(icl=False, batch_size=16),
+        "sampling": dict(max_new_tokens=128),
+        "pipeline": dict(sft_examples=96),
+    },
+    "7b": {
+        "sft": dict(gradient_checkpointing=True),
+        "dpo": dict(gradient_checkpointing=True),
+        # run_eto.sh: 3 iterations; beta 0.1 and lr 1e-6, then beta 0.5 and lr 5e-7
+        "loop": dict(iterations=3, beta_schedule=(0.1, 0.5), lr_schedule=(1e-6, 5e-7)),
+    },
+}
+
+
+def preset_values(preset: str, key: str) -> dict:
+    """A preset's overrides of one config ("sft", "dpo", "loop", "agent", "sampling", "pipeline")."""
+    return dict(PRESETS[check_preset(preset)].get(key, {}))
+
+
+def check_preset(name: str) -> str:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)} (or auto)")
+    return name
+
+
+def estimate_parameters(config: dict) -> int:
+    """Parameter count from a config.json dict alone (embeddings + layers + head), without loading weights."""
+    d, f, L, V = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    nh = config["num_attention_heads"]
+    hs = config.get("head_dim") or d // nh
+    nkv = config.get("num_key_value_heads") or nh
+    attn = d * hs * (2 * nh + 2 * nkv)
+    head = 0 if config.get("tie_word_embeddings") else V * d
+    return V * d + L * (attn + 3 * d * f + 2 * d) + d + head
+
+
+def preset_for(model_dir: str | Path) -> str:
+    """The preset of a model directory: its config.json `eto_ref_preset`, else by size (see the module docstring)."""
+    from eto_ref.models import BUILTIN_PRESETS
+
+    if str(model_dir) in BUILTIN_PRESETS:
+        return BUILTIN_PRESETS[str(model_dir)]
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model config not found (a model directory needs config.json)")
+    config = json.loads(path.read_text())
+    if config.get(PRESET_KEY) in PRESETS:
+        return config[PRESET_KEY]
+    n = estimate_parameters(config)
+    return "tiny" if n < TINY_MAX_PARAMETERS else "small" if n < SMALL_MAX_PARAMETERS else "7b"

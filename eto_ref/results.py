@@ -1,0 +1,267 @@
+"""The paper's results table, from the finished phases of run directories.
+
+    rows = finished_rows("runs/main", splits)            # method -> split -> average reward x100
+    table = results_table(rows, splits)                   # one run, the paper's shape
+    report_seeds("runs/science", [0, 1, 2], splits, "science", "results/science.md")
+
+A seeds report gives each method's per-seed averages and their mean, the share of
+agent replies without a parsable action, and each ETO iteration's difference from
+SFT paired task by task: for every task, the ETO-minus-SFT reward averaged over the
+seeds, then the mean of those differences and its standard error over the tasks
+(sd / sqrt(n)). The paired difference removes the task-to-task variation that both
+methods share, which is most of the noise in an average reward.
+
+Nothing here runs a model: a phase that has not finished (no summary.json yet) is
+absent, and shows as "-".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from eto_ref.exploration import TRAJECTORIES, invalid_format_rate
+from eto_ref.jsonl import read_jsonl_records, write_json_atomic
+
+
+def phase_folders(out: str | Path) -> dict[str, Path]:
+    """Run folders of one run directory's evaluated methods, by table row (those that exist).
+
+    Each holds `eval-<split>/` (Best-of-N: `<split>/`) with trajectories.jsonl and summary.json.
+    """
+    out = Path(out)
+    folders = {"SFT": out / "sft", "RFT": out / "rft"}
+    iterations = sorted(out.glob("eto/iter-*"), key=lambda p: int(p.name.split("-")[1]))
+    folders.update({f"ETO-iter-{p.name.split('-')[1]}": p for p in iterations})
+    return {name: folder for name, folder in folders.items() if folder.is_dir()}
+
+
+def eval_dir(folder: Path, split: str) -> Path:
+    return folder / f"eval-{split}"
+
+
+def task_rewards(run: Path) -> dict[str, float]:
+    """task id -> reward of one evaluation folder (Best-of-N: the best of its samples per task)."""
+    files = [run / TRAJECTORIES] if (run / TRAJECTORIES).is_file() else sorted(run.glob(f"sample-*/{TRAJECTORIES}"))
+    best: dict[str, float] = {}
+    for path in files:
+        for record in read_jsonl_records(path):
+            best[record["id"]] = max(best.get(record["id"], -math.inf), float(record["reward"]))
+    return best
+
+
+def per_task_rewards(out: str | Path, splits) -> dict[str, dict[str, dict[str, float]]]:
+    """method -> split -> task -> reward of one run directory (finished evaluations only)."""
+    out = Path(out)
+    found: dict[str, dict] = {}
+    folders = {name: {s: eval_dir(f, s) for s in splits} for name, f in phase_folders(out).items()}
+    bon = out / "best-of-n"
+    if bon.is_dir():
+        n = len(list(next(bon.iterdir()).glob("sample-*"))) if any(bon.iterdir()) else 0
+        folders[f"Best-of-{n}"] = {s: bon / s for s in splits}
+    for name, runs in folders.items():
+        for split, run in runs.items():
+            if (run / "summary.json").is_file():
+                found.setdefault(name, {})[split] = task_rewards(run)
+    return found
+
+
+def paired_difference(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict | None:
+    """Mean of (a - b) over the tasks both have, x100, with its standard error over tasks.
+
+    a and b map a task to its rewards over seeds (averaged per task first, so seeds
+    that share a task are not counted as independent). None with fewer than 2 tasks.
+    """
+    tasks = sorted(set(a) & set(b))
+    diffs = [100 * (sum(a[t]) / len(a[t]) - sum(b[t]) / len(b[t])) for t in tasks]
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return {"mean": mean, "se": sd / math.sqrt(len(diffs)), "tasks": len(diffs)}
+
+
+def differences_from_sft(per_seed_tasks: dict[int, dict], splits) -> dict[str, dict[str, dict]]:
+    """method -> split -> paired difference from SFT (see paired_difference), over all seeds given."""
+    def pooled(method: str, split: str) -> dict[str, list[float]]:
+        tasks: dict[str, list[float]] = {}
+        for rewards in per_seed_tasks.values():
+            for task, r in rewards.get(method, {}).get(split, {}).items():
+                tasks.setdefault(task, []).append(r)
+        return tasks
+
+    methods = dict.fromkeys(m for rows in per_seed_tasks.values() for m in rows if m != "SFT")
+    out: dict[str, dict] = {}
+    for method in methods:
+        for split in splits:
+            diff = paired_difference(pooled(method, split), pooled("SFT", split))
+            if diff is not None:
+                out.setdefault(method, {})[split] = diff
+    return out
+
+
+def differences_table(diffs: dict[str, dict[str, dict]], splits, title: str = "") -> str:
+    """Rows = methods; per split, `mean ± SE (n)` of the paired difference from SFT, and whether it
+    exceeds twice its standard error."""
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| method - SFT | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    for method, by_split in diffs.items():
+        cells = []
+        for split in splits:
+            d = by_split.get(split)
+            cells.append("-" if d is None else f"{d['mean']:+.1f} ± {d['se']:.1f} ({d['tasks']})"
+                         + (" *" if abs(d["mean"]) > 2 * d["se"] else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("(paired over tasks, each task's difference averaged over the seeds; ± one standard error; "
+                 "* beyond twice it)")
+    return "\n".join(lines)
+
+
+def write_seeds_results(per_seed: dict[int, dict], splits, env: str, results_path: str | Path | None,
+                        config: dict | None, rates: dict[int, dict] | None = None,
+                        diffs: dict[str, dict] | None = None) -> str:
+    """The seeds table (and, given them, the paired differences from SFT and the invalid-format table);
+    with a path, written there (Markdown) and beside it as .json with the config."""
+    seeds = list(per_seed)
+    names = ", ".join(map(str, seeds))
+    table = seeds_table(per_seed, splits, title=f"{env}: average reward x100, seeds {names}")
+    if diffs:
+        table += "\n\n" + differences_table(diffs, splits, title=f"{env}: difference from SFT, reward x100, "
+                                                                 f"seeds {names}")
+    if rates is not None:
+        table += "\n\n" + seeds_table(rates, splits, title=f"{env}: replies without a parsable action, "
+                                                          f"% of agent replies, seeds {names}")
+    if results_path is not None:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(results_path).write_text(table + "\n")
+        extra = {} if rates is None else {"invalid_format_rate": rates}
+        extra.update({} if diffs is None else {"difference_from_sft": diffs})
+        write_json_atomic({"env": env, "seeds": seeds, "rows": per_seed, **extra, "config": config},
+                          Path(results_path).with_suffix(".json"))
+    return table
+
+
+def finished_rows(out: str | Path, splits) -> dict[str, dict]:
+    """The results rows of one run directory, read from the summaries of its finished phases.
+
+    Unlike `run_pipeline` this runs nothing: an evaluation that has not finished
+    (no summary.json yet) is simply absent, and shows as "-" in the tables.
+    """
+    out = Path(out)
+
+    def averages(folder: Path, pattern: str) -> dict:
+        found = {}
+        for split in splits:
+            summary = folder / pattern.format(split=split) / "summary.json"
+            if summary.is_file():
+                found[split] = json.loads(summary.read_text())["average_reward"]
+        return found
+
+    rows = {"SFT": averages(out / "sft", "eval-{split}")}
+    if (rft := averages(out / "rft", "eval-{split}")):
+        rows["RFT"] = rft
+    bon_summaries = sorted((out / "best-of-n").glob("*/summary.json"))
+    if bon_summaries:
+        n = json.loads(bon_summaries[0].read_text())["n"]
+        rows[f"Best-of-{n}"] = averages(out / "best-of-n", "{split}")
+    eto_summary = out / "eto" / "summary.json"
+    for it in json.loads(eto_summary.read_text()) if eto_summary.is_file() else []:
+        rows[f"ETO-iter-{it['iteration']}"] = {s: it[s] for s in splits if s in it}
+    return rows
+
+
+def format_rates(out: str | Path, splits) -> dict[str, dict]:
+    """Per row and split: % of agent replies with no parsable action, from the finished evaluations."""
+    rates = {}
+    for name, folder in phase_folders(out).items():
+        for split in splits:
+            run = folder / f"eval-{split}"
+            if (run / "summary.json").is_file() and (run / TRAJECTORIES).is_file():
+                records = read_jsonl_records(run / TRAJECTORIES)
+                rates.setdefault(name, {})[split] = invalid_format_rate(records)
+    return rates
+
+
+def report_seeds(out: str | Path, seeds: list[int], splits, env: str,
+                 results_path: str | Path | None = None) -> str:
+    """The seeds tables from what OUT/seed-K holds now (finished phases only), optionally written out."""
+    per_seed = {s: finished_rows(Path(out) / f"seed-{s}", splits) for s in seeds}
+    rates = {s: format_rates(Path(out) / f"seed-{s}", splits) for s in seeds}
+    diffs = differences_from_sft({s: per_task_rewards(Path(out) / f"seed-{s}", splits) for s in seeds}, splits)
+    config = Path(out) / f"seed-{seeds[0]}" / "pipeline_config.json"
+    return write_seeds_results(per_seed, splits, env, results_path,
+                               json.loads(config.read_text()) if config.is_file() else None, rates, diffs)
+
+
+def seeds_table(per_seed: dict[int, dict[str, dict]], splits, title: str = "") -> str:
+    """Rows = methods; per split, one column per seed then the mean over seeds."""
+    seeds = list(per_seed)
+    methods = list(dict.fromkeys(m for rows in per_seed.values() for m in rows))
+    header, rule = ["method"], ["---"]
+    for split in splits:
+        header += [f"{split} s{s}" for s in seeds] + [f"**{split} mean**"]
+        rule += ["---:"] * (len(seeds) + 1)
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    for m in methods:
+        cells = [m]
+        for split in splits:
+            values = [per_seed[s].get(m, {}).get(split) for s in seeds]
+            cells += [f"{v:.1f}" if v is not None else "-" for v in values]
+            known = [v for v in values if v is not None]
+            cells.append(f"**{sum(known) / len(known):.1f}**" if len(known) == len(values) and known else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+
+def results_table(rows: dict[str, dict], splits, title: str = "") -> str:
+    """A Markdown table in the paper's shape: one row per method, one column per test split."""
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| method | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    for name, values in rows.items():
+        cells = [f"{values[s]:.1f}" if isinstance(values.get(s), (int, float)) else "-" for s in splits]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_reward_plot(rows: dict[str, dict], splits, path: Path, width: int = 420, height: int = 260) -> Path:
+    """A small SVG line chart of test reward per ETO iteration (iteration 0 = SFT); no plotting library."""
+    points = [rows["SFT"]] + [rows[k] for k in rows if k.startswith("ETO-iter-")]
+    values = [v[s] for v in points for s in splits if isinstance(v.get(s), (int, float))]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    lo, hi = max(0.0, lo - 5), min(100.0, hi + 5) if hi > lo else hi + 10
+    left, right, top, bottom = 50, 20, 30, 40
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        x = left + (width - left - right) * (i / max(len(points) - 1, 1))
+        y = top + (height - top - bottom) * (1 - (v - lo) / max(hi - lo, 1e-9))
+        return x, y
+
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="18">average reward x100 per ETO iteration (0 = SFT)</text>',
+           f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>']
+    for tick in (lo, (lo + hi) / 2, hi):
+        _, y = xy(0, tick)
+        svg.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:.0f}</text>')
+    for i in range(len(points)):
+        x, _ = xy(i, lo)
+        svg.append(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">{i}</text>')
+    for k, split in enumerate(splits):
+        series = [(i, p[split]) for i, p in enumerate(points) if isinstance(p.get(split), (int, float))]
+        color = colors[k % len(colors)]
+        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in series))
+        svg.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for i, v in series:
+            x, y = xy(i, v)
+            svg.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>')
+        svg.append(f'<text x="{width - right - 90}" y="{top + 14 * (k + 1)}" fill="{color}">{split}</text>')
+    svg.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(svg) + "\n")
+    return path

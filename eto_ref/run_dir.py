@@ -1,0 +1,391 @@
+"""A training run's directory: its lock, checkpoints, resume, and the final model.
+
+    out/
+      .lock                          held while a process runs in `out` (pid inside; see RunLock)
+      metrics.jsonl                  one JSON record per step / evaluation
+      checkpoints/step-000050/       config.json + model.safetensors (or the LoRA adapter files),
+                                     tokenizer files, optimizer.safetensors, trainer_state.json
+      final/                         the trained model as a plain Hugging Face directory (LoRA merged),
+                                     tokenizer files, trainer_state.json ("done": true)
+
+Every file is written into a temporary directory that is then renamed, so a
+checkpoint directory exists only complete. Resume takes the newest checkpoint
+that was made with the same settings and that reads back whole and finite; a
+damaged newer one is reported and skipped. A rerun of a finished run returns
+`final/` at once; a rerun with other settings is refused, naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from eto_ref.checkpoint import (TOKENIZER_FILES, CheckpointError, check_state_dict, our_name, read_state_dict,
+                                replace_dir, save_model)
+from eto_ref.config import TrainConfig
+from eto_ref.distributed import barrier, full_tensor, is_fsdp, is_main, shard_like
+from eto_ref.jsonl import write_json_atomic
+from eto_ref.lora import inject_lora, load_adapter, remove_lora, save_adapter
+from eto_ref.model import Transformer
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+LOCK_FILE = ".lock"
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used as asked (locked, other settings, unreadable files)."""
+
+
+# --------------------------------------------------------------------------- one run per directory
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """Hold `directory/.lock` while a run writes there; a second run on the same directory refuses.
+
+    The lock file holds the owner's pid. A lock left by a process that no longer
+    exists (killed) is stale: it is taken over, with a note. Released at exit.
+    Under torchrun only rank 0 takes it.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / LOCK_FILE
+        self.held = False
+
+    def __enter__(self):
+        if not is_main():
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner != os.getpid() and pid_alive(owner):
+                    raise RunError(f"{self.path.parent}: another run (pid {owner}) is writing here; wait for it "
+                                   f"to end, or use another output directory") from None
+                log.warning("%s: taking over a stale lock (pid %s no longer runs)", self.path, owner)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise RunError(f"{self.path}: could not take the lock")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+RUN_FILE = "run.json"
+
+
+def claim_run(directory: str | Path, identity: dict, resume: bool = True, outputs: tuple[str, ...] = ()) -> None:
+    """Record in `directory/run.json` what determines its results; a rerun with other settings is refused.
+
+    `identity` holds the settings that change what the run produces (model, environment,
+    sampling, ...). A directory made with other settings raises RunError naming each
+    difference; with resume=False its `outputs` (and run.json) are deleted and the run
+    starts over. Only rank 0 reads and writes the file.
+    """
+    directory, path = Path(directory), Path(directory) / RUN_FILE
+    if is_main():
+        if not resume:
+            for name in (RUN_FILE, *outputs):
+                target = directory / name
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if path.is_file():
+            old = read_json_file(path).get("identity", {})
+            changed = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+            if changed:
+                raise RunError(f"{directory}: made with other settings: " + "; ".join(
+                    f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+                    + ". Use another output directory, or --no-resume to start over")
+        else:
+            write_json_atomic({"identity": identity}, path)
+    barrier()
+
+
+# --------------------------------------------------------------------------- reading run files
+
+
+def read_json_file(path: Path) -> dict:
+    """A run's JSON file; RunError naming the file when it is missing, truncated or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: cannot read ({type(e).__name__}: {e}); is it truncated?") from None
+
+
+def checkpoint_dirs(out: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (those with trainer_state.json), oldest first."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The config as JSON-ready values (tuples -> lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def resume_key(cfg: TrainConfig) -> dict:
+    d = config_dict(cfg)
+    return {k: d[k] for k in cfg.RESUME_KEYS}
+
+
+def check_same_run(saved_state: dict, cfg: TrainConfig, where: Path) -> None:
+    old = {k: saved_state.get("config", {}).get(k) for k in cfg.RESUME_KEYS}
+    changed = {k: (old[k], v) for k, v in resume_key(cfg).items() if old[k] != v}
+    if changed:
+        raise RunError(f"{where}: the run in {cfg.out} was made with other settings {changed} (old, new); "
+                       "use another --out, or --no-resume to start over")
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (unreadable or non-finite file), or None when it can."""
+    try:
+        state = read_json_file(ckpt / STATE_FILE)
+        for path in sorted(ckpt.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        return f"{path.name}: tensor {name!r} holds NaN or inf"
+        if "optimizer" not in state or not (ckpt / OPTIMIZER_FILE).is_file():
+            return f"{OPTIMIZER_FILE} missing"
+    except (RunError, OSError, Exception) as e:  # noqa: BLE001 - safetensors raises its own error types
+        return str(e)
+    return None
+
+
+def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The run's newest usable checkpoint when resuming; raises if the run was made with other settings.
+
+    A newer checkpoint that does not read back whole, or holds NaN/inf, is skipped
+    with a warning naming the file (resume falls back to the one before it).
+    """
+    if not cfg.resume:
+        if is_main():
+            shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
+            shutil.rmtree(Path(cfg.out) / "final", ignore_errors=True)
+        barrier()
+        return None
+    for ckpt in reversed(checkpoint_dirs(cfg.out)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            check_same_run(read_json_file(ckpt / STATE_FILE), cfg, ckpt)
+            return ckpt
+        log.warning("%s: not resumable (%s); falling back to the checkpoint before it", ckpt, problem)
+    return None
+
+
+def finished_run(cfg: TrainConfig) -> Path | None:
+    """out/final if this exact run has already completed (then a rerun has nothing to do)."""
+    final = Path(cfg.out) / "final"
+    if not cfg.resume or not (final / STATE_FILE).is_file():
+        return None
+    saved = read_json_file(final / STATE_FILE)
+    if not saved.get("done"):
+        return None
+    check_same_run(saved, cfg, final)
+    return final
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_moments(optimizer, named_params) -> tuple[dict, dict]:
+    """AdamW moments as whole CPU tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) and each param's step.
+
+    Under FSDP the moments are sharded like the params: every rank must call this
+    (each tensor is gathered in turn); rank 0 keeps the result.
+    """
+    tensors, steps = {}, {}
+    for name, p in named_params:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for k in ("exp_avg", "exp_avg_sq"):
+            tensors[f"{name}.{k}"] = full_tensor(state[k].detach()).cpu().contiguous()
+        steps[name] = float(state["step"])
+    return tensors, steps
+
+
+def save_optimizer_state(optimizer, moments: tuple[dict, dict], path: Path) -> dict:
+    """Write optimizer_moments() as safetensors; returns the scalars for JSON."""
+    tensors, steps = moments
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    group = optimizer.param_groups[0]
+    return {"step": max(steps.values(), default=0.0), "betas": list(group["betas"]), "eps": group["eps"],
+            "weight_decay": group["weight_decay"], "params": sorted(steps)}
+
+
+def load_optimizer_state(optimizer, named_params, ckpt: Path) -> int:
+    """Inverse of save_optimizer_state (through optimizer.load_state_dict, which casts to each param);
+    returns the step the checkpoint was saved at."""
+    saved = read_json_file(ckpt / STATE_FILE)
+    scalars, path, state = saved["optimizer"], ckpt / OPTIMIZER_FILE, {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for i, (name, p) in enumerate(named_params):
+                if name in scalars["params"]:
+                    state[i] = {"step": torch.tensor(scalars["step"], dtype=torch.float32),
+                                "exp_avg": shard_like(f.get_tensor(f"{name}.exp_avg"), p),  # FSDP: this rank's shard
+                                "exp_avg_sq": shard_like(f.get_tensor(f"{name}.exp_avg_sq"), p)}
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types
+        raise RunError(f"{path}: cannot read the optimizer state ({e})") from None
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return saved["step"]
+
+
+# --------------------------------------------------------------------------- writing checkpoints and final/
+
+
+def copy_tokenizer_files(src: str | Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+
+
+def gathered_model(model, cfg: TrainConfig):
+    """The model to save: `model` itself, unless it is sharded (FSDP).
+
+    FSDP: every rank must call this; each sharded tensor is gathered in turn and
+    rank 0 rebuilds a plain CPU copy (built on the meta device, then the whole
+    tensors assigned); the other ranks get None.
+    """
+    if not is_fsdp(model):
+        return model
+    state = {}
+    for name, t in model.state_dict().items():
+        t = full_tensor(t.detach())
+        if is_main():
+            state[name] = t.cpu()
+    if not is_main():
+        return None
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+        if cfg.lora_rank:
+            inject_lora(plain, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    plain.load_state_dict(state, assign=True)
+    return plain
+
+
+def save_checkpoint(model, optimizer, named_params, cfg: TrainConfig, state: dict) -> Path:
+    """Write out/checkpoints/step-NNNNNN atomically (temp dir, then rename); keep the last few.
+
+    Every rank calls it (FSDP gathers the shards); rank 0 writes, the others wait.
+    """
+    final = Path(cfg.out) / "checkpoints" / f"step-{state['step']:06d}"
+    model, moments = gathered_model(model, cfg), optimizer_moments(optimizer, named_params)
+    if is_main():
+        write_checkpoint(model, optimizer, moments, cfg, state, final)
+    barrier()
+    return final
+
+
+def write_checkpoint(model, optimizer, moments, cfg: TrainConfig, state: dict, final: Path) -> None:
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if cfg.lora_rank:
+            save_adapter(model, tmp, base_model_name_or_path=str(cfg.model))
+            copy_tokenizer_files(cfg.model, tmp)
+        else:
+            save_model(model, tmp, tokenizer_dir=cfg.model)
+        state = {**state, "optimizer": save_optimizer_state(optimizer, moments, tmp / OPTIMIZER_FILE)}
+        write_json_atomic(state, tmp / STATE_FILE)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(cfg.out)[:-max(1, cfg.keep_checkpoints)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_weights(model, ckpt: Path, lora: bool) -> None:
+    """Load a checkpoint's trained weights into the freshly built policy."""
+    if lora:
+        load_adapter(model, ckpt)
+        return
+    tensors = read_state_dict(ckpt)
+    check_state_dict(model, tensors, ckpt)
+    with torch.no_grad():
+        model.load_state_dict({our_name(k): v for k, v in tensors.items()}, strict=False)
+
+
+def output_dtype(model_dir: str | Path) -> torch.dtype:
+    """Save the final model in the dtype of the model we started from (config.json torch_dtype)."""
+    try:
+        name = json.loads((Path(model_dir) / "config.json").read_text()).get("torch_dtype", "float32")
+    except (OSError, json.JSONDecodeError):
+        name = "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def check_finite_weights(model, where: str) -> None:
+    """CheckpointError naming the first parameter that holds NaN or inf (nothing non-finite is ever saved)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            raise CheckpointError(f"{where}: parameter {name!r} holds NaN or inf; not saved")
+
+
+def save_final(model, cfg: TrainConfig, state: dict) -> Path:
+    """out/final: a plain Hugging Face directory (LoRA merged), tokenizer files, trainer_state.json.
+
+    Every rank calls it (FSDP gathers the shards); rank 0 writes, the others wait.
+    """
+    model = gathered_model(model, cfg)
+    if is_main():
+        write_final(model, cfg, state)
+    barrier()
+    return Path(cfg.out) / "final"
+
+
+def write_final(model, cfg: TrainConfig, state: dict) -> None:
+    out = Path(cfg.out)
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.lora_rank:
+        remove_lora(model, merge=True)
+    check_finite_weights(model, str(out / "final"))
+    try:
+        save_model(model, tmp, tokenizer_dir=cfg.model, dtype=output_dtype(cfg.model))
+        write_json_atomic({**state, "done": True}, tmp / STATE_FILE)
+        replace_dir(tmp, out / "final")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

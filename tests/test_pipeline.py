@@ -1,0 +1,45 @@
+"""eto_ref/pipeline.py: the main job's wiring, its checks, and one end-to-end run on the tiny model."""
+
+import json
+
+import pytest
+
+from eto_ref.eto import LoopConfig
+from eto_ref.pipeline import PipelineConfig, check_valid
+
+
+def test_valid_column_comes_first_and_must_follow_the_sft_tasks():
+    assert PipelineConfig().loop.eval_splits == ("test_seen", "test_unseen")
+    cfg = PipelineConfig(loop=LoopConfig(valid=100))
+    assert cfg.loop.eval_splits == ("valid", "test_seen", "test_unseen")
+    check_valid(cfg)  # train[1000:1100] after the SFT data train[:480]
+    with pytest.raises(ValueError, match=r"train\[400:500\] overlaps the SFT data train\[:480\]"):
+        check_valid(PipelineConfig(loop=LoopConfig(valid=100, valid_start=400)))
+
+
+@pytest.mark.slow
+def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
+    """The README's main command, `python train.py --stage all`, on reduced sizes."""
+    import train
+
+    out = tmp_path / "main"
+    results = train.main(["--stage", "all", "--model", "tiny", "--env", "science", "--out", str(out),
+                          "--sft-examples", "32", "--sft-epochs", "3",
+                          "--explore-limit", "8", "--eval-limit", "4", "--iterations", "2", "--best-of-n", "2",
+                          "--max-new-tokens", "24", "--valid", "3", "--no-progress"])
+    assert set(results["rows"]) == {"SFT", "RFT", "Best-of-2", "ETO-iter-1", "ETO-iter-2"} or \
+        "note" in results["iterations"][-1]
+    for name, row in results["rows"].items():
+        assert 0.0 <= row["test_seen"] <= 100.0, name
+        assert ("valid" in row) == (name != "Best-of-2"), name  # Best-of-N: test splits only
+    valid = [json.loads(line)["id"] for line in (out / "sft" / "eval-valid" / "trajectories.jsonl").open()]
+    assert valid == ["science/train/1000", "science/train/1001", "science/train/1002"]
+    assert (out / "results.md").read_text().startswith("**science, tiny, seed 0")
+    assert "| method | valid | test_seen | test_unseen |" in (out / "results.md").read_text()
+    assert (out / "reward_per_iteration.svg").is_file()
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    seconds = results["seconds"]
+    assert list(seconds) == ["base model", "SFT", "SFT evaluation", "ETO", "RFT", "Best-of-2", "total"]
+    assert seconds["total"] == pytest.approx(sum(t for name, t in seconds.items() if name != "total"), abs=0.1)
+
+

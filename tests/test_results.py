@@ -1,0 +1,111 @@
+"""eto_ref/results.py: the results table, the seeds report (with paired differences), the plot."""
+
+import json
+
+import pytest
+
+from eto_ref.results import (differences_from_sft, finished_rows, paired_difference, per_task_rewards,
+                             report_seeds, results_table, seeds_table, write_reward_plot)
+
+
+def test_results_table_has_the_papers_shape():
+    rows = {"SFT": {"test_seen": 50.0, "test_unseen": 40.25}, "RFT": {"test_seen": 55.5},
+            "ETO-iter-1": {"test_seen": 60.0, "test_unseen": 45.0}}
+    table = results_table(rows, ("test_seen", "test_unseen"))
+    assert table.splitlines() == ["| method | test_seen | test_unseen |", "|---|---:|---:|",
+                                  "| SFT | 50.0 | 40.2 |", "| RFT | 55.5 | - |", "| ETO-iter-1 | 60.0 | 45.0 |"]
+
+
+def test_reward_plot_has_one_point_per_iteration_and_split(tmp_path):
+    rows = {"SFT": {"test_seen": 10.0, "test_unseen": 5.0}, "RFT": {"test_seen": 99.0, "test_unseen": 99.0},
+            "ETO-iter-1": {"test_seen": 20.0, "test_unseen": 8.0}, "ETO-iter-2": {"test_seen": 30.0}}
+    svg = write_reward_plot(rows, ("test_seen", "test_unseen"), tmp_path / "plot.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2
+    assert svg.count("<circle") == 3 + 2  # SFT + 2 iterations seen, SFT + 1 iteration unseen; RFT not plotted
+
+
+def test_seeds_table_lists_each_seed_and_the_mean():
+    per_seed = {0: {"SFT": {"test_seen": 10.0, "test_unseen": 20.0}, "ETO-iter-1": {"test_seen": 30.0}},
+                1: {"SFT": {"test_seen": 20.0, "test_unseen": 40.0}, "ETO-iter-1": {"test_seen": 50.0}}}
+    lines = seeds_table(per_seed, ("test_seen", "test_unseen")).splitlines()
+    assert lines[0] == ("| method | test_seen s0 | test_seen s1 | **test_seen mean** | test_unseen s0 | "
+                        "test_unseen s1 | **test_unseen mean** |")
+    assert lines[2] == "| SFT | 10.0 | 20.0 | **15.0** | 20.0 | 40.0 | **30.0** |"
+    assert lines[3] == "| ETO-iter-1 | 30.0 | 50.0 | **40.0** | - | - | - |"  # no mean over missing seeds
+
+
+def _summary(path, reward, **extra):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps({"average_reward": reward, **extra}))
+
+
+def test_report_reads_only_finished_phases(tmp_path):
+    """--report: rows come from the summaries on disk; an unfinished phase is absent, its cells '-'."""
+    splits = ("test_seen", "test_unseen")
+    full, partial = tmp_path / "seed-0", tmp_path / "seed-1"
+    for split, r in zip(splits, (40.0, 20.0)):
+        _summary(full / "sft" / f"eval-{split}", r)
+        _summary(full / "rft" / f"eval-{split}", r + 1)
+        _summary(full / "best-of-n" / split, r + 10, n=4)
+    (full / "eto").mkdir()
+    (full / "eto" / "summary.json").write_text(json.dumps([{"iteration": 1, "test_seen": 44.0, "test_unseen": 18.0}]))
+    _summary(partial / "sft" / "eval-test_seen", 30.0)  # test_unseen still running: no summary yet
+
+    assert finished_rows(full, splits) == {"SFT": {"test_seen": 40.0, "test_unseen": 20.0},
+                                           "RFT": {"test_seen": 41.0, "test_unseen": 21.0},
+                                           "Best-of-4": {"test_seen": 50.0, "test_unseen": 30.0},
+                                           "ETO-iter-1": {"test_seen": 44.0, "test_unseen": 18.0}}
+    assert finished_rows(partial, splits) == {"SFT": {"test_seen": 30.0}}
+
+    replies = ["Thought: a\nAction: look around", "no action here", "Action: wait", "Action: wait"]
+    turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "task"}]
+    for reply in replies:
+        turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": "Observation: o"}]
+    with open(full / "sft" / "eval-test_seen" / "trajectories.jsonl", "w") as f:
+        f.write(json.dumps({"id": "science/test_seen/0", "conversations": turns, "reward": 0.4}) + "\n")
+
+    table = report_seeds(tmp_path, [0, 1], splits, "science", tmp_path / "results" / "t.md")
+    rewards, formats = table.split("\n\n**science: replies without a parsable action")
+    lines = {line.split(" | ")[0].strip("| "): line for line in rewards.splitlines() if line.startswith("| ")}
+    assert lines["SFT"] == "| SFT | 40.0 | 30.0 | **35.0** | 20.0 | - | - |"  # a mean needs every seed
+    assert lines["ETO-iter-1"] == "| ETO-iter-1 | 44.0 | - | - | 18.0 | - | - |"
+    format_lines = [line for line in formats.splitlines() if line.startswith("| SFT")]
+    assert format_lines == ["| SFT | 25.0 | - | - | - | - | - |"]  # 1 reply of 4; no trajectories file: "-"
+    assert (tmp_path / "results" / "t.md").read_text() == table + "\n"
+    assert json.loads((tmp_path / "results" / "t.json").read_text())["rows"]["1"] == {"SFT": {"test_seen": 30.0}}
+
+
+def test_valid_column_is_read_like_the_test_splits(tmp_path):
+    _summary(tmp_path / "sft" / "eval-valid", 33.0)
+    _summary(tmp_path / "sft" / "eval-test_seen", 40.0)
+    assert finished_rows(tmp_path, ("valid", "test_seen", "test_unseen")) == {"SFT": {"valid": 33.0,
+                                                                                   "test_seen": 40.0}}
+
+
+def test_paired_difference_hand_computed():
+    """Tasks t1..t3, two seeds each: per-task means of a - b are 0.5, 0.0, 0.25 (x100: 50, 0, 25);
+    mean 25, sample sd = sqrt((25^2 + 25^2 + 0^2) / 2) = 25, se = 25 / sqrt(3)."""
+    a = {"t1": [1.0, 1.0], "t2": [0.5, 0.5], "t3": [0.5, 0.0], "only-a": [1.0]}
+    b = {"t1": [0.5, 0.5], "t2": [0.5, 0.5], "t3": [0.0, 0.0]}
+    d = paired_difference(a, b)
+    assert d["tasks"] == 3
+    assert d["mean"] == pytest.approx(25.0)
+    assert d["se"] == pytest.approx(25.0 / 3 ** 0.5)
+    assert paired_difference({"t1": [1.0]}, {"t1": [0.0]}) is None  # one task: no standard error
+
+
+def test_differences_from_sft_pool_seeds_per_task(tmp_path):
+    """Per-task rewards come from the trajectory files of each seed's evaluations."""
+    for seed, (sft, eto) in enumerate([((0.0, 1.0), (1.0, 1.0)), ((0.0, 0.0), (1.0, 0.0))]):
+        for name, rewards in (("sft", sft), ("eto/iter-1", eto)):
+            run = tmp_path / f"seed-{seed}" / name / "eval-test_seen"
+            _summary(run, 100 * sum(rewards) / 2)
+            with open(run / "trajectories.jsonl", "w") as f:
+                for i, r in enumerate(rewards):
+                    f.write(json.dumps({"id": f"t{i}", "conversations": [], "reward": r}) + "\n")
+    per_seed = {s: per_task_rewards(tmp_path / f"seed-{s}", ("test_seen",)) for s in (0, 1)}
+    assert per_seed[0]["SFT"]["test_seen"] == {"t0": 0.0, "t1": 1.0}
+    diffs = differences_from_sft(per_seed, ("test_seen",))
+    # t0: ETO 1, 1 vs SFT 0, 0 -> +100; t1: ETO 1, 0 vs SFT 1, 0 -> 0. Mean 50, sd 70.7, se 50.
+    d = diffs["ETO-iter-1"]["test_seen"]
+    assert (d["mean"], d["tasks"]) == (pytest.approx(50.0), 2) and d["se"] == pytest.approx(50.0)
