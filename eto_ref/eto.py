@@ -27,7 +27,7 @@ from eto_ref.config import DPOConfig, setting
 from eto_ref.dpo import run_dpo
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair, load_policy
 from eto_ref.jsonl import write_json_atomic
-from eto_ref.metrics import timed
+from eto_ref.metrics import PhaseClock
 from eto_ref.pairs import EXTRA_REJECTED_TURNS
 
 
@@ -109,8 +109,10 @@ def run_eto(cfg: LoopConfig, dpo: DPOConfig) -> list[dict]:
     check_valid_is_held_out(cfg)
     out, policy, rows = Path(cfg.out), Path(cfg.model), []
     for k in range(1, cfg.iterations + 1):
-        it, seconds = out / f"iter-{k}", {}
-        with timed(seconds, "explore"):
+        it = out / f"iter-{k}"
+        clock = PhaseClock(it / "phase_seconds.json")  # summed over interrupted and resumed invocations
+        seconds = clock.seconds
+        with clock.phase("explore"):
             pairs, explored = explore_iteration(policy, it, cfg, dpo)
         stage = replace(dpo, model=str(policy), pairs=str(pairs), out=str(it / "dpo"),
                         beta=iteration_value(cfg.beta_schedule, k, dpo.beta),
@@ -123,9 +125,9 @@ def run_eto(cfg: LoopConfig, dpo: DPOConfig) -> list[dict]:
             row["note"] = "no pairs: the policy ties the expert on every task; stopping"
             write_json_atomic(rows, out / "summary.json")
             break
-        with timed(seconds, "dpo"):
+        with clock.phase("dpo"):
             policy = run_dpo(stage)  # pi_ref = the policy this iteration starts from
-        with timed(seconds, "evaluate"):
+        with clock.phase("evaluate"):
             row.update({"model": str(policy), **evaluate_policy(policy, it, cfg, dpo.device, dpo.progress)})
         write_json_atomic(rows, out / "summary.json")
     return rows

@@ -97,10 +97,42 @@ def timed(seconds: dict, name: str):
     seconds[name] = round(time.perf_counter() - start, 1)
 
 
+class PhaseClock:
+    """Wall time per phase of a resumable job, summed over all its invocations, kept in a JSON file.
+
+    A rerun that finds a phase finished adds only the little time it took to see that,
+    so the recorded time of each phase stays the time its work took.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.seconds: dict[str, float] = read_json_object(self.path)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 1)
+            write_json_atomic(self.seconds, self.path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object file's content ({} when absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({e}); is it truncated?") from None
+
+
 def duration(seconds: float) -> str:
     """125.4 -> '2m05s'."""
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m{secs:02d}s"
 
 
-__all__ = ["MetricsLog", "read_metrics", "progress_bar", "show", "timed", "duration", "write_json_atomic"]
+__all__ = ["MetricsLog", "PhaseClock", "read_metrics", "progress_bar", "show", "timed", "duration",
+           "write_json_atomic"]

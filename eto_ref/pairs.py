@@ -21,6 +21,7 @@ part (instruction, "OK") followed by the task. A pair is `{"id", "prompt",
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 INSTRUCTION_TURNS = 2  # human instruction + gpt "OK"
@@ -32,7 +33,8 @@ class PairStats:
     win: int = 0
     tie: int = 0
     lose: int = 0
-    dropped: int = 0  # a side did not end with an agent turn, or the explored run had no agent turn
+    dropped: int = 0  # no expert, no usable reward (missing, NaN, an environment error), or a side that
+    # does not end with an agent turn
 
     def as_dict(self) -> dict:
         return {"win": self.win, "tie": self.tie, "lose": self.lose, "dropped": self.dropped}
@@ -90,6 +92,15 @@ def build_pair(expert: dict, explored: dict,
     return outcome, pair
 
 
+def pairable(explored: dict) -> bool:
+    """An explored episode is paired only when its reward means something: a finite number, and the
+    episode not stopped by a fault of the environment (reason "env_error: ...")."""
+    reward = explored.get("reward")
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        return False
+    return not str(explored.get("reason", "")).startswith("env_error")
+
+
 def build_pairs(experts: list[dict], explored: list[dict],
                 extra_turns: int | None = EXTRA_REJECTED_TURNS) -> tuple[list[dict], PairStats]:
     """Pair every explored trajectory with the expert trajectory of the same task id."""
@@ -97,7 +108,7 @@ def build_pairs(experts: list[dict], explored: list[dict],
     stats, pairs = PairStats(), []
     for traj in explored:
         expert = expert_by_id.get(str(traj["id"]))
-        if expert is None or traj.get("reward") is None:
+        if expert is None or not pairable(traj):
             stats.dropped += 1
             continue
         outcome, pair = build_pair(expert, traj, extra_turns)

@@ -27,7 +27,7 @@ from eto_ref.config import DPOConfig, SFTConfig, setting
 from eto_ref.eto import LoopConfig, evaluate_policy, run_eto
 from eto_ref.exploration import TRAJECTORIES, ExploreConfig, load_policy
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
-from eto_ref.metrics import duration, timed
+from eto_ref.metrics import PhaseClock, duration
 from eto_ref.models import default_model, resolve_model
 from eto_ref.results import report_seeds, results_table, write_reward_plot
 from eto_ref.run_dir import RunLock, claim_run
@@ -148,37 +148,38 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out)
     with RunLock(out):
         claim_run(out, cfg.identity(), cfg.resume,
-                  outputs=("data", "sft", "eto", "rft", "best-of-n", "results.json", "results.md"))
+                  outputs=("data", "sft", "eto", "rft", "best-of-n", "results.json", "results.md",
+                           "phase_seconds.json", "reward_per_iteration.svg"))
         write_json_atomic(asdict(cfg), out / "pipeline_config.json")
         return run_phases(cfg, out)
 
 
 def run_phases(cfg: PipelineConfig, out: Path) -> dict:
-    seconds = {}  # wall time of each phase in this invocation
-    with timed(seconds, "base model"):
+    clock = PhaseClock(out / "phase_seconds.json")  # summed over interrupted and resumed invocations
+    with clock.phase("base model"):
         base = prepare_base_model(cfg)
     data = prepare_sft_data(cfg)
     log(f"SFT of {base} on {data}")
-    with timed(seconds, "SFT"):
+    with clock.phase("SFT"):
         sft_final = run_sft(replace(cfg.sft, model=str(base), data=str(data), out=str(out / "sft")))
-    with timed(seconds, "SFT evaluation"):
+    with clock.phase("SFT evaluation"):
         rows = {"SFT": evaluate_once(sft_final, out / "sft", cfg)}
     log(f"SFT: {rows['SFT']}")
     log(f"ETO: {cfg.loop.iterations} iteration(s)")
-    with timed(seconds, "ETO"):
+    with clock.phase("ETO"):
         iterations = run_eto(replace(cfg.loop, model=str(sft_final), out=str(out / "eto")), cfg.dpo)
     if cfg.baselines and cfg.loop.iterations >= 1:
         log("RFT")
-        with timed(seconds, "RFT"):
+        with clock.phase("RFT"):
             rows["RFT"] = run_rft(cfg, sft_final, data)
     if cfg.baselines and cfg.best_of_n > 0:
         log(f"Best-of-{cfg.best_of_n}")
-        with timed(seconds, f"Best-of-{cfg.best_of_n}"):
+        with clock.phase(f"Best-of-{cfg.best_of_n}"):
             rows[f"Best-of-{cfg.best_of_n}"] = run_best_of_n(cfg, sft_final)
     splits = cfg.loop.eval_splits
     for it in iterations:
         rows[f"ETO-iter-{it['iteration']}"] = {s: it[s] for s in splits if s in it}
-    seconds["total"] = round(sum(seconds.values()), 1)
+    seconds = {**clock.seconds, "total": round(sum(clock.seconds.values()), 1)}
     log("time per phase: " + ", ".join(f"{name} {duration(t)}" for name, t in seconds.items()))
     results = {"env": cfg.loop.env, "seed": cfg.seed, "model": cfg.model, "rows": rows, "iterations": iterations,
                "seconds": seconds}

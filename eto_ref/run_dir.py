@@ -78,7 +78,7 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and owner != os.getpid() and pid_alive(owner):
@@ -108,6 +108,17 @@ class RunLock:
 RUN_FILE = "run.json"
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"dpo": {"beta": 0.1}} -> {"dpo.beta": 0.1}: one entry per setting, for messages that name it."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def claim_run(directory: str | Path, identity: dict, resume: bool = True, outputs: tuple[str, ...] = ()) -> None:
     """Record in `directory/run.json` what determines its results; a rerun with other settings is refused.
 
@@ -123,8 +134,8 @@ def claim_run(directory: str | Path, identity: dict, resume: bool = True, output
                 target = directory / name
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         if path.is_file():
-            old = read_json_file(path).get("identity", {})
-            changed = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+            old, new = flatten(read_json_file(path).get("identity", {})), flatten(identity)
+            changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
             if changed:
                 raise RunError(f"{directory}: made with other settings: " + "; ".join(
                     f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,16 +163,34 @@ def _record_id(record) -> str:
     return str(rid)  # integer ids (some released files) become strings
 
 
+def parse_reward(reward) -> float | None:
+    """A record's reward as a float (numbers, or numeric strings like "1.0"); ValueError otherwise."""
+    if reward is None:
+        return None
+    if isinstance(reward, str):
+        try:
+            reward = float(reward)
+        except ValueError:
+            raise ValueError(f"reward: expected a number, got {reward!r}") from None
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        raise ValueError(f"reward: expected a finite number, got {reward!r}")
+    return float(reward)
+
+
 def parse_trajectory(record) -> Trajectory:
-    """One SFT record -> Trajectory. Raises ValueError naming the field."""
+    """One SFT record -> Trajectory. Raises ValueError naming the field.
+
+    A conversation that ends with an observation (as explored episodes do) loses
+    that last human turn: nothing after the agent's last action is trained on.
+    """
     rid = _record_id(record)
     if "conversations" not in record:
         raise ValueError("conversations: missing")
-    messages = check_turns(record["conversations"], "conversations", first="human", last="gpt")
-    reward = record.get("reward")
-    if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))):
-        raise ValueError(f"reward: expected a number, got {reward!r}")
-    return Trajectory(rid, messages, None if reward is None else float(reward))
+    turns = record["conversations"]
+    if isinstance(turns, list) and len(turns) > 2 and isinstance(turns[-1], dict) and turns[-1].get("from") == "human":
+        turns = turns[:-1]
+    messages = check_turns(turns, "conversations", first="human", last="gpt")
+    return Trajectory(rid, messages, parse_reward(record.get("reward")))
 
 
 def parse_pair(record) -> PreferencePair:
@@ -192,16 +213,57 @@ def record_name(path, index: int, rid, line: int | None) -> str:
     return f"{path}: record {index} (id {rid!r}" + ("" if line is None else f", line {line}") + ")"
 
 
-def _load(path, parse, on_error: str) -> list:
+EXPECTED_FORMAT = {
+    "trajectory": '{"id": ..., "conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}',
+    "pair": '{"id": ..., "prompt": [<human/gpt turns, ending with human>], "chosen": [<gpt first>], '
+            '"rejected": [<gpt first>]}',
+}
+
+
+def problem_kind(message: str) -> str:
+    """`conversations[3].from: unknown role 'user' (...)` -> `conversations[i].from: unknown role 'user'`."""
+    return re.sub(r"\[\d+\]", "[i]", message.split(" (")[0])
+
+
+def format_hint(records: list, kind: str) -> str:
+    """What a file that holds no valid record looks like instead, when it is a known other format."""
+    sample = next((r for _, _, r in records if isinstance(r, dict)), {})
+    turns = sample.get("conversations") or []
+    roles = {t.get("from", t.get("role")) for t in turns if isinstance(t, dict)}
+    if "messages" in sample:
+        return "it looks like the Hugging Face `messages` (role/content) format"
+    if roles & {"user", "assistant"}:
+        return "it looks like ShareGPT/OpenAI turns with user/assistant roles"
+    if kind == "trajectory" and {"prompt", "chosen", "rejected"} <= set(sample):
+        return "it holds preference pairs: pass it as --pairs"
+    if kind == "pair" and "conversations" in sample:
+        return "it holds SFT trajectories: pass it as --data"
+    return ""
+
+
+def no_valid_record_error(path, records: list, problems: Counter, kind: str) -> TrajectoryError:
+    """One error for a file none of whose records could be used: counts, the commonest problem, the format."""
+    common, n = problems.most_common(1)[0] if problems else ("no records", 0)
+    hint = format_hint(records, kind)
+    return TrajectoryError(
+        f"{path}: 0 of {len(records)} records are valid ETO {kind} records; most common problem "
+        f"({n} records): {common}. Expected one {kind} per list item or line: {EXPECTED_FORMAT[kind]}"
+        + (f". {hint[0].upper() + hint[1:]}" if hint else "")
+        + f". To convert Hugging Face messages or ShareGPT files: python -m eto_ref.convert_data {path} "
+          f"--out {Path(path).with_suffix('.eto.json')}")
+
+
+def _load(path, parse, on_error: str, kind: str) -> list:
     """Parse every record of `path`; bad ones are skipped with a warning or raised (`on_error`).
 
     A record whose id was already seen is bad too (the first one is kept): ids
-    key the reference log-prob cache and the exploration resume.
+    key the reference log-prob cache and the exploration resume. A file with no
+    valid record at all is always an error (see no_valid_record_error).
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     records = read_records(path)
-    good, first_index = [], {}  # id -> index of the record that holds it
+    good, first_index, problems = [], {}, Counter()  # first_index: id -> index of the record that holds it
     for index, line, record in records:
         try:
             if isinstance(record, TrajectoryError):
@@ -210,8 +272,10 @@ def _load(path, parse, on_error: str) -> list:
             try:
                 item = parse(record)
             except ValueError as e:
+                problems[problem_kind(str(e))] += 1
                 raise TrajectoryError(f"{record_name(path, index, rid, line)}: {e}") from None
             if item.id in first_index:
+                problems["id: duplicate"] += 1
                 raise TrajectoryError(f"{record_name(path, index, rid, line)}: id: duplicate of record "
                                       f"{first_index[item.id]} (ids must be unique)")
             first_index[item.id] = index
@@ -220,7 +284,10 @@ def _load(path, parse, on_error: str) -> list:
         except TrajectoryError as e:
             if on_error == "raise":
                 raise
+            problems["invalid JSON line"] += isinstance(record, TrajectoryError)
             log.warning("skipping bad record: %s", e)
+    if records and not good:
+        raise no_valid_record_error(path, records, problems, kind)
     if len(good) < len(records):
         log.warning("%s: kept %d of %d records (%d bad)", path, len(good), len(records), len(records) - len(good))
     return good
@@ -228,12 +295,12 @@ def _load(path, parse, on_error: str) -> list:
 
 def load_trajectories(path: str | Path, on_error: str = "skip") -> list[Trajectory]:
     """Read SFT trajectories (JSON list or JSONL), validating each record."""
-    return _load(path, parse_trajectory, on_error)
+    return _load(path, parse_trajectory, on_error, "trajectory")
 
 
 def load_pairs(path: str | Path, on_error: str = "skip") -> list[PreferencePair]:
     """Read preference pairs (JSON list or JSONL), validating each record."""
-    return _load(path, parse_pair, on_error)
+    return _load(path, parse_pair, on_error, "pair")
 
 
 # --------------------------------------------------------------------------- writing

@@ -106,3 +106,61 @@ def test_summary_counts_replies_without_an_action():
     assert summary["invalid_format_rate"] == pytest.approx(66.6667, abs=1e-3)
     assert (summary["average_reward"], summary["success_rate"], summary["mean_steps"]) == (50.0, 50.0, 1.5)
     assert exploration.invalid_format_rate([]) == 0.0
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them_and_no_resume_starts_over(agent, tmp_path):
+    """run.json records what made the episodes; another env seed or sampling must not resume them."""
+    from dataclasses import replace
+
+    from eto_ref.run_dir import RunError
+
+    model, tok = agent
+    first = explore(model, tok, config(tmp_path, limit=2), progress=False)
+    before = (tmp_path / "trajectories.jsonl").read_text()
+    with pytest.raises(RunError, match=r"made with other settings: env_seed: 0 then, 7 now.*--no-resume"):
+        explore(model, tok, replace(config(tmp_path, limit=2), env_seed=7), progress=False)
+    other_agent = replace(config(tmp_path).agent, sampling=SamplingConfig(max_new_tokens=8, temperature=0.5), seed=1)
+    with pytest.raises(RunError, match=r"agent\.sampling\.temperature: 0\.0 then, 0\.5 now"):
+        explore(model, tok, replace(config(tmp_path, limit=2), agent=other_agent), progress=False)
+    assert (tmp_path / "trajectories.jsonl").read_text() == before  # nothing overwritten
+    larger = explore(model, tok, config(tmp_path, limit=3), progress=False)  # same settings, more tasks: extends
+    assert larger[:2] == first and len(larger) == 3
+    fresh = explore(model, tok, replace(config(tmp_path, limit=2), env_seed=7, resume=False), progress=False)
+    assert len(fresh) == 2 and fresh[0]["id"] == first[0]["id"] and fresh != first  # other tasks' contents
+
+
+def test_a_second_run_on_a_locked_directory_refuses_and_a_stale_lock_is_taken_over(agent, tmp_path):
+    import subprocess
+    import sys
+
+    from eto_ref.run_dir import RunError
+
+    model, tok = agent
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(str(sleeper.pid))  # a live run holds the directory
+        with pytest.raises(RunError, match=f"another run \\(pid {sleeper.pid}\\) is writing here"):
+            explore(model, tok, config(tmp_path, limit=1), progress=False)
+        assert not (tmp_path / "trajectories.jsonl").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    records = explore(model, tok, config(tmp_path, limit=1), progress=False)  # its owner is gone: stale
+    assert len(records) == 1 and not (tmp_path / ".lock").exists()  # released at exit
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "-1"], "--batch-size: must be >= 1, got -1"),
+    (["--limit", "0"], "--limit: must be >= 1, got 0"),
+    (["--temperature", "nan"], "--temperature: must be a finite number, got nan"),
+    (["--top-p", "1.5"], "--top-p: must be > 0 and <= 1, got 1.5"),
+])
+def test_explore_cli_refuses_settings_out_of_range(flags, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "explore.py"), "--model", "tiny", *flags], cwd=root,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -203,3 +203,46 @@ def test_exploration_keeps_every_finished_episode_when_an_environment_crashes(tm
     reasons = {r["id"]: r["reason"] for r in records}
     assert reasons[TASKS[0]].startswith("env_error: RuntimeError: simulator crashed at step 1")
     assert reasons[TASKS[1]] == reasons[TASKS[2]] == "max_steps"
+
+
+class FaultyStepEnv:
+    """A household environment whose `step` returns a broken result for one task."""
+
+    def __init__(self, fault: str, bad_task: str):
+        self.env, self.fault, self.bad_task = make_env("household"), fault, bad_task
+        self.instruction, self.max_steps = self.env.instruction, self.env.max_steps
+
+    def reset(self, task_id):
+        self.task_id = task_id
+        if self.fault == "reset returns None" and task_id == self.bad_task:
+            return None
+        return self.env.reset(task_id)
+
+    def icl_example(self):
+        return self.env.icl_example()
+
+    def step(self, action):
+        obs, reward, done, info = self.env.step(action)
+        if self.task_id == self.bad_task:
+            if self.fault == "reward None":
+                reward = None
+            elif self.fault == "reward NaN":
+                reward = float("nan")
+            elif self.fault == "info not a dict":
+                info = "oops"
+        return obs, reward, done, info
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("reward None", "env_error: ValueError: reward must be a finite number, got None"),
+    ("reward NaN", "env_error: ValueError: reward must be a finite number, got nan"),
+    ("info not a dict", "env_error: TypeError: info must be a dict, got str"),
+    ("reset returns None", f"env_error: TypeError: reset({TASKS[1]!r}) must return the task text, got NoneType"),
+])
+def test_a_broken_environment_result_ends_that_episode_and_the_others_go_on(tmp_path, fault, reason):
+    model, tok = scripted_agent("Thought: look around.\nAction: look", tmp_path)
+    episodes = run_episodes(model, tok, lambda: FaultyStepEnv(fault, TASKS[1]), TASKS[:3],
+                            AgentConfig(sampling=SamplingConfig(max_new_tokens=24), batch_size=3, max_len=4096,
+                                        max_steps=2))
+    assert episodes[1].done and episodes[1].reason == reason
+    assert [ep.reason for ep in (episodes[0], episodes[2])] == ["max_steps", "max_steps"]

@@ -172,3 +172,63 @@ def test_check_finite_is_a_named_function_that_accepts_finite_values():
     with pytest.raises(NonFiniteLossError, match="^step 7: .*grad norm inf"):
         trainer.check_finite(1.5, math.inf, step=7)
     assert issubclass(NonFiniteLossError, FloatingPointError)
+
+
+@pytest.mark.parametrize("damage", ["truncated trainer_state.json", "truncated optimizer.safetensors",
+                                    "NaN weights"])
+def test_resume_falls_back_from_a_damaged_checkpoint_to_the_one_before(damage, tiny_model, data_files, tmp_path,
+                                                                      caplog):
+    straight = run_sft(sft_config(tiny_model, data_files, tmp_path / "straight", epochs=2, save_every=2))
+    cfg = sft_config(tiny_model, data_files, tmp_path / "run", epochs=2, save_every=2, keep_checkpoints=3)
+    with pytest.raises(Interrupt):
+        run_sft(cfg, callback=interrupt_at(5))
+    newest = run_dir.checkpoint_dirs(cfg.out)[-1]
+    assert newest.name == "step-000004"
+    if damage == "NaN weights":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(newest / "model.safetensors")
+        tensors[next(iter(tensors))][0] = float("nan")
+        save_file(tensors, str(newest / "model.safetensors"))
+    else:
+        target = newest / damage.split()[1]
+        target.write_bytes(target.read_bytes()[: 20])
+    with caplog.at_level("WARNING", logger="eto_ref.run_dir"):
+        assert run_dir.find_resume_checkpoint(cfg).name == "step-000002"
+    assert any("step-000004: not resumable" in r.getMessage() and "falling back" in r.getMessage()
+               for r in caplog.records)
+    assert_same_params(params_of(run_sft(cfg)), params_of(straight))  # replays steps 3-4: the same weights
+
+
+def test_a_truncated_final_state_is_an_error_naming_the_file(tiny_model, data_files, tmp_path):
+    cfg = sft_config(tiny_model, data_files, tmp_path, epochs=1)
+    run_sft(cfg)
+    state = tmp_path / "final" / "trainer_state.json"
+    state.write_text(state.read_text()[:30])
+    with pytest.raises(run_dir.RunError, match=f"{state}: cannot read .*is it truncated"):
+        run_sft(cfg)
+
+
+def test_an_update_that_makes_weights_non_finite_stops_before_anything_is_saved(tiny_model, data_files, tmp_path):
+    """The last step is checked too: an infinite learning rate never reaches final/."""
+    cfg = dataclasses.replace(sft_config(tiny_model, data_files, tmp_path, epochs=1), lr=math.inf, max_steps=1,
+                              warmup_ratio=0.0)
+    with pytest.raises(NonFiniteLossError, match="^step 1: the update made weights NaN or inf"):
+        run_sft(cfg)
+    assert not (tmp_path / "final").exists() and not run_dir.checkpoint_dirs(tmp_path)
+
+
+def test_load_model_refuses_nan_weights_naming_the_tensor(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from eto_ref.checkpoint import CheckpointError, load_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"broken: tensor 'model.norm.weight' holds NaN or inf values"):
+        load_model(broken)

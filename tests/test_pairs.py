@@ -76,3 +76,14 @@ def test_build_pairs_counts_outcomes_and_matches_by_id():
     pairs, stats = build_pairs(experts, explored)
     assert [p["id"] for p in pairs] == ["0", "2"]
     assert stats.as_dict() == {"win": 0, "tie": 1, "lose": 2, "dropped": 1}
+
+
+def test_runs_without_a_usable_reward_are_never_paired():
+    """A NaN or missing reward, or an episode an environment fault stopped, says nothing about the agent."""
+    expert = episode("t", ["a1", "a2"], 1.0, final_observation=False)
+    failed = episode("t", ["x"], 0.0)
+    bad = [{**failed, "reward": float("nan")}, {**failed, "reward": None},
+           {**failed, "reason": "env_error: RuntimeError: simulator crashed"}]
+    for explored in bad:
+        pairs, stats = build_pairs([expert], [explored])
+        assert pairs == [] and stats.dropped == 1 and stats.win == stats.lose == 0

@@ -43,3 +43,27 @@ def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
     assert seconds["total"] == pytest.approx(sum(t for name, t in seconds.items() if name != "total"), abs=0.1)
 
 
+
+
+def test_a_rerun_with_other_settings_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """The job's settings are recorded (run.json); a rerun that differs names each difference and changes
+    nothing, while the same settings resume (here: run the phases again)."""
+    from dataclasses import replace
+
+    import eto_ref.pipeline as pipeline
+    from eto_ref.run_dir import RunError
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_phases", lambda cfg, out: ran.append(cfg) or {})
+    cfg = PipelineConfig(out=str(tmp_path), model="tiny")
+    pipeline.run_pipeline(cfg)
+    written = (tmp_path / "pipeline_config.json").read_text()
+    other = replace(cfg, dpo=replace(cfg.dpo, beta=0.5), loop=replace(cfg.loop, eval_limit=7))
+    with pytest.raises(RunError, match=r"made with other settings: (dpo\.beta: 0\.1 then, 0\.5 now; "
+                                       r"loop\.eval_limit: None then, 7 now|loop\.eval_limit.*dpo\.beta)"):
+        pipeline.run_pipeline(other)
+    assert (tmp_path / "pipeline_config.json").read_text() == written and len(ran) == 1
+    pipeline.run_pipeline(replace(cfg, sft=replace(cfg.sft, progress=False)))  # how it runs is not what it makes
+    assert len(ran) == 2
+    pipeline.run_pipeline(replace(other, resume=False))  # start over with the new settings
+    assert len(ran) == 3 and json.loads((tmp_path / "pipeline_config.json").read_text())["dpo"]["beta"] == 0.5

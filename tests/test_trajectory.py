@@ -61,8 +61,10 @@ BAD_TRAJECTORIES = {  # kind: (record written as line 2, expected message after 
                         "record 1 (id 'x', line 2): conversations[3].from: expected 'gpt' after 'human', got 'human'"),
     "starts with gpt": ({"id": "x", "conversations": [A1]},
                         "record 1 (id 'x', line 2): conversations[0].from: expected 'human' first, got 'gpt'"),
-    "ends with human": ({"id": "x", "conversations": INSTRUCTION + [TASK, A1, O1]},
-                        "record 1 (id 'x', line 2): conversations[4].from: must end with 'gpt', got 'human'"),
+    "no agent turn": ({"id": "x", "conversations": [TASK]},
+                      "record 1 (id 'x', line 2): conversations[0].from: must end with 'gpt', got 'human'"),
+    "infinite reward": ({**GOOD, "id": "x", "reward": float("inf")},
+                        "record 1 (id 'x', line 2): reward: expected a finite number, got inf"),
     "empty action": ({"id": "x", "conversations": INSTRUCTION + [TASK, {"from": "gpt", "value": "  \n"}]},
                      "record 1 (id 'x', line 2): conversations[3].value: empty agent turn"),
     "non-string value": ({"id": "x", "conversations": INSTRUCTION + [TASK, {"from": "gpt", "value": 3}]},
@@ -89,6 +91,31 @@ def test_each_bad_trajectory_is_named_and_the_rest_of_the_file_kept(kind, tmp_pa
         load_trajectories(path, on_error="raise")
     assert str(raised.value).startswith(f"{path}: {message}")
     assert isinstance(raised.value, ValueError)
+
+
+def test_a_final_observation_is_dropped_and_a_numeric_string_reward_is_a_number(tmp_path):
+    """Explored episodes end with the environment's observation; some files give rewards as strings."""
+    path = write_jsonl(tmp_path / "data.jsonl", [{"id": "e", "conversations": INSTRUCTION + [TASK, A1, O1],
+                                                  "reward": "0.75"}])
+    (traj,) = load_trajectories(path, on_error="raise")
+    assert traj.reward == 0.75 and traj.messages[-1] == {"role": "assistant", "content": A1["value"]}
+
+
+@pytest.mark.parametrize("records, hint", [
+    ([{"id": 1, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}] * 3,
+     "Hugging Face `messages`"),
+    ([{"id": i, "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "ok"}]}
+      for i in range(3)], "user/assistant roles"),
+    ([{"id": i, **{k: v for k, v in pair_record().items() if k != "id"}} for i in range(3)], "pass it as --pairs"),
+])
+def test_a_file_with_no_valid_record_says_what_it_is_and_how_to_convert_it(records, hint, tmp_path):
+    path = write_json(tmp_path / "data.json", records)
+    with pytest.raises(TrajectoryError) as raised:
+        load_trajectories(path)  # even when skipping bad records
+    message = str(raised.value)
+    assert message.startswith(f"{path}: 0 of 3 records are valid ETO trajectory records; most common problem (3")
+    assert hint in message and f"python -m eto_ref.convert_data {path}" in message
+    assert '{"id": ..., "conversations": [{"from": "human"' in message
 
 
 def test_bad_record_in_a_json_list_is_named_by_index_without_a_line(tmp_path):
