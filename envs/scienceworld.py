@@ -6,10 +6,17 @@ official ETO code (`eval_agent/envs/sciworld_env.py`, `eval_agent/tasks/sciworld
 - the 24 task types of `OFFICIAL_MAX_STEPS` (the official `max_steps.json`), each
   episode limited to its task type's official step limit;
 - splits: ScienceWorld's train variations -> `train`, dev variations ->
-  `test_seen`, test variations -> `test_unseen` (the sizes given to the
-  constructor are caps *per task type*: by default all train variations and the
-  first 10 dev/test variations, as the official evaluation);
-- `simplificationStr="easy"`; the task text is ScienceWorld's task description;
+  `test_seen`, test variations -> `test_unseen`; the sizes given to the
+  constructor are caps *per task type*: by default the first 120 train and the
+  first 10 dev and test variations of each type (1408 / 199 / 211 tasks). The
+  official lists (ETO's `eval_agent/data/sciworld/{train,dev,test}_indices.json`)
+  hold the same 211 test tasks, but a random subset of the dev variations (194) and
+  a random sample of up to 120 per type for train (1483, four types drawing beyond
+  ScienceWorld's train range); to run on exactly those, point
+  `SCIENCEWORLD_SPLITS_DIR` (or `splits_dir=`) at a folder holding the three files;
+- `simplificationStr="easy"`; the task text is ScienceWorld's task description
+  without its "Task Description:" header (the official SFT data has none; the
+  official prompts keep it, see docs/official-code.md);
 - `info["score"]` is the current score / 100, `reward` the max score seen / 100
   (a failed task's negative score counts as 0);
 - expert trajectories are ScienceWorld's gold action sequences with a generic
@@ -23,6 +30,10 @@ this same simulator and so replaces the current episode.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 from envs.base import TextEnv, check_split
 
@@ -71,6 +82,7 @@ Action: <your next action>"""
 
 SPLIT_VARIATIONS = {"train": "get_variations_train", "test_seen": "get_variations_dev",
                     "test_unseen": "get_variations_test"}
+OFFICIAL_SPLIT_FILES = {"train": "train", "test_seen": "dev", "test_unseen": "test"}
 NO_MATCH = "No known action matches that input."
 
 
@@ -93,12 +105,14 @@ class ScienceWorldAdapter(TextEnv):
     instruction = INSTRUCTION
     max_steps = 100  # replaced on reset by the task type's official limit
 
-    def __init__(self, seed: int = 0, train: int | None = None, test_seen: int | None = 10,
-                 test_unseen: int | None = 10, task_names: list[str] | None = None, env_step_limit: int = 1000):
+    def __init__(self, seed: int = 0, train: int | None = 120, test_seen: int | None = 10,
+                 test_unseen: int | None = 10, task_names: list[str] | None = None, env_step_limit: int = 1000,
+                 splits_dir: str | None = None):
         super().__init__(seed)
         self.sizes = {"train": train, "test_seen": test_seen, "test_unseen": test_unseen}  # caps per task type
         self.task_names = list(task_names or OFFICIAL_MAX_STEPS)
         self.env_step_limit = env_step_limit
+        self.splits_dir = splits_dir or os.environ.get("SCIENCEWORLD_SPLITS_DIR")
         self._sim = None
         self._ids: dict[str, list[str]] = {}
 
@@ -118,6 +132,8 @@ class ScienceWorldAdapter(TextEnv):
     # ---- tasks ------------------------------------------------------------------------
     def task_ids(self, split: str) -> list[str]:
         check_split(split)
+        if split not in self._ids and self.splits_dir:
+            self._ids[split] = self.listed_task_ids(split)
         if split not in self._ids:
             sim, ids = self.simulator(), []
             for task in self.task_names:
@@ -126,6 +142,15 @@ class ScienceWorldAdapter(TextEnv):
                 ids += [f"{self.name}/{split}/{task}/{v}" for v in variations]
             self._ids[split] = ids
         return list(self._ids[split])
+
+    def listed_task_ids(self, split: str) -> list[str]:
+        """The task ids of an official index list ([[task name, variation], ...]) in `splits_dir`."""
+        path = Path(self.splits_dir) / f"{OFFICIAL_SPLIT_FILES[split]}_indices.json"
+        try:
+            pairs = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the official index list ({e})") from None
+        return [f"{self.name}/{split}/{task}/{variation}" for task, variation in pairs if task in self.task_names]
 
     def parse_task_id(self, task_id: str) -> tuple[str, int]:
         """"scienceworld/train/task-1-boil/3" -> ("task-1-boil", 3)."""

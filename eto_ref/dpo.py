@@ -28,11 +28,12 @@ from eto_ref.distributed import all_gather_dicts, is_main, shard
 from eto_ref.jsonl import write_json_atomic
 from eto_ref.lora import disable_adapter, lora_modules
 from eto_ref.losses import bc_loss, dpo_loss, scored_positions, sequence_logprobs
-from eto_ref.run_dir import RunLock, finished_run, restore_weights
+from eto_ref.run_dir import restore_weights
 from eto_ref.runtime import autocast
 from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.trainer import Stage, chunks, fit, load_trainable_model, prepare, scored_logits, split_train_eval, to_device
+from eto_ref.trainer import (Stage, chunks, fit, load_trainable_model, run_stage, scored_logits, split_train_eval,
+                             to_device)
 from eto_ref.trajectory import collate_pairs, encode_pair, load_pairs, split_chosen_rejected
 
 REFERENCE_FILE = "reference_logps.json"
@@ -182,27 +183,26 @@ def dpo_evaluate(examples, ref, chosen_counts, indices, cfg: DPOConfig, pad_id, 
 
 def run_dpo(cfg: DPOConfig, callback: Callable | None = None) -> Path:
     """One DPO stage of ETO (paper Eq. 7): pi_ref = cfg.model, trained on cfg.pairs; returns the final dir."""
-    with RunLock(cfg.out):
-        done = finished_run(cfg)
-        if done is not None:
-            return done
-        device, dtype, resume_from = prepare(cfg)
-        tok = Tokenizer.from_dir(cfg.model)
-        pairs, examples, stats = encode_pair_data(load_pairs(cfg.pairs, on_error="skip")[:cfg.max_examples], tok,
-                                                  cfg.max_len)
-        if not examples:
-            raise ValueError(f"{cfg.pairs}: no preference pair with trainable tokens on both sides")
-        chosen_counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]
-        train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, cfg.seed)
+    return run_stage(cfg, train_dpo, callback)
 
-        model = load_trainable_model(cfg, device, dtype)  # = pi_ref until it is trained
-        ref = cached_reference_logprobs(model, pairs, examples, cfg, tok.pad_id, device, dtype)  # (N, 2)
-        if resume_from is not None:
-            restore_weights(model, resume_from, bool(cfg.lora_rank))
-        evaluate = dpo_evaluate(examples, ref, chosen_counts, eval_idx, cfg, tok.pad_id, device) if eval_idx else None
-        stats.update(train_pairs=len(train_idx), eval_pairs=len(eval_idx),
-                     ref_chosen_logp=ref[:, 0].mean().item(), ref_rejected_logp=ref[:, 1].mean().item())
-        stage = Stage("dpo", train_idx, dpo_micro_loss(examples, ref, chosen_counts, cfg, tok.pad_id, device),
-                      evaluate, lengths=[max(len(ex.chosen.input_ids), len(ex.rejected.input_ids)) for ex in examples],
-                      data_stats=stats)
-        return fit(model, cfg, stage, resume_from, device, dtype, callback)
+
+def train_dpo(cfg: DPOConfig, device, dtype, resume_from: Path | None, callback: Callable | None) -> Path:
+    tok = Tokenizer.from_dir(cfg.model)
+    pairs, examples, stats = encode_pair_data(load_pairs(cfg.pairs, on_error="skip")[:cfg.max_examples], tok,
+                                              cfg.max_len)
+    if not examples:
+        raise ValueError(f"{cfg.pairs}: no preference pair with trainable tokens on both sides")
+    chosen_counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]
+    train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, cfg.seed)
+
+    model = load_trainable_model(cfg, device, dtype)  # = pi_ref until it is trained
+    ref = cached_reference_logprobs(model, pairs, examples, cfg, tok.pad_id, device, dtype)  # (N, 2)
+    if resume_from is not None:
+        restore_weights(model, resume_from, bool(cfg.lora_rank))
+    evaluate = dpo_evaluate(examples, ref, chosen_counts, eval_idx, cfg, tok.pad_id, device) if eval_idx else None
+    stats.update(train_pairs=len(train_idx), eval_pairs=len(eval_idx),
+                 ref_chosen_logp=ref[:, 0].mean().item(), ref_rejected_logp=ref[:, 1].mean().item())
+    stage = Stage("dpo", train_idx, dpo_micro_loss(examples, ref, chosen_counts, cfg, tok.pad_id, device),
+                  evaluate, lengths=[max(len(ex.chosen.input_ids), len(ex.rejected.input_ids)) for ex in examples],
+                  data_stats=stats)
+    return fit(model, cfg, stage, resume_from, device, dtype, callback)

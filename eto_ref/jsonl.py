@@ -68,14 +68,15 @@ class JsonlWriter:
         self.close()
 
 
-def write_json_atomic(obj, path: str | Path, indent: int | None = 2) -> Path:
-    """Write JSON to a temp file in the same directory, then rename over `path`."""
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write text to a temp file in the same directory, fsync it, then rename it over `path`:
+    a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -84,3 +85,8 @@ def write_json_atomic(obj, path: str | Path, indent: int | None = 2) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json_atomic(obj, path: str | Path, indent: int | None = 2) -> Path:
+    """Write JSON atomically (see write_text_atomic)."""
+    return write_text_atomic(json.dumps(obj, indent=indent, ensure_ascii=False), path)

@@ -191,7 +191,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.nkv * self.hs, bias=bias)
         self.o_proj = nn.Linear(self.nh * self.hs, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask, kv_cache=None):  # kv_cache: anything with update(layer, k, v)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)

@@ -19,9 +19,8 @@ import torch
 
 from eto_ref.config import SFTConfig
 from eto_ref.losses import bc_loss, next_token_targets
-from eto_ref.run_dir import RunLock, finished_run
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.trainer import Stage, chunks, fit, prepare, scored_logits, split_train_eval, start_model, to_device
+from eto_ref.trainer import Stage, chunks, fit, run_stage, scored_logits, split_train_eval, start_model, to_device
 from eto_ref.trajectory import collate_sft, encode_sft, load_trajectories
 
 
@@ -88,11 +87,10 @@ def sft_stage(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device) -> Sta
 
 def run_sft(cfg: SFTConfig, callback: Callable | None = None) -> Path:
     """Behavioral cloning (paper Eq. 5) of cfg.model on cfg.data; returns the final model directory."""
-    with RunLock(cfg.out):
-        done = finished_run(cfg)
-        if done is not None:
-            return done
-        device, dtype, resume_from = prepare(cfg)
-        stage = sft_stage(cfg, Tokenizer.from_dir(cfg.model), device)
-        model = start_model(cfg, device, dtype, resume_from)
-        return fit(model, cfg, stage, resume_from, device, dtype, callback)
+    return run_stage(cfg, train_sft, callback)
+
+
+def train_sft(cfg: SFTConfig, device, dtype, resume_from: Path | None, callback: Callable | None) -> Path:
+    stage = sft_stage(cfg, Tokenizer.from_dir(cfg.model), device)
+    model = start_model(cfg, device, dtype, resume_from)
+    return fit(model, cfg, stage, resume_from, device, dtype, callback)

@@ -34,8 +34,8 @@ from eto_ref.distributed import (all_reduce_sum, full_tensor, gradient_sync, ini
 from eto_ref.lora import inject_lora, lora_modules
 from eto_ref.losses import scored_positions
 from eto_ref.metrics import MetricsLog, progress_bar, show
-from eto_ref.run_dir import (config_dict, find_resume_checkpoint, load_optimizer_state, restore_weights,
-                             save_checkpoint, save_final)
+from eto_ref.run_dir import (RunLock, config_dict, find_resume_checkpoint, finished_run, load_optimizer_state,
+                             restore_weights, save_checkpoint, save_final)
 from eto_ref.runtime import autocast, compute_dtype, resolve_device
 from eto_ref.schedule import lr_at
 
@@ -346,10 +346,16 @@ def fit(model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device:
     return final
 
 
-def prepare(cfg: TrainConfig) -> tuple[torch.device, torch.dtype, Path | None]:
-    """What both stages do first: this rank's device and dtype, and the checkpoint to resume from."""
-    device, dtype = setup_runtime(cfg)
-    return device, dtype, find_resume_checkpoint(cfg)
+def run_stage(cfg: TrainConfig, train: Callable, callback: Callable | None = None) -> Path:
+    """What both stages do around their training: lock the run directory; if this exact run has
+    finished, return its final/ at once; else `train(cfg, device, dtype, resume_from, callback)`,
+    resuming from the newest usable checkpoint."""
+    with RunLock(cfg.out):
+        done = finished_run(cfg)
+        if done is not None:
+            return done
+        device, dtype = setup_runtime(cfg)
+        return train(cfg, device, dtype, find_resume_checkpoint(cfg), callback)
 
 
 def start_model(cfg: TrainConfig, device, dtype, resume_from: Path | None):

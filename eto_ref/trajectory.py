@@ -32,14 +32,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from eto_ref.jsonl import write_text_atomic
 
 log = logging.getLogger(__name__)
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ETO "from" -> chat role
@@ -322,18 +322,7 @@ def write_records(records: list[dict], path: str | Path) -> None:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     else:
         text = json.dumps(records, indent=1, ensure_ascii=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(text, path)
 
 
 def save_trajectories(trajectories: list[Trajectory], path: str | Path) -> None:

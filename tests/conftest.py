@@ -46,3 +46,6 @@ class FakeTokenizer:
 @pytest.fixture
 def fake_tok() -> FakeTokenizer:
     return FakeTokenizer()
+
+
+from tests.helpers import data_files, tiny_model  # noqa: E402,F401  (fixtures for every test module)

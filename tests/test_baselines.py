@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from eto_ref.agent import AgentConfig
-
-from eto_ref.sampler import SamplingConfig
 from eto_ref.baselines import best_of_n, best_of_n_rewards, rft_records
 from eto_ref.exploration import ExploreConfig
+from eto_ref.sampler import SamplingConfig
 
 
 def record(task_id, reward, text="Thought: t\nAction: a"):

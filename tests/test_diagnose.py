@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from eto_ref.diagnose import distinct_tasks, own_task_accuracy, reply_logprob, task_conditioning
+from eto_ref.diagnose import (
+    distinct_tasks,
+    own_task_accuracy,
+    reply_logprob,
+    task_conditioning,
+)
 from eto_ref.model import ModelConfig, Transformer
 
 

@@ -18,8 +18,7 @@ import torch.multiprocessing as mp
 from eto_ref import config, dpo, sft, trainer
 from eto_ref.distributed import shard
 from eto_ref.model import ModelConfig, Transformer
-from tests.test_trainer import (assert_same_params, data_files, dpo_config, params_of, sft_config,  # noqa: F401
-                                tiny_model)
+from tests.helpers import assert_same_params, dpo_config, params_of, sft_config
 
 # --------------------------------------------------------------------------- launching ranks
 
@@ -158,9 +157,9 @@ def tiny_agent_dir(root: Path) -> Path:
 
 def explore_job(model_dir: str, out_dir: str, limit: int) -> None:
     from eto_ref.agent import AgentConfig
-    from eto_ref.sampler import SamplingConfig
     from eto_ref.checkpoint import load_model
     from eto_ref.exploration import ExploreConfig, explore
+    from eto_ref.sampler import SamplingConfig
     from eto_ref.tokenizer import Tokenizer
 
     model, tok = load_model(model_dir).eval(), Tokenizer.from_dir(model_dir)

@@ -5,8 +5,7 @@ import time
 
 import pytest
 
-from envs import SPLITS, make_env
-from envs import household, science, webshop
+from envs import SPLITS, household, make_env, science, webshop
 from envs.base import agent_turn
 
 ENVS = ("webshop", "household", "science")

@@ -1,17 +1,23 @@
-"""Exploration resumes after being killed: no finished trajectory lost, none repeated."""
+"""eto_ref/exploration.py: runs resume after being killed (nothing lost or repeated), refuse other settings and
+locked directories, keep every ended episode; explore.py refuses settings out of range."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import eto_ref.exploration as exploration
-from eto_ref.sampler import SamplingConfig
-from eto_ref.agent import AgentConfig
+from envs import make_env
+from eto_ref.agent import (
+    AgentConfig,
+)
 from eto_ref.exploration import ExploreConfig, explore, explore_and_pair
 from eto_ref.model import ModelConfig, Transformer
+from eto_ref.sampler import SamplingConfig
 from eto_ref.tiny import environment_texts
 from eto_ref.tokenizer import train_bpe_tokenizer
+from tests.helpers import HOUSEHOLD_TASKS, CrashingEnv, scripted_agent
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +170,83 @@ def test_explore_cli_refuses_settings_out_of_range(flags, message):
     result = subprocess.run([sys.executable, str(root / "explore.py"), "--model", "tiny", *flags], cwd=root,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_exploration_keeps_every_finished_episode_when_an_environment_crashes(tmp_path, monkeypatch):
+    """The crashed episode and the others are all in trajectories.jsonl, each with its end reason."""
+    import envs
+    from eto_ref.exploration import ExploreConfig, explore
+
+    made = []
+
+    def make(name, seed=0, **kw):
+        made.append(CrashingEnv(crash_at=1) if len(made) == 1 else make_env(name, seed=seed))  # made[0]: the task list
+        return made[-1]
+
+    monkeypatch.setattr(envs, "make_env", make)
+    model, tok = scripted_agent("Thought: look around.\nAction: look", tmp_path / "tok")
+    cfg = ExploreConfig(env="household", split="train", out_dir=str(tmp_path / "out"), limit=3,
+                        agent=AgentConfig(sampling=SamplingConfig(max_new_tokens=48), batch_size=3, max_len=4096, max_steps=2))
+    records = explore(model, tok, cfg, progress=False)
+    on_disk = [json.loads(line) for line in (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in on_disk) == sorted(HOUSEHOLD_TASKS) and len(on_disk) == 3
+    reasons = {r["id"]: r["reason"] for r in records}
+    assert reasons[HOUSEHOLD_TASKS[0]].startswith("env_error: RuntimeError: simulator crashed at step 1")
+    assert reasons[HOUSEHOLD_TASKS[1]] == reasons[HOUSEHOLD_TASKS[2]] == "max_steps"
+
+
+class EvilIdsEnv:
+    """A household environment whose task ids try to climb out of the output directory."""
+
+    IDS = ["../../escaped", "/tmp/absolute-escape", "..", "a/../../b", "sub/dir/x"]
+
+    def __init__(self, seed=0, **sizes):
+        from envs.household import HouseholdEnv
+
+        self.env = HouseholdEnv(seed=seed)
+        self.instruction, self.max_steps = self.env.instruction, 2
+
+    def real(self, task_id):
+        return self.env.task_ids("train")[self.IDS.index(task_id)]
+
+    def task_ids(self, split):
+        return list(self.IDS)
+
+    def reset(self, task_id):
+        return self.env.reset(self.real(task_id))
+
+    def step(self, action):
+        return self.env.step(action)
+
+    def icl_example(self):
+        return self.env.icl_example()
+
+    def expert_trajectory(self, task_id):
+        return {**self.env.expert_trajectory(self.real(task_id)), "id": task_id}
+
+
+def test_ids_from_data_never_become_paths_outside_the_output_directory(tmp_path, monkeypatch):
+    """Ids never become file names: exploration writes only its fixed file names inside out_dir."""
+    import envs
+    from eto_ref.agent import AgentConfig
+    from eto_ref.exploration import ExploreConfig, explore_and_pair
+    from eto_ref.sampler import SamplingConfig
+    from tests.helpers import scripted_agent
+
+    monkeypatch.setattr(envs, "make_env", lambda name, seed=0, **kw: EvilIdsEnv(seed))
+    model, tok = scripted_agent("Thought: look.\nAction: look", tmp_path / "tok")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # relative "../../escaped" would land around here
+    out = work / "deep" / "out"
+    cfg = ExploreConfig(env="household", split="train", out_dir=str(out),
+                        agent=AgentConfig(sampling=SamplingConfig(max_new_tokens=48), batch_size=2, max_len=2048, max_steps=2))
+    path, summary = explore_and_pair(model, tok, cfg, progress=False)
+    assert summary["episodes"] == len(EvilIdsEnv.IDS)
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == [
+        "deep", "deep/out", "deep/out/pairs.json", "deep/out/run.json", "deep/out/summary.json",
+        "deep/out/trajectories.jsonl"]
+    assert [p.name for p in tmp_path.iterdir() if p.name != "tok"] == ["work"]
+    assert not Path("/tmp/absolute-escape").exists()
+    ids = [json.loads(line)["id"] for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert ids == EvilIdsEnv.IDS  # the ids are data, kept verbatim inside the files

@@ -20,7 +20,13 @@ import torch
 gguf = pytest.importorskip("gguf", reason="the gguf package (requirements.txt) is needed to read GGUF files")
 
 from eto_ref.checkpoint import load_model  # noqa: E402
-from eto_ref.gguf import GGUFError, convert, smollm2_available, smollm2_gguf_path, unpermute_rows  # noqa: E402
+from eto_ref.gguf import (  # noqa: E402
+    GGUFError,
+    convert,
+    smollm2_available,
+    smollm2_gguf_path,
+    unpermute_rows,
+)
 from eto_ref.tokenizer import Tokenizer, train_bpe_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

@@ -1,6 +1,7 @@
 """Durable JSONL: an interrupted writer loses no finished record and repeats none."""
 
 import json
+import re
 
 import pytest
 
@@ -45,3 +46,17 @@ def test_atomic_json_leaves_no_temp_file(tmp_path):
     write_json_atomic({"a": 2}, tmp_path / "s.json")
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_jsonl_log_torn_last_line_is_dropped_and_a_corrupt_middle_line_is_named(tmp_path):
+    """Exploration output (eto_ref/jsonl.py): a kill mid-write loses only the record being written."""
+    path = tmp_path / "trajectories.jsonl"
+    with JsonlWriter(path) as w:
+        w.write({"id": "a"})
+    with open(path, "ab") as f:
+        f.write(b'{"id": "b", "rew')  # killed here
+    with pytest.warns(UserWarning, match=r"trajectories.jsonl: line 2: incomplete last record dropped"):
+        assert read_jsonl_records(path) == [{"id": "a"}]
+    path.write_bytes(b'{"id": "a"}\n\xff\xfe\n{"id": "c"}\n')  # non-UTF-8 bytes inside the file
+    with pytest.raises(ValueError, match=re.escape(f"{path}: line 2: not valid JSON")):
+        read_jsonl_records(path)

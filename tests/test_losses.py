@@ -15,7 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eto_ref.losses import DPOOutput, bc_loss, dpo_loss, next_token_targets, sequence_logprobs, token_logprobs
+from eto_ref.losses import (
+    DPOOutput,
+    bc_loss,
+    dpo_loss,
+    next_token_targets,
+    sequence_logprobs,
+    token_logprobs,
+)
 
 LN2, LN3 = math.log(2), math.log(3)
 

@@ -4,8 +4,16 @@ import json
 
 import pytest
 
-from eto_ref.results import (differences_from_sft, finished_rows, paired_difference, per_task_rewards,
-                             report_seeds, results_table, seeds_table, write_reward_plot)
+from eto_ref.results import (
+    differences_from_sft,
+    finished_rows,
+    paired_difference,
+    per_task_rewards,
+    report_seeds,
+    results_table,
+    seeds_table,
+    write_reward_plot,
+)
 
 
 def test_results_table_has_the_papers_shape():

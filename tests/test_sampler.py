@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from eto_ref.model import ModelConfig, Transformer
-from eto_ref.sampler import SamplingConfig, Session, generate, logits_to_probs, sample_rows
+from eto_ref.sampler import (
+    SamplingConfig,
+    Session,
+    generate,
+    logits_to_probs,
+    sample_rows,
+)
 
 V = 97
 

@@ -6,7 +6,6 @@ template). Oracles: FastChat's llama-2 string written out below; transformers'
 Llama-3 / Qwen2 templates; its `return_assistant_tokens_mask` for the mask.
 """
 
-import json
 import shutil
 
 import pytest

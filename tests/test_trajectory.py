@@ -7,14 +7,27 @@ One test at the end uses the real `eto_ref.tokenizer`.
 
 import json
 import logging
+import re
 
 import pytest
 import torch
 
 from eto_ref.losses import next_token_targets, sequence_logprobs
 from eto_ref.trajectory import (
-    Example, PairExample, PreferencePair, Trajectory, TrajectoryError, collate_pairs, collate_sft, encode_pair,
-    encode_sft, load_pairs, load_trajectories, save_pairs, save_trajectories, split_chosen_rejected,
+    Example,
+    PairExample,
+    PreferencePair,
+    Trajectory,
+    TrajectoryError,
+    collate_pairs,
+    collate_sft,
+    encode_pair,
+    encode_sft,
+    load_pairs,
+    load_trajectories,
+    save_pairs,
+    save_trajectories,
+    split_chosen_rejected,
 )
 from tests.conftest import FakeTokenizer
 
@@ -240,7 +253,7 @@ def test_atomic_write_leaves_the_old_file_and_no_temp_file_when_it_fails(tmp_pat
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("eto_ref.trajectory.os.replace", failing_replace)
+    monkeypatch.setattr("eto_ref.jsonl.os.replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         save_trajectories(load_trajectories(write_json(tmp_path / "in.json", [GOOD])), path)
     assert path.read_text() == before
@@ -392,7 +405,7 @@ def test_pair_example_is_built_from_two_examples():
 
 def test_with_the_real_tokenizer(tmp_path):
     """The same masks through eto_ref.tokenizer's chatml template (skipped if that module is absent)."""
-    tokenizer = pytest.importorskip("eto_ref.tokenizer")
+    from eto_ref import tokenizer
     texts = [t["value"] for t in GOOD["conversations"]] * 10
     tok = tokenizer.train_bpe_tokenizer(texts, 300, tmp_path / "tok", template="chatml")
     (traj,) = load_trajectories(write_json(tmp_path / "t.json", [GOOD]))
@@ -409,3 +422,139 @@ def test_with_the_real_tokenizer(tmp_path):
         assert agent == "".join(t["content"] + "<|im_end|>" for t in turns if t["role"] == "assistant")
     batch = collate_pairs([pex], tok.pad_id)
     assert batch["input_ids"].shape[0] == 2 and not batch["loss_mask"][1, len(pex.rejected_ids):].any()
+
+
+def trajectory(rid, turns=None):
+    return {"id": rid, "conversations": INSTRUCTION + (turns or [TASK, A1, O1, A2]), "reward": 1.0}
+
+
+def pair(rid, **sides):
+    return {"id": rid, "prompt": INSTRUCTION + [TASK], "chosen": [A1, O1, A2], "rejected": [A2], **sides}
+
+
+def jsonl_line(record) -> bytes:
+    return record if isinstance(record, bytes) else json.dumps(record).encode() + b"\n"
+
+
+def load_both_ways(load, path, caplog):
+    """(records kept by the lenient load, warnings logged, the strict load's error message)."""
+    with caplog.at_level(logging.WARNING, logger="eto_ref.trajectory"):
+        kept = load(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    with pytest.raises(TrajectoryError) as raised:
+        load(path, on_error="raise")
+    return kept, warnings, str(raised.value)
+
+
+BAD_TRAJECTORY_LINES = {
+    "truncated JSON line": (b'{"id": "bad", "conversations": [{"from": "hum\n',
+                            "record 1 (line 2): invalid JSON line"),
+    "non-UTF-8 bytes": (b'{"id": "bad", "conversations": "\xff\xfe"}\n', "record 1 (line 2): invalid JSON line"),
+    "wrong roles (user/assistant)": (
+        trajectory("bad", [{"from": "user", "value": "task"}, {"from": "assistant", "value": "Action: go"}]),
+        "record 1 (id 'bad', line 2): conversations[2].from: unknown role 'user' (expected 'human' or 'gpt')"),
+    "role/content keys instead of from/value": (
+        {"id": "bad", "conversations": [{"role": "user", "content": "hi"}]},
+        "record 1 (id 'bad', line 2): conversations[0].from: missing"),
+    "non-alternating turns": (trajectory("bad", [TASK, O1, A1]),
+                              "record 1 (id 'bad', line 2): conversations[3].from: expected 'gpt' after 'human', "
+                              "got 'human'"),
+    "an empty action": (trajectory("bad", [TASK, {"from": "gpt", "value": " \n "}]),
+                        "record 1 (id 'bad', line 2): conversations[3].value: empty agent turn"),
+    "duplicate id": (trajectory("t0"), "record 1 (id 't0', line 2): id: duplicate of record 0 (ids must be unique)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAJECTORY_LINES))
+def test_bad_trajectory_is_named_and_the_good_records_are_kept(case, tmp_path, caplog):
+    bad, message = BAD_TRAJECTORY_LINES[case]
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(jsonl_line(trajectory("t0")) + jsonl_line(bad) + jsonl_line(trajectory("t2")))
+    kept, warnings, error = load_both_ways(load_trajectories, path, caplog)
+    assert [t.id for t in kept] == ["t0", "t2"]
+    assert kept[0].messages[-1]["content"] == A2["value"]  # the first of a duplicate id is the one kept
+    assert any(w.startswith(f"skipping bad record: {path}: {message}") for w in warnings), warnings
+    assert error.startswith(f"{path}: {message}")
+
+
+def test_duplicate_id_in_a_json_list_names_both_records_and_integer_ids_count(tmp_path):
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps([trajectory(7), trajectory("a"), trajectory("7")]))
+    assert [t.id for t in load_trajectories(path)] == ["7", "a"]
+    with pytest.raises(TrajectoryError, match=re.escape(f"{path}: record 2 (id '7'): id: duplicate of record 0")):
+        load_trajectories(path, on_error="raise")
+
+
+BAD_PAIR_LINES = {
+    "chosen equals rejected": (pair("bad", rejected=[A1, O1, A2]),
+                               "record 1 (id 'bad', line 2): rejected: identical to chosen (nothing to prefer)"),
+    "duplicate pair id": (pair("p0", rejected=[A1]), "record 1 (id 'p0', line 2): id: duplicate of record 0"),
+    "wrong roles in chosen": (pair("bad", chosen=[{"from": "assistant", "value": "x"}]),
+                              "record 1 (id 'bad', line 2): chosen[0].from: unknown role 'assistant'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PAIR_LINES))
+def test_bad_pair_is_named_and_the_good_pairs_are_kept(case, tmp_path, caplog):
+    bad, message = BAD_PAIR_LINES[case]
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(jsonl_line(pair("p0")) + jsonl_line(bad) + jsonl_line(pair("p2")))
+    kept, warnings, error = load_both_ways(load_pairs, path, caplog)
+    assert [p.id for p in kept] == ["p0", "p2"]
+    assert kept[0].rejected == [{"role": "assistant", "content": A2["value"]}]  # the first "p0"
+    assert any(f"{path}: {message}" in w for w in warnings), warnings
+    assert error.startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\xef\xbb\xbf\n"])
+def test_empty_file_is_an_error_even_when_skipping(content, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    for load in (load_trajectories, load_pairs):
+        with pytest.raises(TrajectoryError, match=re.escape(f"{path}: file is empty")):
+            load(path)
+
+
+def test_non_utf8_json_list_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "sft.json"
+    path.write_bytes(b'[{"id": "\xff"}]')
+    with pytest.raises(TrajectoryError, match=re.escape(f"{path}: not a valid JSON list") + ".*utf-8"):
+        load_trajectories(path)
+
+
+def test_trajectory_longer_than_max_len_is_kept_cut_and_named(tmp_path, caplog, fake_tok):
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(jsonl_line(trajectory("short", [TASK, {"from": "gpt", "value": "Action: a"}]))
+                     + jsonl_line(trajectory("long")))
+    short, long = load_trajectories(path)
+    full = len(fake_tok.render(long.messages)[0])
+    max_len = len(fake_tok.render(short.messages)[0])  # the short one fits exactly, the long one does not
+    with caplog.at_level(logging.WARNING, logger="eto_ref.trajectory"):
+        assert not encode_sft(short, fake_tok, max_len).truncated
+        cut = encode_sft(long, fake_tok, max_len)
+    assert cut.truncated and len(cut.input_ids) == max_len
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"{path}: record 1 (id 'long', line 2): conversations: {full} tokens, "
+                              f"longer than max_len {max_len}; cut to the first {max_len} "
+                              f"({sum(cut.loss_mask)} agent tokens kept)")
+
+
+def test_pair_longer_than_max_len_names_the_side_that_was_cut(tmp_path, caplog, fake_tok):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([pair("p0")]))
+    (p,) = load_pairs(path)
+    rejected_len = len(fake_tok.render(p.prompt + p.rejected)[0])
+    with caplog.at_level(logging.WARNING, logger="eto_ref.trajectory"):
+        ex = encode_pair(p, fake_tok, rejected_len)
+    assert ex.chosen.truncated and not ex.rejected.truncated
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"{path}: record 0 (id 'p0'): prompt + chosen: ")
+
+
+def test_records_built_in_code_are_named_by_id_when_cut(caplog, fake_tok):
+    from eto_ref.trajectory import Trajectory
+
+    traj = Trajectory("mine", [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}])
+    with caplog.at_level(logging.WARNING, logger="eto_ref.trajectory"):
+        encode_sft(traj, fake_tok, 4)
+    assert caplog.records[0].getMessage().startswith("trajectory 'mine': conversations: 14 tokens")

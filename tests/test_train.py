@@ -1,20 +1,16 @@
-"""End-to-end smoke test of the training CLI: `train.py --stage sft`, then `--stage eto` on its output.
-
-A tiny hand-made model directory and data (from tests/test_trainer.py), so it runs in
-seconds and does not depend on the environments or the default tiny model.
-"""
+"""train.py: `--stage sft`, then `--stage eto` on its output, end to end; the flags of each stage; settings out
+of range. A tiny hand-made model directory and data (tests/helpers.py), so it runs in seconds."""
 
 import json
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
 
 from eto_ref.checkpoint import load_model
 from eto_ref.metrics import read_metrics
-from tests.test_trainer import data_files, tiny_model  # noqa: F401  (pytest fixtures)
+from tests.helpers import tiny_model  # noqa: F401  (pytest fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 

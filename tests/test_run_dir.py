@@ -1,15 +1,13 @@
-"""Issue #8, hardening of training runs: a killed run resumes to the same weights; NaN stops cleanly.
+"""eto_ref/run_dir.py: checkpoints, exact resume, fallbacks from damaged checkpoints, finished runs.
 
 A real kill: SFT and DPO run in a subprocess, which gets SIGKILL after its first
 checkpoint is on disk (wherever it is then: mid-step or mid-write). Rerunning the
-same config resumes from the last complete checkpoint and ends with the weights of
-an uninterrupted run with the same seed. The tiny model and data are those of
-tests/test_trainer.py.
+same config resumes from the last complete checkpoint (taking over the dead
+process's lock) and ends with the weights of an uninterrupted run with the same seed.
 """
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import subprocess
@@ -20,17 +18,67 @@ from pathlib import Path
 import pytest
 import torch
 
-from eto_ref import dpo, run_dir, sft, trainer
-from eto_ref.checkpoint import read_state_dict
-from eto_ref.metrics import read_metrics
+from eto_ref import run_dir
+from eto_ref.checkpoint import load_model
 from eto_ref.dpo import run_dpo
+from eto_ref.metrics import read_metrics
 from eto_ref.sft import run_sft
-from eto_ref.trainer import NonFiniteLossError
-from tests.test_trainer import (  # noqa: F401  (tiny_model and data_files are fixtures)
-    Interrupt, assert_same_params, data_files, dpo_config, interrupt_at, params_of, sft_config, tiny_model,
+from tests.helpers import (
+    Interrupt,
+    assert_same_params,
+    dpo_config,
+    interrupt_at,
+    params_of,
+    sft_config,
 )
 
+
+@pytest.mark.parametrize("stage, lora", [("sft", 0), ("dpo", 4)])
+def test_resume_ends_with_the_same_parameters(tiny_model, data_files, tmp_path, stage, lora):
+    run, make = (run_sft, sft_config) if stage == "sft" else (run_dpo, dpo_config)
+    kw = dict(epochs=2, save_every=2, lora_rank=lora, lora_dropout=0.1)
+    straight = run(make(tiny_model, data_files, tmp_path / "straight", **kw))
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        run(make(tiny_model, data_files, interrupted, **kw), callback=interrupt_at(3))
+    assert [p.name for p in run_dir.checkpoint_dirs(interrupted)] == ["step-000002"]
+    resumed = run(make(tiny_model, data_files, interrupted, **kw))
+    assert_same_params(params_of(resumed), params_of(straight))
+    records = [r for r in read_metrics(interrupted / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # step 3 logged once
+
+
+def test_resume_refuses_other_settings(tiny_model, data_files, tmp_path):
+    with pytest.raises(Interrupt):
+        run_sft(sft_config(tiny_model, data_files, tmp_path, save_every=1), callback=interrupt_at(1))
+    with pytest.raises(ValueError, match="other settings"):
+        run_sft(sft_config(tiny_model, data_files, tmp_path, save_every=1, lr=1e-4))
+
+
+def test_checkpoints_hold_no_pickle_and_final_loads(tiny_model, data_files, tmp_path):
+    final = run_sft(sft_config(tiny_model, data_files, tmp_path, epochs=3, save_every=1, keep_checkpoints=2,
+                               eval_fraction=0.34))
+    ckpts = run_dir.checkpoint_dirs(tmp_path)
+    assert [p.name for p in ckpts] == ["step-000004", "step-000005"]  # 4 train examples / 2 = 2 steps x 3 epochs
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert path.suffix in (".json", ".jsonl", ".safetensors"), f"unexpected file {path}"
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["config"]["lr"] == 3e-3
+    from safetensors import safe_open
+    with safe_open(str(ckpts[-1] / "optimizer.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight.exp_avg" in keys and "lm_head.weight.exp_avg_sq" in keys
+    assert (final / "tokenizer.json").is_file() and (final / "config.json").is_file()
+    load_model(final)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert sum("loss" in r for r in records) == 6
+    assert records[-2].get("eval_loss", 0) > 0  # evaluation at the end
+    assert not list(tmp_path.rglob(".*tmp*"))  # no temp dirs left behind
+
+
 ROOT = Path(__file__).resolve().parents[1]
+
 
 # The child trains with the parent's thread count (same float reductions), slowly enough to be killed mid-run.
 CHILD = """
@@ -132,48 +180,6 @@ def test_a_failing_checkpoint_write_leaves_no_directory_and_keeps_the_previous_o
     assert json.loads((root / "step-000002" / "trainer_state.json").read_text())["step"] == 2
 
 
-def poison_loss_from_step(monkeypatch, module, factory: str, first_bad_step: int, value: float, calls_per_step: int):
-    """Make the micro-batch loss (and its reported value) `value` from `first_bad_step` on."""
-    real = getattr(module, factory)
-
-    def poisoned_factory(*args, **kw):
-        micro_loss, calls = real(*args, **kw), [0]
-
-        def poisoned(model, micro, batch):
-            calls[0] += 1
-            loss, metrics = micro_loss(model, micro, batch)
-            if calls[0] > (first_bad_step - 1) * calls_per_step:
-                loss = loss * value
-                metrics = {**metrics, "loss": loss.detach()}
-            return loss, metrics
-        return poisoned
-
-    monkeypatch.setattr(module, factory, poisoned_factory)
-
-
-@pytest.mark.parametrize("stage, bad", [("sft", math.nan), ("sft", math.inf), ("dpo", math.nan)])
-def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
-        stage, bad, tiny_model, data_files, tmp_path, monkeypatch):
-    run, make, module, factory, calls = ((run_sft, sft_config, sft, "sft_micro_loss", 2) if stage == "sft"
-                                         else (run_dpo, dpo_config, dpo, "dpo_micro_loss", 1))
-    poison_loss_from_step(monkeypatch, module, factory, first_bad_step=3, value=bad, calls_per_step=calls)
-    with pytest.raises(NonFiniteLossError, match=r"^step 3: non-finite training signal \(loss (nan|inf)"
-                                                 r".*Every saved checkpoint is finite"):
-        run(make(tiny_model, data_files, tmp_path, epochs=2, save_every=2))
-    assert [p.name for p in run_dir.checkpoint_dirs(tmp_path)] == ["step-000002"]
-    assert not (tmp_path / "final").exists()
-    tensors = read_state_dict(tmp_path / "checkpoints" / "step-000002")
-    assert all(torch.isfinite(t).all() for t in tensors.values())
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
-
-
-def test_check_finite_is_a_named_function_that_accepts_finite_values():
-    trainer.check_finite(1.5, 0.3, step=7)
-    with pytest.raises(NonFiniteLossError, match="^step 7: .*grad norm inf"):
-        trainer.check_finite(1.5, math.inf, step=7)
-    assert issubclass(NonFiniteLossError, FloatingPointError)
-
-
 @pytest.mark.parametrize("damage", ["truncated trainer_state.json", "truncated optimizer.safetensors",
                                     "NaN weights"])
 def test_resume_falls_back_from_a_damaged_checkpoint_to_the_one_before(damage, tiny_model, data_files, tmp_path,
@@ -207,28 +213,3 @@ def test_a_truncated_final_state_is_an_error_naming_the_file(tiny_model, data_fi
     state.write_text(state.read_text()[:30])
     with pytest.raises(run_dir.RunError, match=f"{state}: cannot read .*is it truncated"):
         run_sft(cfg)
-
-
-def test_an_update_that_makes_weights_non_finite_stops_before_anything_is_saved(tiny_model, data_files, tmp_path):
-    """The last step is checked too: an infinite learning rate never reaches final/."""
-    cfg = dataclasses.replace(sft_config(tiny_model, data_files, tmp_path, epochs=1), lr=math.inf, max_steps=1,
-                              warmup_ratio=0.0)
-    with pytest.raises(NonFiniteLossError, match="^step 1: the update made weights NaN or inf"):
-        run_sft(cfg)
-    assert not (tmp_path / "final").exists() and not run_dir.checkpoint_dirs(tmp_path)
-
-
-def test_load_model_refuses_nan_weights_naming_the_tensor(tiny_model, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from eto_ref.checkpoint import CheckpointError, load_model
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_model, broken)
-    tensors = load_file(broken / "model.safetensors")
-    tensors["model.norm.weight"][3] = float("nan")
-    save_file(tensors, str(broken / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"broken: tensor 'model.norm.weight' holds NaN or inf values"):
-        load_model(broken)
