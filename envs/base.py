@@ -55,9 +55,9 @@ DEFAULT_SIZES = {"train": 3000, "test_seen": 200, "test_unseen": 200}
 MAX_ECHO = 60  # an invalid action is quoted back at most this long
 
 
-def observation_turn(observation: str) -> str:
+def observation_turn(observation: str, prefix: str = "Observation: ") -> str:
     """The human turn that carries an observation in a trajectory."""
-    return f"Observation: {observation}"
+    return f"{prefix}{observation}"
 
 
 def agent_turn(thought: str, action: str) -> str:
@@ -100,6 +100,10 @@ class TextEnv:
     name: str = ""
     instruction: str = ""
     max_steps: int = 20
+    # How the official ETO code words the turns of the benchmark this environment mirrors:
+    observation_prefix: str = "Observation: "  # WebShop: "Observation:\n"
+    invalid_format: str = "Observation: Invalid format. The input must contains 'Action: '"  # ALFWorld: "Error Input"
+    truncate_rejected: bool = True  # the pair rule cuts a failed run's tail (the official code: not for ALFWorld)
 
     def __init__(self, seed: int = 0, train: int | None = None, test_seen: int | None = None,
                  test_unseen: int | None = None):
@@ -191,7 +195,7 @@ class TextEnv:
         reward = 0.0
         for thought, action in env.expert_steps():
             if conversations[-1]["from"] == "gpt":  # the previous step's observation
-                conversations.append({"from": "human", "value": observation_turn(observation)})
+                conversations.append({"from": "human", "value": observation_turn(observation, self.observation_prefix)})
             conversations.append({"from": "gpt", "value": agent_turn(thought, action)})
             observation, reward, done, _ = env.step(action)
             if done:

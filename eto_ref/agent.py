@@ -15,7 +15,8 @@ in-context example as real alternating turns:
     user:      Observation: ...
     ...
 
-An unparseable reply gets the observation "Invalid format..." and the episode
+An unparseable reply gets the observation "Invalid format..." (ALFWorld's mirror:
+"Error Input...", as the official code words each benchmark) and the episode
 goes on (the step still counts). Episodes of many tasks run batched through the
 KV-cached sampler (eto_ref/sampler.py): each episode keeps its own cache row across
 its turns, so a new turn only prefills the new observation; the prompt's shared
@@ -57,9 +58,14 @@ def parse_action(reply: str) -> str | None:
     return action or None
 
 
-def observation_turn(observation: str) -> str:
-    """The user turn that carries an environment observation."""
-    return f"Observation: {observation}"
+def observation_turn(env, observation: str) -> str:
+    """The user turn that carries an environment observation, worded as the environment words it."""
+    return f"{getattr(env, 'observation_prefix', 'Observation: ')}{observation}"
+
+
+def invalid_format_turn(env) -> str:
+    """The observation an unparseable reply gets (the environment's own wording, else the default)."""
+    return getattr(env, "invalid_format", INVALID_FORMAT)
 
 
 def prompt_messages(instruction: str, icl_example: list[dict], task: str) -> list[dict]:
@@ -112,7 +118,7 @@ def step_episode(env, episode: Episode, reply: str, max_steps: int) -> str | Non
     episode.steps += 1
     action = parse_action(reply)
     if action is None:
-        observation, done = INVALID_FORMAT, False
+        observation, done = invalid_format_turn(env), False
     else:
         try:
             obs, reward, done, info = env.step(action)
@@ -122,7 +128,7 @@ def step_episode(env, episode: Episode, reply: str, max_steps: int) -> str | Non
         except Exception as e:  # noqa: BLE001 - a faulty environment must not stop the run
             episode.done, episode.reason = True, f"env_error: {type(e).__name__}: {e}"
             return None
-        observation = observation_turn(obs)
+        observation = observation_turn(env, obs)
         if done:
             episode.reason = (info or {}).get("reason", "done")
     episode.turns.append({"from": "human", "value": observation})

@@ -205,10 +205,13 @@ def explore_and_pair(model, tokenizer, cfg: ExploreConfig, progress: bool = True
 
     A rerun on a finished directory explores nothing and rebuilds the pairs (e.g. with
     another `extra_turns`: the rejected side is cut to expert length + extra_turns agent turns,
-    None keeps it whole).
+    None keeps it whole). An environment whose `truncate_rejected` is False (household,
+    mirroring ALFWorld) keeps it whole whatever `extra_turns` says, as the official code.
     """
     records = explore(model, tokenizer, cfg, progress)
     experts = expert_records(cfg.env, [r["id"] for r in records], cfg.env_seed)
+    if not getattr(envs.make_env(cfg.env, seed=cfg.env_seed), "truncate_rejected", True):
+        extra_turns = None  # ALFWorld-like (binary reward): the official rule keeps the whole failed run
     pairs, stats = build_pairs(experts, records, extra_turns)
     out = Path(cfg.out_dir)
     summary = {**summarize(records, cfg.env, cfg.split), "pairs": len(pairs), **stats.as_dict()}

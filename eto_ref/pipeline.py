@@ -8,6 +8,7 @@
     OUT/rft/                  RFT: pi_0 fine-tuned on expert + its successful explorations of iteration 1
     OUT/best-of-n/<split>/    N sampled runs of pi_0 per test task, best reward kept
     OUT/results.json, results.md, reward_per_iteration.svg   (results.json: also the seconds per phase)
+    OUT/report.html           what happened, to look at (eto_ref/report.py)
 
 Every phase resumes on its own, so rerunning the same command after an
 interruption continues where it stopped and skips what is finished; a rerun with
@@ -29,6 +30,7 @@ from eto_ref.exploration import TRAJECTORIES, ExploreConfig, load_policy
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
 from eto_ref.metrics import PhaseClock, duration
 from eto_ref.models import default_model, resolve_model
+from eto_ref.report import build_report
 from eto_ref.results import report_seeds, results_table, write_reward_plot
 from eto_ref.run_dir import RunLock, claim_run
 from eto_ref.sft import run_sft
@@ -149,7 +151,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     with RunLock(out):
         claim_run(out, cfg.identity(), cfg.resume,
                   outputs=("data", "sft", "eto", "rft", "best-of-n", "results.json", "results.md",
-                           "phase_seconds.json", "reward_per_iteration.svg"))
+                           "phase_seconds.json", "reward_per_iteration.svg", "report.html"))
         write_json_atomic(asdict(cfg), out / "pipeline_config.json")
         return run_phases(cfg, out)
 
@@ -187,6 +189,7 @@ def run_phases(cfg: PipelineConfig, out: Path) -> dict:
     table = results_table(rows, splits, title=f"{cfg.loop.env}, {cfg.model}, seed {cfg.seed}: average reward x100")
     (out / "results.md").write_text(table + "\n")
     write_reward_plot(rows, splits, out / "reward_per_iteration.svg")
+    log(f"report: {build_report(out)}")
     print(table)
     return results
 

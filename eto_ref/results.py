@@ -23,6 +23,7 @@ from pathlib import Path
 
 from eto_ref.exploration import TRAJECTORIES, invalid_format_rate
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
+from eto_ref.svg import point_chart
 
 
 def phase_folders(out: str | Path) -> dict[str, Path]:
@@ -227,41 +228,15 @@ def results_table(rows: dict[str, dict], splits, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_reward_plot(rows: dict[str, dict], splits, path: Path, width: int = 420, height: int = 260) -> Path:
-    """A small SVG line chart of test reward per ETO iteration (iteration 0 = SFT); no plotting library."""
-    points = [rows["SFT"]] + [rows[k] for k in rows if k.startswith("ETO-iter-")]
-    values = [v[s] for v in points for s in splits if isinstance(v.get(s), (int, float))]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    lo, hi = max(0.0, lo - 5), min(100.0, hi + 5) if hi > lo else hi + 10
-    left, right, top, bottom = 50, 20, 30, 40
-
-    def xy(i: int, v: float) -> tuple[float, float]:
-        x = left + (width - left - right) * (i / max(len(points) - 1, 1))
-        y = top + (height - top - bottom) * (1 - (v - lo) / max(hi - lo, 1e-9))
-        return x, y
-
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{left}" y="18">average reward x100 per ETO iteration (0 = SFT)</text>',
-           f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>']
-    for tick in (lo, (lo + hi) / 2, hi):
-        _, y = xy(0, tick)
-        svg.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:.0f}</text>')
-    for i in range(len(points)):
-        x, _ = xy(i, lo)
-        svg.append(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">{i}</text>')
-    for k, split in enumerate(splits):
-        series = [(i, p[split]) for i, p in enumerate(points) if isinstance(p.get(split), (int, float))]
-        color = colors[k % len(colors)]
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in series))
-        svg.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for i, v in series:
-            x, y = xy(i, v)
-            svg.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>')
-        svg.append(f'<text x="{width - right - 90}" y="{top + 14 * (k + 1)}" fill="{color}">{split}</text>')
-    svg.append("</svg>")
+def write_reward_plot(rows: dict[str, dict], splits, path: Path) -> Path:
+    """An SVG of average reward per ETO iteration (0 = SFT) per split, the baselines as dashed lines."""
+    iterations = ["SFT"] + [k for k in rows if k.startswith("ETO-iter-")]
+    series = {s: [(i, rows[m][s], None) for i, m in enumerate(iterations) if isinstance(rows[m].get(s), (int, float))]
+              for s in splits}
+    references = {f"{m}, {s}": (v[s], None) for m, v in rows.items() if m not in iterations for s in splits
+                  if isinstance(v.get(s), (int, float))}
+    svg = point_chart(series, references, [str(i) for i in range(len(iterations))], "ETO iteration (0 = SFT)",
+                      "average reward x100")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(svg) + "\n")
+    path.write_text(svg + "\n")
     return path

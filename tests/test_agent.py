@@ -43,7 +43,7 @@ class RaisingEnv:
 
 
 def test_invalid_format_costs_a_step_and_the_episode_goes_on():
-    env = make_env("household")
+    env = make_env("science")
     task_id = env.task_ids("train")[0]
     ep = Episode(task_id, env.instruction, env.reset(task_id))
     assert step_episode(env, ep, "I will just chat", max_steps=5) == INVALID_FORMAT

@@ -28,7 +28,7 @@ def check_expert(env, task_id):
     seen = []
     for action in agent_actions(trajectory):
         obs, reward, done, info = env.step(action)
-        seen.append("Observation: " + obs)
+        seen.append(env.observation_prefix + obs)
     assert done and info["reason"] == "done" and reward == trajectory["reward"]
     assert seen[:-1] == observations(trajectory)  # the final observation is not part of the trajectory
 
@@ -87,8 +87,22 @@ def test_expert_trajectory_has_the_eto_format(name):
     for turn in conv[3::2]:
         thought, action = turn["value"].split("\nAction: ")
         assert thought.startswith("Thought: ") and len(thought) > 15 and action and "\n" not in action
-    assert all(t["value"].startswith("Observation: ") for t in conv[4::2])
+    assert all(t["value"].startswith(env.observation_prefix) for t in conv[4::2])
     assert isinstance(traj["reward"], float)
+
+
+def test_turns_are_worded_as_the_official_code_words_each_benchmark():
+    """WebShop observations start "Observation:\n"; ALFWorld's reply to a reply without an action is "Error
+    Input"; ALFWorld-like pairs keep the whole failed run (binary reward)."""
+    from eto_ref.agent import Episode, step_episode
+
+    webshop, household, science = make_env("webshop"), make_env("household"), make_env("science")
+    assert webshop.observation_prefix == "Observation:\n" and science.observation_prefix == "Observation: "
+    task = household.task_ids("train")[0]
+    episode = Episode(task, household.instruction, household.reset(task))
+    assert step_episode(household, episode, "no action here", 5) == (
+        "Observation: Error Input. Your input must contains 'Action: '")
+    assert (household.truncate_rejected, webshop.truncate_rejected, science.truncate_rejected) == (False, True, True)
 
 
 @pytest.mark.parametrize("name", ENVS)
