@@ -227,10 +227,12 @@ def agent_turn(session: Session, tokenizer, row: int, run: Running, reply: str, 
 class EpisodeBatch:
     """The rows of one Session, each running an episode; a row whose episode ends takes the next task."""
 
-    def __init__(self, model, tokenizer, make_env, task_ids: list[str], config: AgentConfig, on_episode_end=None):
+    def __init__(self, model, tokenizer, make_env, task_ids: list[str], config: AgentConfig, on_episode_end=None,
+                 forced: dict[str, list[str]] | None = None):
         self.model, self.tokenizer, self.make_env, self.config = model, tokenizer, make_env, config
         self.queue = deque(task_ids)
         self.on_episode_end = on_episode_end
+        self.forced = forced or {}  # task id -> replies played for the agent before it acts
         self.size = max(1, min(config.batch_size, len(task_ids)))
         self.session: Session | None = None  # made when the first episode starts (its prompt gives the prefix)
         self.running: dict[int, Running] = {}
@@ -252,11 +254,24 @@ class EpisodeBatch:
             if self.session is None:
                 prefix = self.tokenizer.render(messages[:-1])[0]  # everything before the task: the same in all
                 self.session = Session(self.model, self.size, self.config.max_len, prefix=prefix)
+            if not self.play_forced(env, episode, messages):
+                self.end(episode)
+                continue
             seed = None if self.config.seed is None else episode_seed(self.config.seed, episode.task_id)
             self.session.start(row, self.tokenizer.render(messages, add_generation_prompt=True)[0], seed)
             self.running[row] = Running(env, episode, messages, step_limit(env, self.config))
             return True
         return False
+
+    def play_forced(self, env, episode: Episode, messages: list[dict]) -> bool:
+        """Play the task's forced replies (teacher forcing: the step-level contrast) as the agent's first
+        turns, recorded as its own; False if the episode ended during them."""
+        for reply in self.forced.get(episode.task_id, []):
+            observation = step_episode(env, episode, reply, step_limit(env, self.config))
+            if episode.done:
+                return False
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": observation}]
+        return True
 
     def on_reply(self, row: int, completion) -> bool:
         """A row's reply is complete: step its episode; queue the next turn, or the next task. False: row idle."""
@@ -281,13 +296,15 @@ class EpisodeBatch:
 
 
 def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentConfig | None = None,
-                 on_episode_end=None) -> list[Episode]:
+                 on_episode_end=None, forced: dict[str, list[str]] | None = None) -> list[Episode]:
     """Run one episode per task, `config.batch_size` at a time; returns them in task order.
 
     `make_env()` returns a fresh environment (one per episode, since an
     environment holds one episode's state). `on_episode_end(episode)` is called as
-    soon as an episode ends (exploration writes it to disk there).
+    soon as an episode ends (exploration writes it to disk there). `forced[task]`:
+    replies played first, as if the agent had written them (the step-level contrast).
     """
-    batch = EpisodeBatch(model, tokenizer, make_env, list(task_ids), config or AgentConfig(), on_episode_end)
+    batch = EpisodeBatch(model, tokenizer, make_env, list(task_ids), config or AgentConfig(), on_episode_end,
+                         forced)
     batch.run()
     return [batch.ended[t] for t in task_ids]

@@ -53,6 +53,8 @@ class ExploreConfig:
     start: int = setting(0, "skip the first N tasks: e.g. train[1000:1100] is a validation slice nothing "
                             "trains on")
     env_seed: int = setting(0, "seed of the environment's task generator (which tasks exist)")
+    forced_steps: int = setting(0, "the step-level contrast: the expert's first N steps are played for the "
+                                   "policy, which acts from step N + 1 (0: the paper's trajectory-level runs)")
     resume: bool = setting(True, "continue the run in out_dir, if it was made with the same settings "
                                  "(False: start over)")
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -69,7 +71,7 @@ def run_identity(cfg: ExploreConfig) -> dict:
     model = Path(cfg.model)
     fingerprint = model_fingerprint(model) if (model / "config.json").is_file() else None
     return {"model": str(cfg.model), "model_fingerprint": fingerprint, "env": cfg.env, "env_seed": cfg.env_seed,
-            "split": cfg.split, "agent": json.loads(json.dumps(agent))}
+            "split": cfg.split, "forced_steps": cfg.forced_steps, "agent": json.loads(json.dumps(agent))}
 
 
 def load_policy(path: str | Path, device: str = "auto"):
@@ -150,7 +152,7 @@ def run_tasks(model, tokenizer, cfg: ExploreConfig, progress: bool) -> list[dict
             bar.set_postfix(reward=f"{100 * sum(rewards) / len(rewards):.1f}")
 
         run_episodes(model, tokenizer, lambda: envs.make_env(cfg.env, seed=cfg.env_seed), todo, cfg.agent,
-                     on_episode_end=finished)
+                     on_episode_end=finished, forced=forced_replies(cfg, todo))
     bar.close()
     barrier()  # every rank has finished its tasks
     if is_main() and rank_files(out_dir):
@@ -159,6 +161,14 @@ def run_tasks(model, tokenizer, cfg: ExploreConfig, progress: bool) -> list[dict
     if world_size() > 1:
         done = finished_records(out_dir)
     return [done[t] for t in task_ids if t in done]
+
+
+def forced_replies(cfg: ExploreConfig, task_ids: list[str]) -> dict[str, list[str]] | None:
+    """The expert's first `cfg.forced_steps` replies of each task (None without teacher forcing)."""
+    if not cfg.forced_steps:
+        return None
+    return {r["id"]: [t["value"] for t in r["conversations"][3:] if t["from"] == "gpt"][: cfg.forced_steps]
+            for r in expert_records(cfg.env, task_ids, cfg.env_seed)}
 
 
 def agent_replies(record: dict) -> list[str]:
@@ -212,7 +222,7 @@ def explore_and_pair(model, tokenizer, cfg: ExploreConfig, progress: bool = True
     experts = expert_records(cfg.env, [r["id"] for r in records], cfg.env_seed)
     if not getattr(envs.make_env(cfg.env, seed=cfg.env_seed), "truncate_rejected", True):
         extra_turns = None  # ALFWorld-like (binary reward): the official rule keeps the whole failed run
-    pairs, stats = build_pairs(experts, records, extra_turns)
+    pairs, stats = build_pairs(experts, records, extra_turns, cfg.forced_steps)
     out = Path(cfg.out_dir)
     summary = {**summarize(records, cfg.env, cfg.split), "pairs": len(pairs), **stats.as_dict()}
     if is_main():

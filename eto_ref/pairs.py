@@ -61,16 +61,20 @@ def count_agent_turns(turns: list[dict]) -> int:
     return sum(turn["from"] == "gpt" for turn in turns)
 
 
-def build_pair(expert: dict, explored: dict,
-               extra_turns: int | None = EXTRA_REJECTED_TURNS) -> tuple[str, dict | None]:
+def build_pair(expert: dict, explored: dict, extra_turns: int | None = EXTRA_REJECTED_TURNS,
+               forced_steps: int = 0) -> tuple[str, dict | None]:
     """Apply the ETO pairing rule to one task. Returns (outcome, pair or None).
 
-    outcome is "win", "lose", "tie" or "dropped".
+    outcome is "win", "lose", "tie" or "dropped". With `forced_steps` = k (the paper's
+    step-level contrast), the explored run followed the expert for its first k steps
+    and acted on its own from step k + 1: the prompt then holds those k shared steps
+    (each agent turn and its observation), and the two sides are what follows.
     """
     r_e, r = float(expert.get("reward", 1.0)), float(explored["reward"])
-    expert_turns = expert["conversations"][INSTRUCTION_TURNS:]  # task, a1, o1, ..., an
-    explored_turns = strip_trailing_observation(explored["conversations"][INSTRUCTION_TURNS:])
-    instruction = expert["conversations"][:INSTRUCTION_TURNS]
+    shared = INSTRUCTION_TURNS + 2 * forced_steps  # then the task turn; forced turns go into the prompt
+    expert_turns = strip_trailing_observation(expert["conversations"][shared:])  # task, a_{k+1}, o_{k+1}, ..., a_n
+    explored_turns = strip_trailing_observation(explored["conversations"][shared:])
+    instruction = expert["conversations"][:shared]
     if r == r_e:
         return "tie", None
     if r < r_e:
@@ -82,7 +86,7 @@ def build_pair(expert: dict, explored: dict,
         outcome, winner, loser = "win", explored_turns, expert_turns
     pair = {
         "id": str(expert["id"]),
-        "prompt": instruction + winner[:1],  # instruction part + the task
+        "prompt": instruction + winner[:1],  # instruction part + the task (+ the forced steps)
         "chosen": winner[1:],
         "rejected": loser[1:],
     }
@@ -101,8 +105,8 @@ def pairable(explored: dict) -> bool:
     return not str(explored.get("reason", "")).startswith("env_error")
 
 
-def build_pairs(experts: list[dict], explored: list[dict],
-                extra_turns: int | None = EXTRA_REJECTED_TURNS) -> tuple[list[dict], PairStats]:
+def build_pairs(experts: list[dict], explored: list[dict], extra_turns: int | None = EXTRA_REJECTED_TURNS,
+                forced_steps: int = 0) -> tuple[list[dict], PairStats]:
     """Pair every explored trajectory with the expert trajectory of the same task id."""
     expert_by_id = {str(e["id"]): e for e in experts}
     stats, pairs = PairStats(), []
@@ -111,7 +115,32 @@ def build_pairs(experts: list[dict], explored: list[dict],
         if expert is None or not pairable(traj):
             stats.dropped += 1
             continue
-        outcome, pair = build_pair(expert, traj, extra_turns)
+        outcome, pair = build_pair(expert, traj, extra_turns, forced_steps)
+        setattr(stats, outcome, getattr(stats, outcome) + 1)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs, stats
+
+
+def self_play_pairs(samples: list[list[dict]]) -> tuple[list[dict], PairStats]:
+    """Pairs without expert trajectories (the paper's self-play analysis): per task, the policy's best-rewarded
+    sampled run is chosen and its worst rejected; tasks whose samples all score the same give none.
+
+    `samples[i]` is the i-th sampled run over the tasks (records matched by id).
+    """
+    by_task: dict[str, list[dict]] = {}
+    for run in samples:
+        for record in run:
+            if pairable(record):
+                by_task.setdefault(str(record["id"]), []).append(record)
+    stats, pairs = PairStats(), []
+    for task_id, records in by_task.items():
+        best = max(records, key=lambda r: float(r["reward"]))
+        worst = min(records, key=lambda r: float(r["reward"]))
+        if float(best["reward"]) == float(worst["reward"]):
+            stats.tie += 1
+            continue
+        outcome, pair = build_pair(best, worst, extra_turns=None)  # `best` plays the expert's part
         setattr(stats, outcome, getattr(stats, outcome) + 1)
         if pair is not None:
             pairs.append(pair)

@@ -250,3 +250,21 @@ def test_ids_from_data_never_become_paths_outside_the_output_directory(tmp_path,
     assert not Path("/tmp/absolute-escape").exists()
     ids = [json.loads(line)["id"] for line in (out / "trajectories.jsonl").read_text().splitlines()]
     assert ids == EvilIdsEnv.IDS  # the ids are data, kept verbatim inside the files
+
+
+def test_forced_steps_play_the_experts_first_steps_and_pair_what_follows(agent, tmp_path):
+    """Exploration with --forced-steps 1: every run starts with the expert's first reply, recorded as its own;
+    the pairs' prompts end with that step's observation."""
+    from dataclasses import replace
+
+    from eto_ref.exploration import expert_records
+
+    model, tok = agent
+    cfg = replace(config(tmp_path, limit=2), forced_steps=1)
+    path, summary = explore_and_pair(model, tok, cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
+    experts = {e["id"]: e for e in expert_records("household", [r["id"] for r in records])}
+    for record in records:
+        assert record["conversations"][3] == experts[record["id"]]["conversations"][3]  # the forced first reply
+    pairs = json.loads(path.read_text())
+    assert pairs and all(p["prompt"] == experts[p["id"]]["conversations"][:5] for p in pairs)

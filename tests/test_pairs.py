@@ -87,3 +87,27 @@ def test_runs_without_a_usable_reward_are_never_paired():
     for explored in bad:
         pairs, stats = build_pairs([expert], [explored])
         assert pairs == [] and stats.dropped == 1 and stats.win == stats.lose == 0
+
+
+def test_step_level_pairs_share_the_forced_steps_in_the_prompt():
+    """The step-level contrast: the explored run followed the expert for k steps; the prompt holds them and
+    the sides are what each did from step k + 1 (the rejected side cut to the expert's remaining steps + 5)."""
+    expert = episode("t", ["a1", "a2", "a3"], 1.0, final_observation=False)
+    explored = episode("t", ["a1", "x2", "x3", "x4", "x5", "x6", "x7", "x8", "x9", "x10"], 0.4)
+    outcome, pair = build_pair(expert, explored, extra_turns=5, forced_steps=1)
+    assert outcome == "lose"
+    assert pair["prompt"] == expert["conversations"][:5]  # instruction, OK, task, a1, observation after a1
+    assert actions_of(pair["chosen"]) == ["a2", "a3"]
+    assert actions_of(pair["rejected"]) == ["x2", "x3", "x4", "x5", "x6", "x7", "x8"]  # 2 + 5 agent turns
+    assert pair["rejected"][-1]["from"] == "gpt"
+
+
+def test_self_play_pairs_prefer_the_better_sample_of_each_task():
+    from eto_ref.pairs import self_play_pairs
+
+    good, bad = episode("a", ["a1", "a2"], 1.0), episode("a", ["z1"], 0.25)
+    same1, same2 = episode("b", ["b1"], 0.5), episode("b", ["b2"], 0.5)
+    pairs, stats = self_play_pairs([[good, same1], [bad, same2]])
+    assert stats.tie == 1 and stats.lose == 1 and len(pairs) == 1  # "lose": the worse run is the rejected one
+    assert actions_of(pairs[0]["chosen"]) == ["a1", "a2"] and actions_of(pairs[0]["rejected"]) == ["z1"]
+    assert pairs[0]["prompt"] == good["conversations"][:3]

@@ -1,0 +1,216 @@
+"""The paper's analyses, each one command on a finished main job (`train.py --stage all --valid N`).
+
+    python -m eto_ref.analyses step-level --run runs/main --forced-steps 2 --results results/step-level.md
+    python -m eto_ref.analyses self-play  --run runs/main --samples 4 --results results/self-play.md
+    python -m eto_ref.analyses efficiency --runs runs/science/seed-0 runs/science/seed-1 --results results/efficiency.md
+    python -m eto_ref.analyses iterations --runs runs/iter3/seed-0 --results results/iterations.md
+
+- step-level: the step-level contrast. The SFT policy explores the training tasks with
+  the expert's first k steps played for it (`--forced-steps k`), its continuations are
+  paired with the expert's, and DPO runs on those pairs; compared on the valid slice with
+  the run's trajectory-level ETO iteration 1.
+- self-play: ETO without expert trajectories. The SFT policy samples N runs of each
+  training task; RFT on its own successes only, then DPO from the RFT policy on pairs of
+  its best and worst run of each task (`eto_ref.pairs.self_play_pairs`); compared on valid
+  with SFT and the run's ETO.
+- efficiency: the mean number of steps of the successful episodes of each method.
+- iterations: average reward after each ETO iteration (0 = SFT).
+
+Settings (environment, agent, DPO, valid slice) are the run's own (its pipeline_config.json);
+every phase writes into RUN/analyses/<name>/ and resumes like the main job's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from eto_ref.baselines import rft_records
+from eto_ref.dpo import run_dpo
+from eto_ref.eto import VALID, LoopConfig, eval_config
+from eto_ref.exploration import TRAJECTORIES, ExploreConfig, evaluate, explore, explore_and_pair, load_policy
+from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
+from eto_ref.pairs import self_play_pairs
+from eto_ref.pipeline import PipelineConfig
+from eto_ref.results import paired_difference, task_rewards
+from eto_ref.sft import run_sft
+
+
+def run_config(run: Path) -> PipelineConfig:
+    """The PipelineConfig a main job was run with (nested configs rebuilt from pipeline_config.json)."""
+    from eto_ref.agent import AgentConfig
+    from eto_ref.config import DPOConfig, SFTConfig
+    from eto_ref.sampler import SamplingConfig
+
+    d = json.loads((run / "pipeline_config.json").read_text())
+    agent = d["loop"].pop("agent")
+    agent = AgentConfig(sampling=SamplingConfig(**agent.pop("sampling")), **agent)
+    loop = LoopConfig(agent=agent, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("loop").items()})
+    sft = SFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("sft").items()})
+    dpo = DPOConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("dpo").items()})
+    return PipelineConfig(sft=sft, dpo=dpo, loop=loop, **d)
+
+
+def valid_rewards(model_dir: Path, out: Path, cfg: PipelineConfig) -> dict[str, float]:
+    """task -> reward of a policy on the run's valid slice (resuming)."""
+    if cfg.loop.valid <= 0:
+        raise ValueError(f"{cfg.out}: this run has no valid slice; run the main job with --valid N")
+    ecfg = replace(eval_config(cfg.loop, VALID, out), model=str(model_dir))
+    model, tokenizer = load_policy(model_dir, cfg.sft.device)
+    evaluate(model, tokenizer, ecfg, progress=cfg.sft.progress)
+    return task_rewards(out)
+
+
+def comparison_table(title: str, rows: dict[str, dict[str, float]], notes: dict[str, str]) -> str:
+    """Rows: method -> task -> reward; columns: mean x100, the paired difference from SFT, notes."""
+    sft = {t: [r] for t, r in rows["SFT"].items()}
+    lines = [f"**{title}**", "", "| method | valid | difference from SFT (± SE, tasks) | |", "|---|---:|---:|---|"]
+    for name, rewards in rows.items():
+        mean = 100 * sum(rewards.values()) / max(len(rewards), 1)
+        diff = paired_difference({t: [r] for t, r in rewards.items()}, sft) if name != "SFT" else None
+        cell = "-" if diff is None else f"{diff['mean']:+.1f} ± {diff['se']:.1f} ({diff['tasks']})"
+        lines.append(f"| {name} | {mean:.1f} | {cell} | {notes.get(name, '')} |")
+    return "\n".join(lines)
+
+
+def write_results(text: str, data: dict, path: str | Path | None) -> str:
+    if path is not None:
+        write_text_atomic(text + "\n", path)
+        write_json_atomic(data, Path(path).with_suffix(".json"))
+    print(text)
+    return text
+
+
+# --------------------------------------------------------------------------- step-level contrast
+
+
+def step_level(run: Path, forced_steps: int, results: str | None) -> str:
+    cfg = run_config(run)
+    sft, out = run / "sft" / "final", run / "analyses" / f"step-level-{forced_steps}"
+    model, tokenizer = load_policy(sft, cfg.sft.device)
+    ecfg = ExploreConfig(model=str(sft), env=cfg.loop.env, split="train", limit=cfg.loop.explore_limit,
+                         env_seed=cfg.loop.env_seed, forced_steps=forced_steps, out_dir=str(out / "explore"),
+                         agent=cfg.loop.agent)
+    pairs, summary = explore_and_pair(model, tokenizer, ecfg, cfg.sft.progress, cfg.loop.rejected_extra_turns)
+    policy = run_dpo(replace(cfg.dpo, model=str(sft), pairs=str(pairs), out=str(out / "dpo")))
+    rows = {"SFT": valid_rewards(sft, run / "sft" / "eval-valid", cfg),
+            "ETO, trajectory-level pairs": valid_rewards(run / "eto" / "iter-1" / "dpo" / "final",
+                                                         run / "eto" / "iter-1" / "eval-valid", cfg),
+            f"ETO, step-level pairs (expert's first {forced_steps} steps forced)":
+                valid_rewards(policy, out / "eval-valid", cfg)}
+    trajectory_pairs = json.loads((run / "eto" / "iter-1" / "explore" / "summary.json").read_text())["pairs"]
+    notes = {"ETO, trajectory-level pairs": f"{trajectory_pairs} pairs",
+             list(rows)[2]: f"{summary['pairs']} pairs"}
+    text = comparison_table(f"{cfg.loop.env}: step-level vs trajectory-level contrast, valid "
+                            f"train[{cfg.loop.valid_start}:+{cfg.loop.valid}], seed {cfg.seed}", rows, notes)
+    return write_results(text, {"rows": rows, "notes": notes, "run": str(run)}, results)
+
+
+# --------------------------------------------------------------------------- self-play (RFT then ETO, no expert)
+
+
+def sampled_runs(policy: Path, cfg: PipelineConfig, out: Path, samples: int, temperature: float) -> list:
+    """`samples` runs of the training tasks at `temperature`, each its own resumable exploration."""
+    model, tokenizer = load_policy(policy, cfg.sft.device)
+    agent = replace(cfg.loop.agent, sampling=replace(cfg.loop.agent.sampling, temperature=temperature))
+    runs = []
+    for i in range(samples):
+        ecfg = ExploreConfig(model=str(policy), env=cfg.loop.env, split="train", limit=cfg.loop.explore_limit,
+                             env_seed=cfg.loop.env_seed, out_dir=str(out / f"sample-{i}"),
+                             agent=replace(agent, seed=cfg.seed + 1000 * i))
+        runs.append(explore(model, tokenizer, ecfg, cfg.sft.progress))
+    return runs
+
+
+def self_play(run: Path, samples: int, temperature: float, results: str | None) -> str:
+    cfg = run_config(run)
+    sft, out = run / "sft" / "final", run / "analyses" / "self-play"
+    runs = sampled_runs(sft, cfg, out, samples, temperature)
+    data = out / "rft-data.json"
+    if not data.is_file():
+        write_json_atomic(rft_records([], [r for run_ in runs for r in run_]), data, indent=1)  # no expert data
+    rft = run_sft(replace(cfg.sft, model=str(sft), data=str(data), out=str(out / "rft"), epochs=cfg.rft_epochs,
+                          lr=cfg.sft.lr * cfg.rft_lr_scale))
+    pairs, stats = self_play_pairs(runs)
+    write_json_atomic(pairs, out / "pairs.json", indent=1)
+    eto = run_dpo(replace(cfg.dpo, model=str(rft), pairs=str(out / "pairs.json"), out=str(out / "dpo")))
+    rows = {"SFT": valid_rewards(sft, run / "sft" / "eval-valid", cfg),
+            "RFT on its own successes": valid_rewards(rft, out / "rft" / "eval-valid", cfg),
+            "RFT + ETO on its own pairs (no expert)": valid_rewards(eto, out / "eval-valid", cfg),
+            "ETO (expert pairs)": valid_rewards(run / "eto" / "iter-1" / "dpo" / "final",
+                                                run / "eto" / "iter-1" / "eval-valid", cfg)}
+    successes = len(json.loads(data.read_text()))
+    notes = {"RFT on its own successes": f"{successes} successful runs of {samples} x {len(runs[0])}",
+             "RFT + ETO on its own pairs (no expert)": f"{len(pairs)} pairs ({stats.tie} tasks tied)"}
+    text = comparison_table(f"{cfg.loop.env}: self-play without expert trajectories, {samples} samples at "
+                            f"temperature {temperature}, valid, seed {cfg.seed}", rows, notes)
+    return write_results(text, {"rows": rows, "notes": notes, "run": str(run)}, results)
+
+
+# --------------------------------------------------------------------------- efficiency and iterations
+
+
+def steps_to_success(folder: Path) -> list[int]:
+    return [r["steps"] for r in read_jsonl_records(folder / TRAJECTORIES) if float(r["reward"]) >= 1.0]
+
+
+def efficiency(runs: list[Path], results: str | None) -> str:
+    from eto_ref.results import phase_folders
+
+    splits = ("valid", "test_seen", "test_unseen")
+    found: dict[str, dict[str, list[int]]] = {}
+    for run in runs:
+        for method, folder in phase_folders(run).items():
+            for split in splits:
+                if (folder / f"eval-{split}" / TRAJECTORIES).is_file():
+                    found.setdefault(method, {}).setdefault(split, []).extend(
+                        steps_to_success(folder / f"eval-{split}"))
+    lines = ["**Steps to success: the mean number of steps of the fully solved episodes (count)**", "",
+             "| method | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    for method, by_split in found.items():
+        cells = [f"{sum(v) / len(v):.2f} ({len(v)})" if v else "-" for v in (by_split.get(s, []) for s in splits)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return write_results("\n".join(lines), {"steps": found, "runs": [str(r) for r in runs]}, results)
+
+
+def iterations(runs: list[Path], results: str | None) -> str:
+    rows = []
+    for run in runs:
+        sft = json.loads((run / "results.json").read_text())["rows"]["SFT"]
+        rows.append((run, sft, json.loads((run / "eto" / "summary.json").read_text())))
+    lines = ["**Average reward x100 after each ETO iteration (0 = SFT)**", "",
+             "| run | split | " + " | ".join(f"iter {k}" for k in range(max(len(r[2]) for r in rows) + 1)) + " |",
+             "|---|---|" + "---:|" * (max(len(r[2]) for r in rows) + 1)]
+    for run, sft, its in rows:
+        for split in sft:
+            cells = [f"{sft[split]:.1f}"] + [f"{it[split]:.1f}" if split in it else "-" for it in its]
+            lines.append(f"| {run} | {split} | " + " | ".join(cells) + " |")
+    return write_results("\n".join(lines), {"runs": [str(r) for r, _, _ in rows]}, results)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="analysis", required=True)
+    a = sub.add_parser("step-level")
+    a.add_argument("--run", required=True)
+    a.add_argument("--forced-steps", type=int, default=2)
+    a = sub.add_parser("self-play")
+    a.add_argument("--run", required=True)
+    a.add_argument("--samples", type=int, default=4)
+    a.add_argument("--temperature", type=float, default=0.7)
+    for name in ("efficiency", "iterations"):
+        sub.add_parser(name).add_argument("--runs", nargs="+", required=True)
+    for action in sub.choices.values():
+        action.add_argument("--results", default=None, help="write the table here (Markdown, + .json)")
+    args = p.parse_args(argv)
+    if args.analysis == "step-level":
+        return step_level(Path(args.run), args.forced_steps, args.results)
+    if args.analysis == "self-play":
+        return self_play(Path(args.run), args.samples, args.temperature, args.results)
+    return (efficiency if args.analysis == "efficiency" else iterations)([Path(r) for r in args.runs], args.results)
+
+
+if __name__ == "__main__":
+    main()
