@@ -230,7 +230,7 @@ def main(argv=None):
         if args.stage == "eto":
             return run_eto_stage(args)
         return run_sft_stage(args)
-    except (ValueError, FileNotFoundError) as e:  # bad settings, data or run directories: one clear line
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad settings, data, run dirs, NaN: one line
         raise SystemExit(f"error: {e}") from None
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from eto_ref.model import ModelConfig, Transformer, count_parameters  # noqa: E402
-from eto_ref.sampler import generate  # noqa: E402
+from eto_ref.sampler import SamplingConfig, generate  # noqa: E402
 
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=8)
@@ -52,10 +52,10 @@ def sampling_speed(model: Transformer, batch: int, new_tokens: int = 128) -> str
     """Greedy decoding of a fixed number of tokens (no stop ids given, so no early stop)."""
     prompts = [list(range(1, 65)) for _ in range(batch)]
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        generate(model, prompts, 8)  # warm-up
+        generate(model, prompts, SamplingConfig(8))  # warm-up
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        generate(model, prompts, new_tokens)
+        generate(model, prompts, SamplingConfig(new_tokens))
         torch.cuda.synchronize()
     return f"sampling, batch {batch}: {batch * new_tokens / (time.perf_counter() - t0):.0f} tokens/s"
 

@@ -1,9 +1,8 @@
-"""The built-in default model: a tiny Llama, created from scratch, saved in HF format.
+"""The built-in tiny model: a 4M-parameter Llama created from scratch, saved in HF format (for fast tests).
 
-The default pipeline has no model hub to download from, so it makes its own
-model directory: a byte-level BPE tokenizer trained (with `tokenizers`) on the
-texts of the built-in environments, and a randomly initialised Llama of a few
-million parameters. It is written as `config.json` + `model.safetensors` +
+With no model hub to download from, it makes its own model directory: a
+byte-level BPE tokenizer trained (with `tokenizers`) on the texts of the built-in
+environments, and a randomly initialised Llama of a few million parameters. It is written as `config.json` + `model.safetensors` +
 `tokenizer.json`, so everything downstream flows through the same loading code
 as a real Llama/Mistral/Qwen2 checkpoint.
 
