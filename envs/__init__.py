@@ -26,12 +26,17 @@ def _registry() -> dict:
 ENV_NAMES = ("webshop", "household", "science", "scienceworld")
 
 
-def make_env(name: str, seed: int = 0, **sizes) -> TextEnv:
-    """An environment by name; `sizes` are constructor arguments (train=, test_seen=, test_unseen= for the built-ins)."""
+def env_class(name: str) -> type[TextEnv]:
+    """An environment's class by name (its class attributes describe it without building it)."""
     registry = _registry()
     if name not in registry:
         raise ValueError(f"unknown environment {name!r}; known: {', '.join(ENV_NAMES)}")
-    return registry[name](seed=seed, **sizes)
+    return registry[name]
 
 
-__all__ = ["ENV_NAMES", "SPLITS", "TextEnv", "make_env"]
+def make_env(name: str, seed: int = 0, **sizes) -> TextEnv:
+    """An environment by name; `sizes` are constructor arguments (train=, test_seen=, test_unseen= for the built-ins)."""
+    return env_class(name)(seed=seed, **sizes)
+
+
+__all__ = ["ENV_NAMES", "SPLITS", "TextEnv", "env_class", "make_env"]

@@ -103,6 +103,7 @@ class TextEnv:
     # How the official ETO code words the turns of the benchmark this environment mirrors:
     observation_prefix: str = "Observation: "  # WebShop: "Observation:\n"
     invalid_format: str = "Observation: Invalid format. The input must contains 'Action: '"  # ALFWorld: "Error Input"
+    unmatched_action: str = ""  # what the environment answers to a well-formed action it cannot carry out
     truncate_rejected: bool = True  # the pair rule cuts a failed run's tail (the official code: not for ALFWorld)
 
     def __init__(self, seed: int = 0, train: int | None = None, test_seen: int | None = None,

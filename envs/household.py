@@ -140,6 +140,7 @@ class HouseholdEnv(TextEnv):
     name = "household"
     instruction = INSTRUCTION
     max_steps = 30
+    unmatched_action = "Nothing happened."
     invalid_format = "Observation: Error Input. Your input must contains 'Action: '"  # as the official ALFWorld env
     truncate_rejected = False  # binary reward: the official pair rule keeps the whole failed run
 

@@ -165,6 +165,7 @@ class ScienceEnv(TextEnv):
     name = "science"
     instruction = INSTRUCTION
     max_steps = 20
+    unmatched_action = "No known action matches"
 
     # ---- task generation --------------------------------------------------------
     def make_task(self, split: str, index: int) -> dict:

@@ -104,6 +104,7 @@ class ScienceWorldAdapter(TextEnv):
     name = "scienceworld"
     instruction = INSTRUCTION
     max_steps = 100  # replaced on reset by the task type's official limit
+    unmatched_action = NO_MATCH
 
     def __init__(self, seed: int = 0, train: int | None = 120, test_seen: int | None = 10,
                  test_unseen: int | None = 10, task_names: list[str] | None = None, env_step_limit: int = 1000,

@@ -91,6 +91,7 @@ class WebShopEnv(TextEnv):
     name = "webshop"
     instruction = INSTRUCTION
     max_steps = 15
+    unmatched_action = "Invalid action"
     observation_prefix = "Observation:\n"  # as the official WebShop environment
 
     # ---- task generation --------------------------------------------------------

@@ -186,8 +186,34 @@ def invalid_format_rate(records: list[dict]) -> float:
     return 100 * sum(parse_action(reply) is None for reply in replies) / max(len(replies), 1)
 
 
+def action_outcomes(record: dict) -> list[tuple[str, str]]:
+    """(action, the observation it got) for each parsable reply of one episode."""
+    turns = record["conversations"][3:]
+    return [(action, turns[i + 1]["value"]) for i, t in enumerate(turns[:-1])
+            if t["from"] == "gpt" and (action := parse_action(t["value"])) is not None]
+
+
+def unmatched_action_rate(records: list[dict], marker: str) -> float:
+    """Percent of well-formed actions the environment could not carry out (its reply contains `marker`).
+
+    Where the format is right but the action names an object that is not there, or a
+    state the agent never created, the environment answers e.g. "No known action matches
+    that input": the policy acts on things it did not read from its observations.
+    """
+    outcomes = [obs for r in records for _, obs in action_outcomes(r)]
+    return 100 * sum(marker in obs for obs in outcomes) / max(len(outcomes), 1) if marker else 0.0
+
+
+def repeated_action_rate(records: list[dict]) -> float:
+    """Percent of actions identical to the same episode's previous action (a policy stuck in a loop)."""
+    actions = [[a.strip().lower() for a, _ in action_outcomes(r)] for r in records]
+    repeats = sum(a == b for acts in actions for a, b in zip(acts[1:], acts))
+    return 100 * repeats / max(sum(len(acts) - 1 for acts in actions if acts), 1)
+
+
 def summarize(records: list[dict], env: str, split: str) -> dict:
-    """Average reward x100 (the paper's metric), success rate, how episodes ended, malformed replies."""
+    """Average reward x100 (the paper's metric), success rate, how episodes ended, malformed, unmatched and
+    repeated actions."""
     n = len(records)
     rewards = [float(r["reward"]) for r in records]
     reasons: dict[str, int] = {}
@@ -201,6 +227,8 @@ def summarize(records: list[dict], env: str, split: str) -> dict:
         "mean_steps": sum(r.get("steps", 0) for r in records) / max(n, 1),
         "end_reasons": reasons,
         "invalid_format_rate": invalid_format_rate(records),
+        "unmatched_action_rate": unmatched_action_rate(records, envs.env_class(env).unmatched_action),
+        "repeated_action_rate": repeated_action_rate(records),
     }
 
 

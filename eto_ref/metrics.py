@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL log (one flushed line per record) and a tqdm progress bar.
+"""Measuring a run: a JSONL metrics log (one flushed line per record), a tqdm progress bar, phase times.
 
 `out/metrics.jsonl` holds one JSON object per line, e.g.
 
@@ -107,15 +107,61 @@ class PhaseClock:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.seconds: dict[str, float] = read_json_object(self.path)
+        # beside it, <name>_peak_rss_mb.json: the most resident memory each phase reached (Linux only)
+        self.memory_path = self.path.with_name(self.path.stem.replace("seconds", "peak_rss_mb") + ".json")
+        self.peak_rss_mb: dict[str, float] = read_json_object(self.memory_path)
 
     @contextmanager
     def phase(self, name: str):
         start = time.perf_counter()
+        open_phase_peaks.append(start_peak_window())
         try:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 1)
             write_json_atomic(self.seconds, self.path)
+            peak = max(open_phase_peaks.pop(), fold_peak_into_open_phases())
+            if peak > 0:
+                self.peak_rss_mb[name] = max(peak, self.peak_rss_mb.get(name, 0.0))
+                write_json_atomic(self.peak_rss_mb, self.memory_path)
+
+
+# The peak memory of each phase now running, outermost first. Starting a phase resets the kernel's
+# peak, so the peak reached so far is first folded into the phases that contain it.
+open_phase_peaks: list[float] = []
+
+
+def fold_peak_into_open_phases() -> float:
+    """Fold the current peak into every open phase's peak; returns it (0 where unknown)."""
+    peak = peak_rss_mb() or 0.0
+    open_phase_peaks[:] = [max(p, peak) for p in open_phase_peaks]
+    return peak
+
+
+def start_peak_window() -> float:
+    """Fold the peak so far into the open phases, then reset the kernel's peak; returns the new phase's 0."""
+    fold_peak_into_open_phases()
+    reset_peak_rss()
+    return 0.0
+
+
+def peak_rss_mb() -> float | None:
+    """The most resident memory (MB) this process has held since its start or the last reset (Linux's VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # the kernel reports kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window: writing 5 to clear_refs resets VmHWM to the current RSS (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def read_json_object(path: Path) -> dict:
@@ -134,5 +180,5 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-__all__ = ["MetricsLog", "PhaseClock", "read_metrics", "progress_bar", "show", "timed", "duration",
+__all__ = ["MetricsLog", "PhaseClock", "peak_rss_mb", "read_metrics", "progress_bar", "show", "timed", "duration",
            "write_json_atomic"]

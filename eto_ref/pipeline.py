@@ -151,7 +151,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     with RunLock(out):
         claim_run(out, cfg.identity(), cfg.resume,
                   outputs=("data", "sft", "eto", "rft", "best-of-n", "results.json", "results.md",
-                           "phase_seconds.json", "reward_per_iteration.svg", "report.html"))
+                           "phase_seconds.json", "phase_peak_rss_mb.json", "reward_per_iteration.svg",
+                           "report.html"))
         write_json_atomic(asdict(cfg), out / "pipeline_config.json")
         return run_phases(cfg, out)
 

@@ -205,9 +205,15 @@ def endings_section(run: Path, splits) -> str:
                 reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["end_reasons"].items()))
                 rows.append(f"<tr><td>{html.escape(method)}</td><td>{split}</td><td>{html.escape(reasons)}</td>"
                             f"<td class='num'>{s['invalid_format_rate']:.1f}%</td>"
+                            f"<td class='num'>{percent(s.get('unmatched_action_rate'))}</td>"
                             f"<td class='num'>{s['mean_steps']:.1f}</td></tr>")
     return ("<h2>How episodes ended</h2><table><tr><th>method</th><th>split</th><th>end reasons (episodes)</th>"
-            "<th>replies without an action</th><th>mean steps</th></tr>" + "".join(rows) + "</table>")
+            "<th>replies without an action</th><th>actions the environment could not match</th>"
+            "<th>mean steps</th></tr>" + "".join(rows) + "</table>")
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
 
 
 # --------------------------------------------------------------------------- the page

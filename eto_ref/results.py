@@ -21,7 +21,8 @@ import json
 import math
 from pathlib import Path
 
-from eto_ref.exploration import TRAJECTORIES, invalid_format_rate
+import envs
+from eto_ref.exploration import TRAJECTORIES, invalid_format_rate, unmatched_action_rate
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
 from eto_ref.svg import point_chart
 
@@ -122,9 +123,9 @@ def differences_table(diffs: dict[str, dict[str, dict]], splits, title: str = ""
 
 def write_seeds_results(per_seed: dict[int, dict], splits, env: str, results_path: str | Path | None,
                         config: dict | None, rates: dict[int, dict] | None = None,
-                        diffs: dict[str, dict] | None = None) -> str:
-    """The seeds table (and, given them, the paired differences from SFT and the invalid-format table);
-    with a path, written there (Markdown) and beside it as .json with the config."""
+                        diffs: dict[str, dict] | None = None, unmatched: dict[int, dict] | None = None) -> str:
+    """The seeds table (and, given them, the paired differences from SFT, the invalid-format and the
+    unmatched-action tables); with a path, written there (Markdown) and beside it as .json with the config."""
     seeds = list(per_seed)
     names = ", ".join(map(str, seeds))
     table = seeds_table(per_seed, splits, title=f"{env}: average reward x100, seeds {names}")
@@ -134,10 +135,14 @@ def write_seeds_results(per_seed: dict[int, dict], splits, env: str, results_pat
     if rates is not None:
         table += "\n\n" + seeds_table(rates, splits, title=f"{env}: replies without a parsable action, "
                                                           f"% of agent replies, seeds {names}")
+    if unmatched is not None:
+        table += "\n\n" + seeds_table(unmatched, splits, title=f"{env}: actions the environment could not "
+                                                              f"match, % of well-formed actions, seeds {names}")
     if results_path is not None:
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
         Path(results_path).write_text(table + "\n")
         extra = {} if rates is None else {"invalid_format_rate": rates}
+        extra.update({} if unmatched is None else {"unmatched_action_rate": unmatched})
         extra.update({} if diffs is None else {"difference_from_sft": diffs})
         write_json_atomic({"env": env, "seeds": seeds, "rows": per_seed, **extra, "config": config},
                           Path(results_path).with_suffix(".json"))
@@ -173,15 +178,19 @@ def finished_rows(out: str | Path, splits) -> dict[str, dict]:
     return rows
 
 
-def format_rates(out: str | Path, splits) -> dict[str, dict]:
-    """Per row and split: % of agent replies with no parsable action, from the finished evaluations."""
-    rates = {}
+def behaviour_rates(out: str | Path, splits, env: str) -> dict[str, dict[str, dict]]:
+    """Per row and split, from the finished evaluations: % of agent replies with no parsable action
+    ("invalid_format_rate") and % of well-formed actions the environment could not match
+    ("unmatched_action_rate")."""
+    marker = envs.env_class(env).unmatched_action
+    rates: dict[str, dict[str, dict]] = {"invalid_format_rate": {}, "unmatched_action_rate": {}}
     for name, folder in phase_folders(out).items():
         for split in splits:
             run = folder / f"eval-{split}"
             if (run / "summary.json").is_file() and (run / TRAJECTORIES).is_file():
                 records = read_jsonl_records(run / TRAJECTORIES)
-                rates.setdefault(name, {})[split] = invalid_format_rate(records)
+                rates["invalid_format_rate"].setdefault(name, {})[split] = invalid_format_rate(records)
+                rates["unmatched_action_rate"].setdefault(name, {})[split] = unmatched_action_rate(records, marker)
     return rates
 
 
@@ -189,11 +198,14 @@ def report_seeds(out: str | Path, seeds: list[int], splits, env: str,
                  results_path: str | Path | None = None) -> str:
     """The seeds tables from what OUT/seed-K holds now (finished phases only), optionally written out."""
     per_seed = {s: finished_rows(Path(out) / f"seed-{s}", splits) for s in seeds}
-    rates = {s: format_rates(Path(out) / f"seed-{s}", splits) for s in seeds}
+    by_seed = {s: behaviour_rates(Path(out) / f"seed-{s}", splits, env) for s in seeds}
+    rates = {s: by_seed[s]["invalid_format_rate"] for s in seeds}
+    unmatched = {s: by_seed[s]["unmatched_action_rate"] for s in seeds}
     diffs = differences_from_sft({s: per_task_rewards(Path(out) / f"seed-{s}", splits) for s in seeds}, splits)
     config = Path(out) / f"seed-{seeds[0]}" / "pipeline_config.json"
     return write_seeds_results(per_seed, splits, env, results_path,
-                               json.loads(config.read_text()) if config.is_file() else None, rates, diffs)
+                               json.loads(config.read_text()) if config.is_file() else None, rates, diffs,
+                               unmatched)
 
 
 def seeds_table(per_seed: dict[int, dict[str, dict]], splits, title: str = "") -> str:

@@ -114,6 +114,29 @@ def test_summary_counts_replies_without_an_action():
     assert exploration.invalid_format_rate([]) == 0.0
 
 
+def test_summary_counts_actions_the_environment_could_not_match_and_repeats():
+    def episode(*steps):
+        turns = [{"from": "human", "value": "instruction"}, {"from": "gpt", "value": "OK"},
+                 {"from": "human", "value": "Your task is to boil water."}]
+        for reply, observation in steps:
+            turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": observation}]
+        return {"id": "t", "conversations": turns, "reward": 0.0, "steps": len(steps), "reason": "max_steps"}
+
+    nope = "Observation: No known action matches that input, or the object is not here."
+    records = [episode(("Action: look around", "Observation: This room is called the kitchen."),
+                       ("Action: activate stove", nope),
+                       ("Action: Activate stove ", nope),  # the same action again (case and spaces aside)
+                       ("Thought: the stove is on.", "Observation: Invalid format.")),  # no action: not counted
+               episode(("Action: wait", "Observation: You wait.")),
+               episode()]
+    # 4 actions, 2 unmatched; of the 2 action-to-action transitions (both in the first episode), 1 repeats
+    assert exploration.unmatched_action_rate(records, "No known action matches") == 50.0
+    assert exploration.repeated_action_rate(records) == 50.0
+    summary = exploration.summarize(records, "science", "train")
+    assert summary["unmatched_action_rate"] == summary["repeated_action_rate"] == 50.0
+    assert exploration.unmatched_action_rate([], "x") == exploration.repeated_action_rate([]) == 0.0
+
+
 def test_a_rerun_with_other_settings_is_refused_naming_them_and_no_resume_starts_over(agent, tmp_path):
     """run.json records what made the episodes; another env seed or sampling must not resume them."""
     from dataclasses import replace

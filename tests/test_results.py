@@ -66,9 +66,11 @@ def test_report_reads_only_finished_phases(tmp_path):
     assert finished_rows(partial, splits) == {"SFT": {"test_seen": 30.0}}
 
     replies = ["Thought: a\nAction: look around", "no action here", "Action: wait", "Action: wait"]
+    observations = ["Observation: o", "Observation: Invalid format.", "Observation: No known action matches that input.",
+                    "Observation: You wait."]
     turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "task"}]
-    for reply in replies:
-        turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": "Observation: o"}]
+    for reply, observation in zip(replies, observations):
+        turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": observation}]
     with open(full / "sft" / "eval-test_seen" / "trajectories.jsonl", "w") as f:
         f.write(json.dumps({"id": "science/test_seen/0", "conversations": turns, "reward": 0.4}) + "\n")
 
@@ -77,8 +79,11 @@ def test_report_reads_only_finished_phases(tmp_path):
     lines = {line.split(" | ")[0].strip("| "): line for line in rewards.splitlines() if line.startswith("| ")}
     assert lines["SFT"] == "| SFT | 40.0 | 30.0 | **35.0** | 20.0 | - | - |"  # a mean needs every seed
     assert lines["ETO-iter-1"] == "| ETO-iter-1 | 44.0 | - | - | 18.0 | - | - |"
+    formats, unmatched = formats.split("\n\n**science: actions the environment could not match")
     format_lines = [line for line in formats.splitlines() if line.startswith("| SFT")]
     assert format_lines == ["| SFT | 25.0 | - | - | - | - | - |"]  # 1 reply of 4; no trajectories file: "-"
+    unmatched_lines = [line for line in unmatched.splitlines() if line.startswith("| SFT")]
+    assert unmatched_lines == ["| SFT | 33.3 | - | - | - | - | - |"]  # 1 of the 3 well-formed actions
     assert (tmp_path / "results" / "t.md").read_text() == table + "\n"
     assert json.loads((tmp_path / "results" / "t.json").read_text())["rows"]["1"] == {"SFT": {"test_seen": 30.0}}
 

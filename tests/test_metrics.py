@@ -1,0 +1,48 @@
+"""The phase clock: seconds summed over resumed invocations, and each phase's own peak memory."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from eto_ref.metrics import PhaseClock, peak_rss_mb
+
+
+def test_phase_seconds_add_up_over_invocations(tmp_path):
+    path = tmp_path / "phase_seconds.json"
+    path.write_text(json.dumps({"sft": 10.0}))  # an earlier, interrupted invocation spent 10 s
+    clock = PhaseClock(path)
+    with clock.phase("sft"):
+        pass
+    with clock.phase("explore"):
+        pass
+    seconds = json.loads(path.read_text())
+    assert 10.0 <= seconds["sft"] < 11.0 and 0.0 <= seconds["explore"] < 1.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc (Linux)")
+def test_each_phase_reports_its_own_peak_memory(tmp_path):
+    clock = PhaseClock(tmp_path / "phase_seconds.json")
+    with clock.phase("big"):
+        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MB, touched
+        del block
+    with clock.phase("small"):
+        pass
+    peaks = json.loads((tmp_path / "phase_peak_rss_mb.json").read_text())
+    assert peaks["big"] >= peaks["small"] + 50  # the second phase does not inherit the first one's peak
+    assert peaks["small"] <= peak_rss_mb() + 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc (Linux)")
+def test_a_phase_keeps_the_peak_of_the_phases_inside_it(tmp_path):
+    outer, inner = PhaseClock(tmp_path / "phase_seconds.json"), PhaseClock(tmp_path / "inner_seconds.json")
+    with outer.phase("ETO"):
+        with inner.phase("dpo"):
+            block = torch.ones(64 * 1024 * 1024 // 4)
+            del block
+        with inner.phase("eval"):
+            pass
+    outer_peak = json.loads((tmp_path / "phase_peak_rss_mb.json").read_text())["ETO"]
+    inner_peaks = json.loads((tmp_path / "inner_peak_rss_mb.json").read_text())
+    assert outer_peak >= inner_peaks["dpo"] >= inner_peaks["eval"] + 50
