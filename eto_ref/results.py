@@ -2,7 +2,7 @@
 
     rows = finished_rows("runs/main", splits)            # method -> split -> average reward x100
     table = results_table(rows, splits)                   # one run, the paper's shape
-    report_seeds("runs/science", [0, 1, 2], splits, "science", "results/science.md")
+    report_seeds("runs/science", [0, 1, 2], splits, "science", "results/science-smollm2.md")
 
 A seeds report gives each method's per-seed averages and their mean, the share of
 agent replies without a parsable action, and each ETO iteration's difference from
@@ -252,3 +252,49 @@ def write_reward_plot(rows: dict[str, dict], splits, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(svg + "\n")
     return path
+
+
+# --------------------------------------------------------------------------- comparing evaluation folders
+
+
+def compare_runs(folders: list[Path], env: str) -> str:
+    """One row per evaluation folder (explore.py --out): reward, behaviour, and the paired difference
+    from the first folder over the tasks both ran (how settings are compared on the valid slice)."""
+    from eto_ref.exploration import summarize
+
+    base = {t: [r] for t, r in task_rewards(folders[0]).items()}
+    lines = ["| run | tasks | reward x100 | difference from the first (± SE) | success % | no action % | "
+             "unmatched actions % | repeated actions % | ended at the step limit % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for folder in folders:
+        records = read_jsonl_records(folder / TRAJECTORIES)
+        s = summarize(records, env, "")
+        d = paired_difference({t: [r] for t, r in task_rewards(folder).items()}, base) if folder != folders[0] else None
+        diff = "-" if d is None else f"{d['mean']:+.1f} ± {d['se']:.1f}"
+        limit = 100 * s["end_reasons"].get("max_steps", 0) / max(s["episodes"], 1)
+        lines.append(f"| {folder} | {s['episodes']} | {s['average_reward']:.1f} | {diff} | {s['success_rate']:.1f} | "
+                     f"{s['invalid_format_rate']:.1f} | {s['unmatched_action_rate']:.1f} | "
+                     f"{s['repeated_action_rate']:.1f} | {limit:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    """python -m eto_ref.results compare BASE OTHER... [--env science]"""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Compare evaluation folders (explore.py --out) task by task.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="rows: reward, paired difference from the first folder, behaviour")
+    c.add_argument("folders", nargs="+", type=Path)
+    c.add_argument("--env", default="science")
+    args = p.parse_args(argv)
+    missing = [str(f) for f in args.folders if not (f / TRAJECTORIES).is_file()]
+    if missing:
+        p.error(f"no {TRAJECTORIES} in: {', '.join(missing)}")
+    table = compare_runs(args.folders, args.env)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from eto_ref import results
+
 from eto_ref.results import (
     differences_from_sft,
     finished_rows,
@@ -122,3 +124,23 @@ def test_differences_from_sft_pool_seeds_per_task(tmp_path):
     # t0: ETO 1, 1 vs SFT 0, 0 -> +100; t1: ETO 1, 0 vs SFT 1, 0 -> 0. Mean 50, sd 70.7, se 50.
     d = diffs["ETO-iter-1"]["test_seen"]
     assert (d["mean"], d["tasks"]) == (pytest.approx(50.0), 2) and d["se"] == pytest.approx(50.0)
+
+
+def test_compare_pairs_the_runs_task_by_task(tmp_path):
+    def folder(name, rewards):
+        (tmp_path / name).mkdir()
+        turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "task"},
+                 {"from": "gpt", "value": "Action: wait"}, {"from": "human", "value": "Observation: You wait."}]
+        lines = [json.dumps({"id": t, "conversations": turns, "reward": r, "steps": 1, "reason": "done"})
+                 for t, r in rewards.items()]
+        (tmp_path / name / "trajectories.jsonl").write_text("\n".join(lines) + "\n")
+        return tmp_path / name
+
+    a = folder("a", {"t0": 0.2, "t1": 0.5, "t2": 1.0})
+    b = folder("b", {"t0": 0.4, "t1": 0.5, "t2": 0.6, "t3": 1.0})  # t3: not in the first run, not paired
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
+            results.main(["compare", str(a), str(b)]).splitlines()[2:]}
+    # differences 20, 0, -40 (x100): mean -6.67, sd 30.55, se 17.64
+    assert rows[str(b)][2:4] == ["62.5", "-6.7 ± 17.6"] and rows[str(a)][2:4] == ["56.7", "-"]
+    with pytest.raises(SystemExit):
+        results.main(["compare", str(a), str(tmp_path / "missing")])
