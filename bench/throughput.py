@@ -138,7 +138,7 @@ def our_step(model, optimizer, batch: dict, shared: bool, scored_only: bool):
         loss = bc_loss(logits, batch["input_ids"], batch["loss_mask"])
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
     return step
 
 
@@ -149,7 +149,7 @@ def hf_step(model, optimizer, batch: dict):
         loss = bc_loss(logits, batch["input_ids"], batch["loss_mask"])  # the same masked token mean
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
     return step
 
 
