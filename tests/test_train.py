@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from eto_ref import config
 from eto_ref.checkpoint import load_model
 from eto_ref.metrics import read_metrics
 from tests.helpers import tiny_model  # noqa: F401  (pytest fixtures
@@ -27,7 +28,8 @@ def test_help_lists_each_stages_flags_with_their_defaults_and_presets():
     for flag in ("--model", "--data", "--lr", "--batch-size", "--micro-batch-size", "--lora-rank", "--eval-fraction",
                  "--save-every", "--keep-checkpoints", "--max-len", "--device", "--dtype", "--preset", "--threads"):
         assert flag in out, flag
-    assert "default 2e-05; presets: tiny 0.002, small 0.0001" in " ".join(out.split())  # --lr, one source
+    small_lr = config.PRESETS["small"]["sft"]["lr"]
+    assert f"default 2e-05; presets: tiny 0.002, small {small_lr}" in " ".join(out.split())  # --lr, one source
     out = " ".join(train("--stage", "eto", "--help").stdout.split())
     for flag in ("--pairs", "--beta", "--sft-weight", "--iterations", "--explore-limit", "--beta-schedule",
                  "--temperature", "--agent-batch-size", "--icl"):
