@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from eto_ref.checkpoint import config_to_hf
+from eto_ref.model import ModelConfig, Transformer
 from eto_ref.lora import (
     VALID_TARGETS,
     LoRALinear,
@@ -85,16 +86,7 @@ class ToyModel(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def real_model_cls():
-    try:
-        from eto_ref.model import ModelConfig, Transformer
-    except ImportError:
-        return None
-    return ModelConfig, Transformer
-
-
 def make_real(attention_bias=False):
-    ModelConfig, Transformer = real_model_cls()
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, attention_bias=attention_bias)
     return Transformer(cfg)
@@ -104,8 +96,6 @@ def make_model(kind):
     torch.manual_seed(0)
     if kind == "toy":
         return ToyModel().eval()
-    if real_model_cls() is None:
-        pytest.skip("eto_ref.model not importable yet")
     return make_real(attention_bias=True).eval()
 
 
@@ -246,8 +236,6 @@ def test_only_adapters_get_gradients(trained):
 
 def test_gradient_checkpointing_same_grads():
     """LoRA grads with activation checkpointing (frozen inputs, use_reentrant=False) match plain ones."""
-    if real_model_cls() is None:
-        pytest.skip("eto_ref.model not importable yet")
     torch.manual_seed(0)
     model = make_real()
     inject_lora(model, rank=4, alpha=8, targets=ALL)
@@ -441,8 +429,6 @@ def hf_llama_from(model):
 @pytest.fixture
 def llama_pair():
     pytest.importorskip("peft")
-    if real_model_cls() is None:
-        pytest.skip("eto_ref.model not importable yet")
     torch.manual_seed(0)
     ours = make_real().eval()
     hf = hf_llama_from(ours)
