@@ -114,7 +114,9 @@ class PhaseClock:
     @contextmanager
     def phase(self, name: str):
         start = time.perf_counter()
-        open_phase_peaks.append(start_peak_window())
+        fold_peak_into_open_phases()  # the kernel's peak is about to be reset: keep it for the enclosing phases
+        reset_peak_rss()
+        open_phase_peaks.append(0.0)
         try:
             yield
         finally:
@@ -136,13 +138,6 @@ def fold_peak_into_open_phases() -> float:
     peak = peak_rss_mb() or 0.0
     open_phase_peaks[:] = [max(p, peak) for p in open_phase_peaks]
     return peak
-
-
-def start_peak_window() -> float:
-    """Fold the peak so far into the open phases, then reset the kernel's peak; returns the new phase's 0."""
-    fold_peak_into_open_phases()
-    reset_peak_rss()
-    return 0.0
 
 
 def peak_rss_mb() -> float | None:

@@ -17,12 +17,13 @@ absent, and shows as "-".
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 
 import envs
-from eto_ref.exploration import TRAJECTORIES, invalid_format_rate, unmatched_action_rate
+from eto_ref.exploration import TRAJECTORIES, invalid_format_rate, summarize, unmatched_action_rate
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
 from eto_ref.svg import point_chart
 
@@ -260,16 +261,14 @@ def write_reward_plot(rows: dict[str, dict], splits, path: Path) -> Path:
 def compare_runs(folders: list[Path], env: str) -> str:
     """One row per evaluation folder (explore.py --out): reward, behaviour, and the paired difference
     from the first folder over the tasks both ran (how settings are compared on the valid slice)."""
-    from eto_ref.exploration import summarize
-
-    base = {t: [r] for t, r in task_rewards(folders[0]).items()}
+    runs = {folder: read_jsonl_records(folder / TRAJECTORIES) for folder in folders}  # each file read once
+    rewards = {folder: {r["id"]: [float(r["reward"])] for r in records} for folder, records in runs.items()}
     lines = ["| run | tasks | reward x100 | difference from the first (± SE) | success % | no action % | "
              "unmatched actions % | repeated actions % | ended at the step limit % |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for folder in folders:
-        records = read_jsonl_records(folder / TRAJECTORIES)
+    for folder, records in runs.items():
         s = summarize(records, env, "")
-        d = paired_difference({t: [r] for t, r in task_rewards(folder).items()}, base) if folder != folders[0] else None
+        d = paired_difference(rewards[folder], rewards[folders[0]]) if folder != folders[0] else None
         diff = "-" if d is None else f"{d['mean']:+.1f} ± {d['se']:.1f}"
         limit = 100 * s["end_reasons"].get("max_steps", 0) / max(s["episodes"], 1)
         lines.append(f"| {folder} | {s['episodes']} | {s['average_reward']:.1f} | {diff} | {s['success_rate']:.1f} | "
@@ -280,8 +279,6 @@ def compare_runs(folders: list[Path], env: str) -> str:
 
 def main(argv=None) -> str:
     """python -m eto_ref.results compare BASE OTHER... [--env science]"""
-    import argparse
-
     p = argparse.ArgumentParser(description="Compare evaluation folders (explore.py --out) task by task.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="rows: reward, paired difference from the first folder, behaviour")
