@@ -206,8 +206,8 @@ def test_exploration_keeps_every_finished_episode_when_an_environment_crashes(tm
         made.append(CrashingEnv(crash_at=1) if len(made) == 1 else make_env(name, seed=seed))  # made[0]: the task list
         return made[-1]
 
+    model, tok = scripted_agent("Thought: look around.\nAction: look", tmp_path / "tok")  # before: it may make envs
     monkeypatch.setattr(envs, "make_env", make)
-    model, tok = scripted_agent("Thought: look around.\nAction: look", tmp_path / "tok")
     cfg = ExploreConfig(env="household", split="train", out_dir=str(tmp_path / "out"), limit=3,
                         agent=AgentConfig(sampling=SamplingConfig(max_new_tokens=48), batch_size=3, max_len=4096, max_steps=2))
     records = explore(model, tok, cfg, progress=False)
