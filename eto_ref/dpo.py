@@ -32,7 +32,7 @@ from eto_ref.run_dir import restore_weights
 from eto_ref.runtime import autocast
 from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.trainer import (Stage, chunks, fit, load_trainable_model, run_stage, scored_logits, split_train_eval,
+from eto_ref.trainer import (Stage, chunks, fit, load_trainable_model, run_stage, scored_logprobs, split_train_eval,
                              to_device)
 from eto_ref.trajectory import collate_pairs, encode_pair, load_pairs, split_chosen_rejected
 
@@ -43,12 +43,12 @@ REFERENCE_FILE = "reference_logps.json"
 
 
 def pair_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward over chosen + rejected rows (2b, T); returns (chosen (b,), rejected (b,), logits (N, V)),
-    the logits only at the scored positions, chosen rows' first."""
-    logits = scored_logits(model, batch)  # (N, V)
-    logps = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])  # (2b,) sums over agent tokens
+    """One forward over chosen + rejected rows (2b, T); returns (chosen (b,), rejected (b,), token log-probs (N,)),
+    the token log-probs those of the scored positions, chosen rows' first."""
+    token_logps = scored_logprobs(model, batch)  # (N,)
+    logps = sequence_logprobs(token_logps, batch["input_ids"], batch["loss_mask"])  # (2b,) sums over agent tokens
     chosen, rejected = split_chosen_rejected(logps)
-    return chosen, rejected, logits
+    return chosen, rejected, token_logps
 
 
 # --------------------------------------------------------------------------- the reference, once
@@ -138,7 +138,7 @@ def dpo_micro_loss(examples: list, ref: torch.Tensor, chosen_counts: list[int], 
 
     def micro_loss(model, micro: list[int], batch: list[int]):
         b = to_device(collate_pairs([examples[i] for i in micro], pad_id), device)
-        policy_chosen, policy_rejected, logits = pair_logprobs(model, b)  # (b,), (b,), (N, V)
+        policy_chosen, policy_rejected, token_logps = pair_logprobs(model, b)  # (b,), (b,), (N,)
         ref_chosen, ref_rejected = ref[micro, 0].to(device), ref[micro, 1].to(device)  # (b,)
         out = dpo_loss(policy_chosen.float(), policy_rejected.float(), ref_chosen, ref_rejected, cfg.beta)
         share = len(micro) / len(batch)
@@ -146,8 +146,8 @@ def dpo_micro_loss(examples: list, ref: torch.Tensor, chosen_counts: list[int], 
         metrics = {"dpo_loss": loss.detach()}
         if cfg.sft_weight:
             n = len(micro)
-            chosen_logits = logits[: int(scored_positions(b["loss_mask"][:n]).sum())]  # the chosen rows come first
-            nll = bc_loss(chosen_logits, b["input_ids"][:n], b["loss_mask"][:n],
+            chosen_logps = token_logps[: int(scored_positions(b["loss_mask"][:n]).sum())]  # chosen rows come first
+            nll = bc_loss(chosen_logps, b["input_ids"][:n], b["loss_mask"][:n],
                           num_tokens=sum(chosen_counts[i] for i in batch))
             loss = loss + cfg.sft_weight * nll
             metrics["sft_loss"] = nll.detach()

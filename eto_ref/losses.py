@@ -21,7 +21,8 @@ Conventions (one place for them, used everywhere):
   token: not scored.
 - Log-probabilities are computed in float32, whatever the model's dtype.
 - The LM head need not run everywhere: the losses read logits only at the scored
-  positions (`scored_positions`), and accept the model's logits there alone.
+  positions (`scored_positions`), and accept the model's logits there alone, or
+  the scored targets' log-probs alone (`head_logprobs`: the head in checkpointed chunks).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,17 +68,38 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 10
     return torch.cat(out) if out else logits.float().sum(-1)  # no target: (0,), still part of the graph
 
 
+def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """log softmax(head(hidden))[target] per row, float32: (N, D), (N,) -> (N,), never N x V logits at once.
+
+    The LM head runs on `chunk` rows at a time. When gradients are recorded, each
+    chunk is checkpointed: its logits are freed after the forward pass and rebuilt in
+    the backward pass, so at most chunk x V logits (with their softmax and gradient)
+    exist at a time. The values and gradients are those of target_logprobs(head(hidden), targets).
+    """
+    def piece(h, t):  # (n, D), (n,) -> (n,)
+        return target_logprobs(head(h), t, chunk=max(len(t), 1))
+
+    out = []
+    for i in range(0, len(targets), chunk):
+        h, t = hidden[i:i + chunk], targets[i:i + chunk]
+        recompute = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+        out.append(checkpoint(piece, h, t, use_reentrant=False) if recompute else piece(h, t))
+    return torch.cat(out) if out else head(hidden).float().sum(-1)  # no target: (0,), still part of the graph
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """log pi(token t+1 | tokens <= t) at scored positions, 0 elsewhere: (B, T-1), float32.
 
     `logits` are the model's at every position (B, T, V), or only at the scored
-    positions (N, V), as the model returns them with `logits_at=scored_positions(loss_mask)`:
-    both give the same result; the second never holds B x T x V values.
+    positions (N, V), as the model returns them with `logits_at=scored_positions(loss_mask)`,
+    or already the scored targets' log-probs (N,), as it returns them when also given
+    the targets (training: `eto_ref/trainer.py` `scored_logprobs`). All three give the
+    same result; the second never holds B x T x V values, the third never N x V.
     """
     targets, scored = next_token_targets(input_ids, loss_mask)  # (B, T-1) each
     if logits.dim() == 3:
         logits = logits[:, :-1][scored]  # (N, V): the scored positions, row-major
-    picked = target_logprobs(logits, targets[scored])  # (N,)
+    picked = logits.float() if logits.dim() == 1 else target_logprobs(logits, targets[scored])  # (N,)
     out = torch.zeros(scored.shape, dtype=torch.float32, device=picked.device)  # (B, T-1)
     return out.masked_scatter(scored, picked)
 
@@ -84,7 +107,7 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Trajectory log-prob for DPO: log pi(e) = SUM (not mean) over all agent tokens of all turns.
 
-    logits (B, T, V) or (N, V) (see token_logprobs), input_ids (B, T), loss_mask (B, T) -> (B,), float32.
+    logits (B, T, V), (N, V) or (N,) (see token_logprobs), input_ids (B, T), loss_mask (B, T) -> (B,), float32.
     Padding (loss_mask False) contributes nothing.
     """
     return token_logprobs(logits, input_ids, loss_mask).sum(-1)  # (B,)
@@ -94,7 +117,7 @@ def bc_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tens
             num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """Behavioral cloning, paper Eq. 5: L_SFT = -sum_t log pi(a_t | history), reported as a token mean.
 
-    logits (B, T, V) or (N, V) (see token_logprobs), input_ids (B, T), loss_mask (B, T) -> scalar.
+    logits (B, T, V), (N, V) or (N,) (see token_logprobs), input_ids (B, T), loss_mask (B, T) -> scalar.
 
     The sum of the agent-token NLLs is divided by `num_tokens`, the number of
     scored targets; by default those of this batch. With gradient accumulation,

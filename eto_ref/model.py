@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eto_ref.losses import head_logprobs
+
 
 
 # --------------------------------------------------------------------------- config
@@ -258,6 +260,7 @@ class Transformer(nn.Module):
         kv_cache=None,  # a KVCache (eto_ref/kv_cache.py): earlier tokens' keys/values; needs right padding
         logits_at: torch.Tensor | None = None,  # where to apply the LM head (below)
         shared_prefix: int = 0,  # P > 0: the first P tokens are the same in every row; run them once
+        targets: torch.Tensor | None = None,  # (N,) with a bool logits_at: return log-probs of these, not logits
     ) -> torch.Tensor:
         """Next-token logits at the positions asked for.
 
@@ -267,6 +270,8 @@ class Transformer(nn.Module):
             logits_at None          every position          -> (B, T, V)
             logits_at (B,) long     one position per row    -> (B, 1, V)  (generation: each row's last token)
             logits_at (B, T) bool   the selected positions  -> (N, V)     (training: the scored positions)
+            ... and targets (N,)    their targets' log-probs -> (N,)      float32, the head run in checkpointed
+                                                                          chunks (losses.head_logprobs)
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -282,6 +287,8 @@ class Transformer(nn.Module):
             x = self.hidden_states(input_ids, position_ids, mask, kv_cache)  # (B, T, D)
         if logits_at is not None and logits_at.dtype == torch.bool:
             x = x[logits_at]  # (N, D)
+            if targets is not None:
+                return head_logprobs(x, self.lm_head, targets)  # (N,)
         elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.lm_head(x)

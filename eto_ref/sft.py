@@ -20,7 +20,7 @@ import torch
 from eto_ref.config import SFTConfig
 from eto_ref.losses import bc_loss, next_token_targets
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.trainer import Stage, chunks, fit, run_stage, scored_logits, split_train_eval, start_model, to_device
+from eto_ref.trainer import Stage, chunks, fit, run_stage, scored_logprobs, split_train_eval, start_model, to_device
 from eto_ref.trajectory import collate_sft, encode_sft, load_trajectories
 
 
@@ -49,8 +49,8 @@ def sft_micro_loss(examples: list, counts: list[int], pad_id: int, device: torch
     def micro_loss(model, micro: list[int], batch: list[int]):
         n_global = sum(counts[i] for i in batch)
         b = to_device(collate_sft([examples[i] for i in micro], pad_id), device)
-        logits = scored_logits(model, b)  # (N, V): only where the loss reads them
-        loss = bc_loss(logits, b["input_ids"], b["loss_mask"], num_tokens=n_global)
+        logps = scored_logprobs(model, b)  # (N,): only where the loss reads them
+        loss = bc_loss(logps, b["input_ids"], b["loss_mask"], num_tokens=n_global)
         return loss, {"loss": loss.detach(), "tokens": sum(counts[i] for i in micro),
                       "truncated": sum(bool(examples[i].truncated) for i in micro)}
 

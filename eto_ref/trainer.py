@@ -32,7 +32,7 @@ from eto_ref.config import TrainConfig
 from eto_ref.distributed import (all_reduce_sum, full_tensor, gradient_sync, init_distributed, is_main, shard,
                                  world_size, wrap_ddp, wrap_fsdp)
 from eto_ref.lora import inject_lora, lora_modules
-from eto_ref.losses import scored_positions
+from eto_ref.losses import next_token_targets, scored_positions
 from eto_ref.metrics import MetricsLog, progress_bar, show
 from eto_ref.run_dir import (RunLock, config_dict, find_resume_checkpoint, finished_run, load_optimizer_state,
                              restore_weights, save_checkpoint, save_final)
@@ -133,10 +133,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def scored_logits(model, batch: dict) -> torch.Tensor:
-    """The model's logits (N, V) at the scored positions only, the rows' shared prefix run once."""
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                 logits_at=scored_positions(batch["loss_mask"]), shared_prefix=batch["shared_prefix"])
+def scored_logprobs(model, batch: dict) -> torch.Tensor:
+    """log pi(target) (N,), float32, at the scored positions only (row-major): the rows' shared prefix
+    run once, the LM head only there and in checkpointed chunks (no N x V logits kept for the backward)."""
+    targets, scored = next_token_targets(batch["input_ids"], batch["loss_mask"])  # (B, T-1) each
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_at=scored_positions(
+        batch["loss_mask"]), shared_prefix=batch["shared_prefix"], targets=targets[scored])
 
 
 # --------------------------------------------------------------------------- one optimizer step

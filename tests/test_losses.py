@@ -19,6 +19,7 @@ from eto_ref.losses import (
     DPOOutput,
     bc_loss,
     dpo_loss,
+    head_logprobs,
     next_token_targets,
     sequence_logprobs,
     token_logprobs,
@@ -351,3 +352,39 @@ def test_sequence_logprobs_and_dpo_match_trl():
     assert ours.rejected_rewards.mean().item() == pytest.approx(metrics["rewards/rejected"][0], abs=1e-5)
     assert ours.margin.item() == pytest.approx(metrics["rewards/margins"][0], abs=1e-5)
     assert ours.accuracy.item() == pytest.approx(metrics["rewards/accuracies"][0])
+
+
+def test_head_logprobs_in_checkpointed_chunks_equal_the_whole_head():
+    """The LM head run in chunks of 3 rows, each rebuilt in backward: the same log-probs and gradients
+    (of the hidden states and of the head's weight) as the head on all rows at once."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(10, 8, requires_grad=True)  # (N, D)
+    targets = torch.randint(0, 11, (10,))
+    upstream = torch.randn(10)  # an arbitrary loss: sum(upstream * logp)
+
+    def run(fn):
+        hidden.grad, head.weight.grad = None, None
+        logp = fn()
+        (upstream * logp).sum().backward()
+        return logp.detach(), hidden.grad.clone(), head.weight.grad.clone()
+
+    whole = run(lambda: F.log_softmax(head(hidden), dim=-1).gather(-1, targets[:, None]).squeeze(-1))
+    chunked = run(lambda: head_logprobs(hidden, head, targets, chunk=3))
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(head_logprobs(hidden, head, targets, chunk=4), whole[0], atol=1e-6, rtol=1e-6)
+    assert head_logprobs(hidden[:0], head, targets[:0]).shape == (0,)
+
+
+def test_token_logprobs_accepts_the_scored_targets_log_probs():
+    """(N,) log-probs of the scored targets give what the (B, T, V) logits give."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    targets, scored = next_token_targets(ids, mask)
+    picked = F.log_softmax(logits[:, :-1][scored], dim=-1).gather(-1, targets[scored][:, None]).squeeze(-1)  # (N,)
+    torch.testing.assert_close(token_logprobs(picked, ids, mask), token_logprobs(logits, ids, mask))
+    torch.testing.assert_close(bc_loss(picked, ids, mask), bc_loss(logits, ids, mask))

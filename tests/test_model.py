@@ -241,10 +241,13 @@ def _prefix_batch(B=4, P=12, rest=(9, 5, 11, 7), seed=0):
     return ids, attention, loss_mask
 
 
+@pytest.mark.parametrize("head", ["logits", "logprobs"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prefix_gradients_equal_the_plain_forward_for_both_losses(checkpointing):
-    """BC (Eq. 5) and DPO (Eq. 7) gradients through a prefix run once equal those of every row running it."""
+def test_shared_prefix_gradients_equal_the_plain_forward_for_both_losses(checkpointing, head):
+    """BC (Eq. 5) and DPO (Eq. 7) gradients through a prefix run once equal those of every row running it,
+    with the scored positions' logits or (the trainer's path) only their targets' log-probs."""
     from eto_ref.losses import bc_loss, dpo_loss, scored_positions, sequence_logprobs
+    from eto_ref.trainer import scored_logprobs
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**BASE, num_key_value_heads=2))
@@ -253,7 +256,11 @@ def test_shared_prefix_gradients_equal_the_plain_forward_for_both_losses(checkpo
 
     def grads(shared: bool, loss_name: str):
         model.zero_grad()
-        if shared:
+        if shared and head == "logprobs":
+            logits = scored_logprobs(model, {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask,
+                                             "shared_prefix": 12})  # (N,)
+            assert logits.dim() == 1
+        elif shared:
             logits = model(ids, attention_mask=attention, logits_at=scored_positions(loss_mask), shared_prefix=12)
         else:
             logits = model(ids, attention_mask=attention)  # (B, T, V) every row runs everything
