@@ -7,11 +7,15 @@ give the same multipliers as transformers' `get_cosine_schedule_with_warmup` and
 `get_constant_schedule_with_warmup`, as a pure function of the step:
 
     step  = number of optimizer steps already taken (0 for the first update)
-    W     = warmup steps = ceil(warmup_ratio * total_steps)
+    W     = warmup steps = ceil(warmup_ratio * total_steps), at most total_steps - 1
 
     warmup (step < W):  lr = base_lr * step / W             (so the very first update has lr 0)
     cosine:             lr = base_lr * 0.5 * (1 + cos(pi * (step - W) / (total_steps - W)))
     constant:           lr = base_lr
+
+The one place this differs from transformers: a stage of a single step (an ETO
+iteration that found only a few pairs) gets no warmup. transformers would give its
+only update lr 0, so the stage would train nothing while reporting that it ran.
 
 Being a pure function of `step`, the schedule needs no saved state: a resumed run
 just asks for the lr of its next step.
@@ -25,8 +29,9 @@ SCHEDULES = ("cosine", "constant")
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
-    """W = ceil(ratio * total), as transformers' TrainingArguments.get_warmup_steps."""
-    return math.ceil(warmup_ratio * total_steps)
+    """W = ceil(ratio * total), as transformers' TrainingArguments.get_warmup_steps, but never every step:
+    at least one update runs at the full learning rate (one step in all: no warmup, not an update with lr 0)."""
+    return min(math.ceil(warmup_ratio * total_steps), max(total_steps - 1, 0))
 
 
 def warmup_multiplier(step: int, warmup: int) -> float:

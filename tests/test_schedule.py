@@ -48,3 +48,11 @@ def test_schedules_match_transformers():
             assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(step, 1.0, total, ratio, name), abs=1e-12)
             opt.step()
             sched.step()
+
+
+@pytest.mark.parametrize("name", ["cosine", "constant"])
+def test_a_single_step_stage_trains_at_the_full_learning_rate(name):
+    """One step in all (an ETO iteration with a handful of pairs): its update is not wasted at lr 0."""
+    assert warmup_steps(1, 0.1) == 0
+    assert lr_at(0, 1e-6, 1, 0.1, name) == pytest.approx(1e-6)
+    assert warmup_steps(2, 0.1) == 1 and lr_at(0, 1e-6, 2, 0.1, name) == 0.0  # two steps: warmup as usual
