@@ -57,12 +57,14 @@ class PipelineConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def identity(self) -> dict:
-        """The settings that determine the job's results (run.json): all but where and how verbosely it runs."""
+        """The settings that determine the job's results (run.json): all but where and how verbosely it runs,
+        and the micro-batch sizes (memory only: gradient accumulation sums to the same update, as a
+        training stage's own resume allows)."""
         d = json.loads(json.dumps(asdict(self)))
         for key in ("out", "resume"):
             d.pop(key)
         for stage in ("sft", "dpo"):
-            for key in ("out", "progress", "resume", "device"):
+            for key in ("out", "progress", "resume", "device", "micro_batch_size"):
                 d[stage].pop(key)
         d["loop"].pop("out")
         d["loop"]["agent"].pop("batch_size")

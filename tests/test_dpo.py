@@ -14,6 +14,37 @@ from eto_ref.metrics import read_metrics
 from tests.helpers import Interrupt, dpo_config, interrupt_at
 
 
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0])
+def test_dpo_micro_batches_of_one_pair_accumulate_to_the_whole_batch(tiny_model, data_files, tmp_path, sft_weight):
+    """The `small` preset trains DPO one pair at a time: the accumulated loss and gradients must be those
+    of the whole batch in one micro-batch (Eq. 7's mean over pairs; the chosen NLL's global token mean)."""
+    from eto_ref.sft import scored_targets
+    from eto_ref.tokenizer import Tokenizer
+    from eto_ref.trajectory import load_pairs
+
+    cfg = dpo_config(tiny_model, data_files, tmp_path, sft_weight=sft_weight)
+    device, amp = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    tok = Tokenizer.from_dir(tiny_model)
+    _, examples, _ = dpo.encode_pair_data(load_pairs(data_files["pairs"]), tok, cfg.max_len)
+    counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]
+    assert len(examples) > 1 and len(set(counts)) > 1
+    model = trainer.load_trainable_model(cfg, device, torch.float32)
+    ref = dpo.reference_logprobs(model, examples, tok.pad_id, 4, device, torch.float32)  # (N, 2)
+    ref = ref + torch.tensor([-2.0, 3.0])  # pi != ref: nonzero margins and a loss away from log 2
+    loss_fn = dpo.dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)
+    batch = list(range(len(examples)))
+    results = []
+    for micro in (len(batch), 1):
+        model.zero_grad(set_to_none=True)
+        metrics = trainer.accumulate_gradients(model, batch, micro, loss_fn, amp)
+        results.append((metrics, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (whole, g_whole), (ones, g_ones) = results
+    for key in ("loss", "margin", "accuracy"):
+        assert ones[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+    for n in g_whole:
+        torch.testing.assert_close(g_ones[n], g_whole[n], atol=1e-6, rtol=1e-5, msg=f"grad {n}")
+
+
 def test_dpo_step_raises_margin(tiny_model, data_files, tmp_path):
     """At the start pi = ref, so every margin is 0 and the loss is log 2; one step makes the margin positive."""
     from eto_ref.tokenizer import Tokenizer

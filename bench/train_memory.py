@@ -1,0 +1,230 @@
+"""Where the resident memory of one training step goes: SmolLM2-135M, float32, CPU, the main job's batches.
+
+    python bench/train_memory.py [--stage dpo|sft] [--threads 2] [--model DIR] [--pairs FILE]
+
+One optimizer step of the trainer's own loss (eto_ref/dpo.py `dpo_micro_loss` or
+eto_ref/sft.py `sft_micro_loss`, accumulated by eto_ref/trainer.py), each setting in a
+fresh process so that every high-water mark is its own. The resident set is sampled
+every 5 ms and its peak reported for each part of the step:
+
+    loaded      the weights (135M x 4 bytes = 0.54 GB) and the process (torch, tokenizer)
+    reference   DPO only: the reference log-probs of the pairs (no_grad forwards)
+    fwd+bwd     the micro-batches' forward and backward passes: activations, the scored
+                positions' logits and their gradient, the weights' gradients (0.54 GB)
+    optimizer   AdamW's step: its two moments (1.08 GB) and what the update allocates
+
+Baseline: the main job's settings (`small` preset: micro-batches of 4 pairs or 8
+trajectories, activation checkpointing, the LM head in checkpointed chunks, torch's
+default AdamW). Each other row changes one thing. DPO pairs are the expert trajectory (chosen) against the same task's
+expert trajectory with every action replaced by the first one (rejected, same length),
+unless --pairs names a pairs file (e.g. a run's iter-1/pairs.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import envs  # noqa: E402
+from eto_ref.runtime import set_threads  # noqa: E402
+
+SMOLLM2_DIR = "models/smollm2-135m-instruct"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+class PeakRSS:
+    """The resident set's peak during a block (MB), sampled every 5 ms by a thread."""
+
+    def __enter__(self):
+        self.peak = rss_mb()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+# --------------------------------------------------------------------------- the data
+
+
+def science_trajectories(n: int) -> list:
+    from eto_ref.trajectory import parse_trajectory
+
+    env = envs.make_env("science")
+    return [parse_trajectory(env.expert_trajectory(t)) for t in env.task_ids("train")[:n]]
+
+
+def synthetic_pairs(n: int) -> list:
+    """(chosen = expert, rejected = the expert's turns with every action the first one): real shapes."""
+    from eto_ref.trajectory import PreferencePair
+
+    pairs = []
+    for traj in science_trajectories(n):
+        msgs = traj.messages
+        first_agent = next(i for i in range(3, len(msgs)) if msgs[i]["role"] == "assistant")
+        prompt, chosen = msgs[:first_agent], msgs[first_agent:]
+        if chosen[-1]["role"] != "assistant":
+            chosen = chosen[:-1]
+        rejected = [m if m["role"] != "assistant" else {**m, "content": chosen[0]["content"]} for m in chosen]
+        pairs.append(PreferencePair(traj.id, prompt, chosen, rejected))
+    return pairs
+
+
+# --------------------------------------------------------------------------- one setting, in its own process
+
+
+def micro_loss_of(stage: str, model_dir: str, pairs_file: str | None, batch: int, micro: int, device):
+    """The trainer's micro-batch loss for `batch` examples, and the reference pass it needs first (DPO)."""
+    from eto_ref.config import DPOConfig
+    from eto_ref.dpo import dpo_micro_loss, encode_pair_data, reference_logprobs
+    from eto_ref.sft import encode_sft_data, scored_targets, sft_micro_loss
+    from eto_ref.tokenizer import Tokenizer
+    from eto_ref.trajectory import load_pairs
+
+    tok = Tokenizer.from_dir(model_dir)
+    if stage == "sft":
+        examples, _ = encode_sft_data(science_trajectories(batch), tok, 2048)
+        counts = [scored_targets(ex.loss_mask) for ex in examples]
+        return sft_micro_loss(examples, counts, tok.pad_id, device), None
+    pairs = load_pairs(pairs_file)[:batch] if pairs_file else synthetic_pairs(batch)
+    _, examples, _ = encode_pair_data(pairs, tok, 2048)
+    counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]
+    cfg = DPOConfig(model=model_dir, micro_batch_size=micro, beta=0.1, sft_weight=0.0)
+
+    def reference(model):
+        return reference_logprobs(model, examples, tok.pad_id, micro, device, torch.float32)
+
+    return (lambda ref: dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)), reference
+
+
+def whole_head_logprobs(model, batch: dict) -> torch.Tensor:
+    """The scored targets' log-probs through (N, V) logits made at once and kept for the backward
+    (what the trainer did before `losses.head_logprobs`): the baseline of the LM head's chunking."""
+    from eto_ref.losses import next_token_targets, scored_positions, target_logprobs
+
+    targets, scored = next_token_targets(batch["input_ids"], batch["loss_mask"])
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_at=scored_positions(batch["loss_mask"]), shared_prefix=batch["shared_prefix"])  # (N, V)
+    return target_logprobs(logits, targets[scored])  # (N,)
+
+
+def measure_one(args) -> dict:
+    """Peak RSS of each part of one optimizer step at one setting (runs in a fresh process)."""
+    import eto_ref.dpo
+    import eto_ref.sft
+    from eto_ref.checkpoint import load_model
+    from eto_ref.trainer import accumulate_gradients
+
+    set_threads(args.threads)
+    if args.whole_head:
+        eto_ref.dpo.scored_logprobs = eto_ref.sft.scored_logprobs = whole_head_logprobs
+    device = torch.device("cpu")
+    marks = {"start": rss_mb()}
+    loss_of, reference = micro_loss_of(args.stage, args.model, args.pairs, args.batch, args.micro, device)
+    with PeakRSS() as m:
+        model = load_model(args.model, torch.float32, device).train()
+        model.gradient_checkpointing = args.checkpointing
+    marks["loaded"] = m.peak
+    micro_loss = loss_of
+    if reference is not None:
+        with PeakRSS() as m:
+            micro_loss = loss_of(reference(model).clone())
+        model.train()
+        marks["reference"] = m.peak
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=args.fused or None)
+    batch = list(range(args.batch))
+    start = time.perf_counter()
+    with PeakRSS() as m:
+        metrics = accumulate_gradients(model, batch, args.micro, micro_loss, torch.autocast("cpu", enabled=False))
+    marks["fwd+bwd"] = m.peak
+    with PeakRSS() as m:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    marks["optimizer"] = m.peak
+    marks["seconds"] = time.perf_counter() - start
+    marks["loss"] = float(metrics["loss"])
+    return marks
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def settings(stage: str) -> list[tuple[str, list[str]]]:
+    """(row name, flags): the main job's setting first, then one change per row."""
+    if stage == "sft":
+        base = ["--batch", "8", "--micro", "8"]
+        return [("main job: micro-batch 8, checkpointing, chunked head, AdamW", base),
+                ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
+                ("micro-batch 4", ["--batch", "8", "--micro", "4"]),
+                ("no activation checkpointing", base + ["--no-checkpointing"]),
+                ("fused AdamW", base + ["--fused"])]
+    base = ["--batch", "4", "--micro", "4"]
+    return [("main job: micro-batch 4 pairs, checkpointing, chunked head, AdamW", base),
+            ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
+            ("micro-batch 2 pairs", ["--batch", "4", "--micro", "2"]),
+            ("micro-batch 1 pair", ["--batch", "4", "--micro", "1"]),
+            ("fused AdamW", base + ["--fused"])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=("dpo", "sft"), default="dpo")
+    parser.add_argument("--model", default=SMOLLM2_DIR, help="a converted model directory (python -m eto_ref.gguf)")
+    parser.add_argument("--pairs", default=None, help="DPO: a pairs file instead of the synthetic science pairs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--micro", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", help=argparse.SUPPRESS)
+    parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--whole-head", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # measure one setting, print JSON
+    args = parser.parse_args()
+    if not (Path(args.model) / "config.json").is_file():
+        sys.exit(f"{args.model}: no converted model; run `python -m eto_ref.gguf --out {args.model}` first")
+    if args.one:
+        print(json.dumps(measure_one(args)))
+        return
+
+    common = [sys.executable, __file__, "--one", "--stage", args.stage, "--model", args.model,
+              "--threads", str(args.threads)] + (["--pairs", args.pairs] if args.pairs else [])
+    parts = ["loaded", "reference", "fwd+bwd", "optimizer"] if args.stage == "dpo" else ["loaded", "fwd+bwd",
+                                                                                            "optimizer"]
+    print(f"{args.stage}: one optimizer step, {args.model}, float32, {args.threads} threads; "
+          "peak resident memory (MB) of each part, cumulative", flush=True)
+    print("| setting | " + " | ".join(parts) + " | step s | loss |")
+    print("|---|" + "---:|" * (len(parts) + 2))
+    for name, flags in settings(args.stage):
+        out = subprocess.run(common + flags, capture_output=True, text=True)
+        if out.returncode:
+            print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} |")
+            continue
+        marks = json.loads(out.stdout.strip().splitlines()[-1])
+        cells = " | ".join(f"{marks[p]:.0f}" for p in parts)
+        print(f"| {name} | {cells} | {marks['seconds']:.0f} | {marks['loss']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
