@@ -13,11 +13,12 @@ every 5 ms and its peak reported for each part of the step:
                 positions' logits and their gradient, the weights' gradients (0.54 GB)
     optimizer   AdamW's step: its two moments (1.08 GB) and what the update allocates
 
-Baseline: the main job's settings (`small` preset: micro-batches of 4 pairs or 8
-trajectories, activation checkpointing, the LM head in checkpointed chunks, torch's
-default AdamW). Each other row changes one thing. DPO pairs are the expert trajectory (chosen) against the same task's
-expert trajectory with every action replaced by the first one (rejected, same length),
-unless --pairs names a pairs file (e.g. a run's iter-1/pairs.json).
+Baseline (first row): micro-batches of 4 pairs or 8 trajectories, activation
+checkpointing, the LM head in checkpointed chunks, torch's default AdamW. Each other row
+changes one thing (the `small` preset now trains DPO one pair per micro-batch). DPO pairs
+are the expert trajectory (chosen) against the same task's expert trajectory with every
+action replaced by the first one (rejected, same length), unless --pairs names a pairs
+file (e.g. a run's iter-1/pairs.json).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,35 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import envs  # noqa: E402
+from bench.throughput import PeakMemory, rss_mb  # noqa: E402  (the resident set sampled every 5 ms)
 from eto_ref.runtime import set_threads  # noqa: E402
 
 SMOLLM2_DIR = "models/smollm2-135m-instruct"
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
-class PeakRSS:
-    """The resident set's peak during a block (MB), sampled every 5 ms by a thread."""
-
-    def __enter__(self):
-        self.peak = rss_mb()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, rss_mb())
 
 
 # --------------------------------------------------------------------------- the data
@@ -143,13 +118,13 @@ def measure_one(args) -> dict:
     device = torch.device("cpu")
     marks = {"start": rss_mb()}
     loss_of, reference = micro_loss_of(args.stage, args.model, args.pairs, args.batch, args.micro, device)
-    with PeakRSS() as m:
+    with PeakMemory() as m:
         model = load_model(args.model, torch.float32, device).train()
         model.gradient_checkpointing = args.checkpointing
     marks["loaded"] = m.peak
     micro_loss = loss_of
     if reference is not None:
-        with PeakRSS() as m:
+        with PeakMemory() as m:
             micro_loss = loss_of(reference(model).clone())
         model.train()
         marks["reference"] = m.peak
@@ -157,10 +132,10 @@ def measure_one(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=args.fused or None)
     batch = list(range(args.batch))
     start = time.perf_counter()
-    with PeakRSS() as m:
+    with PeakMemory() as m:
         metrics = accumulate_gradients(model, batch, args.micro, micro_loss, torch.autocast("cpu", enabled=False))
     marks["fwd+bwd"] = m.peak
-    with PeakRSS() as m:
+    with PeakMemory() as m:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
     marks["optimizer"] = m.peak
@@ -173,19 +148,19 @@ def measure_one(args) -> dict:
 
 
 def settings(stage: str) -> list[tuple[str, list[str]]]:
-    """(row name, flags): the main job's setting first, then one change per row."""
+    """(row name, flags): the baseline first, then one change per row."""
     if stage == "sft":
         base = ["--batch", "8", "--micro", "8"]
-        return [("main job: micro-batch 8, checkpointing, chunked head, AdamW", base),
+        return [("micro-batch 8 (the small preset), checkpointing, chunked head, AdamW", base),
                 ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
                 ("micro-batch 4", ["--batch", "8", "--micro", "4"]),
                 ("no activation checkpointing", base + ["--no-checkpointing"]),
                 ("fused AdamW", base + ["--fused"])]
     base = ["--batch", "4", "--micro", "4"]
-    return [("main job: micro-batch 4 pairs, checkpointing, chunked head, AdamW", base),
+    return [("micro-batch 4 pairs, checkpointing, chunked head, AdamW", base),
             ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
             ("micro-batch 2 pairs", ["--batch", "4", "--micro", "2"]),
-            ("micro-batch 1 pair", ["--batch", "4", "--micro", "1"]),
+            ("micro-batch 1 pair (the small preset)", ["--batch", "4", "--micro", "1"]),
             ("fused AdamW", base + ["--fused"])]
 
 
