@@ -79,10 +79,10 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
     def piece(h, t):  # (n, D), (n,) -> (n,)
         return target_logprobs(head(h), t, chunk=max(len(t), 1))
 
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     out = []
     for i in range(0, len(targets), chunk):
         h, t = hidden[i:i + chunk], targets[i:i + chunk]
-        recompute = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
         out.append(checkpoint(piece, h, t, use_reentrant=False) if recompute else piece(h, t))
     return torch.cat(out) if out else head(hidden).float().sum(-1)  # no target: (0,), still part of the graph
 

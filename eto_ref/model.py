@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from eto_ref.losses import head_logprobs
 
 
-
 # --------------------------------------------------------------------------- config
 
 
