@@ -1,21 +1,25 @@
-"""Where the resident memory of one training step goes: SmolLM2-135M, float32, CPU, the main job's batches.
+"""Where the resident memory of training goes: SmolLM2-135M, float32, CPU, the main job's batches.
 
     python bench/train_memory.py [--stage dpo|sft] [--threads 2] [--model DIR] [--pairs FILE]
 
-One optimizer step of the trainer's own loss (eto_ref/dpo.py `dpo_micro_loss` or
+Two optimizer steps of the trainer's own loss (eto_ref/dpo.py `dpo_micro_loss` or
 eto_ref/sft.py `sft_micro_loss`, accumulated by eto_ref/trainer.py), each setting in a
 fresh process so that every high-water mark is its own. The resident set is sampled
-every 5 ms and its peak reported for each part of the step:
+every 5 ms and its peak reported for each part of the steps:
 
     loaded      the weights (135M x 4 bytes = 0.54 GB) and the process (torch, tokenizer)
     reference   DPO only: the reference log-probs of the pairs (no_grad forwards)
     fwd+bwd     the micro-batches' forward and backward passes: activations, the scored
                 positions' logits and their gradient, the weights' gradients (0.54 GB)
     optimizer   AdamW's step: its two moments (1.08 GB) and what the update allocates
+    step 2      a second step on the same batch: the steady state of a training run, where
+                AdamW's moments stay resident while the activations and gradients are made
 
 Baseline (first row): micro-batches of 4 pairs or 8 trajectories, activation
-checkpointing, the LM head in checkpointed chunks, torch's default AdamW. Each other row
-changes one thing (the `small` preset now trains DPO one pair per micro-batch). DPO pairs
+checkpointing, the LM head in checkpointed chunks, torch's default AdamW, glibc told to
+give freed blocks back (eto_ref/runtime.py `return_freed_memory`, what train.py does).
+Each other row changes one thing (the `small` preset trains DPO one pair per micro-batch).
+DPO pairs
 are the expert trajectory (chosen) against the same task's expert trajectory with every
 action replaced by the first one (rejected, same length), unless --pairs names a pairs
 file (e.g. a run's iter-1/pairs.json).
@@ -36,7 +40,7 @@ import torch  # noqa: E402
 
 import envs  # noqa: E402
 from bench.throughput import PeakMemory, rss_mb  # noqa: E402  (the resident set sampled every 5 ms)
-from eto_ref.runtime import set_threads  # noqa: E402
+from eto_ref.runtime import return_freed_memory, set_threads  # noqa: E402
 
 SMOLLM2_DIR = "models/smollm2-135m-instruct"
 
@@ -106,13 +110,15 @@ def whole_head_logprobs(model, batch: dict) -> torch.Tensor:
 
 
 def measure_one(args) -> dict:
-    """Peak RSS of each part of one optimizer step at one setting (runs in a fresh process)."""
+    """Peak RSS of each part of two optimizer steps at one setting (runs in a fresh process)."""
     import eto_ref.dpo
     import eto_ref.sft
     from eto_ref.checkpoint import load_model
     from eto_ref.trainer import accumulate_gradients
 
     set_threads(args.threads)
+    if not args.glibc_default:
+        return_freed_memory()
     if args.whole_head:
         eto_ref.dpo.scored_logprobs = eto_ref.sft.scored_logprobs = whole_head_logprobs
     device = torch.device("cpu")
@@ -131,16 +137,18 @@ def measure_one(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=args.fused or None)
     batch = list(range(args.batch))
-    start = time.perf_counter()
-    with PeakMemory() as m:
-        metrics = accumulate_gradients(model, batch, args.micro, micro_loss, torch.autocast("cpu", enabled=False))
-    marks["fwd+bwd"] = m.peak
-    with PeakMemory() as m:
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-    marks["optimizer"] = m.peak
-    marks["seconds"] = time.perf_counter() - start
-    marks["loss"] = float(metrics["loss"])
+    for step in (1, 2):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with PeakMemory() as m:
+            metrics = accumulate_gradients(model, batch, args.micro, micro_loss, torch.autocast("cpu", enabled=False))
+        marks["fwd+bwd" if step == 1 else "step 2"] = m.peak
+        with PeakMemory() as m:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        marks["optimizer" if step == 1 else "step 2"] = max(m.peak, marks.get("step 2", 0.0))
+        marks[f"seconds {step}"] = time.perf_counter() - start
+        marks.setdefault("loss", float(metrics["loss"]))
     return marks
 
 
@@ -155,13 +163,15 @@ def settings(stage: str) -> list[tuple[str, list[str]]]:
                 ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
                 ("micro-batch 4", ["--batch", "8", "--micro", "4"]),
                 ("no activation checkpointing", base + ["--no-checkpointing"]),
-                ("fused AdamW", base + ["--fused"])]
+                ("fused AdamW", base + ["--fused"]),
+                ("glibc's default heap (freed blocks kept)", base + ["--glibc-default"])]
     base = ["--batch", "4", "--micro", "4"]
     return [("micro-batch 4 pairs, checkpointing, chunked head, AdamW", base),
             ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
             ("micro-batch 2 pairs", ["--batch", "4", "--micro", "2"]),
             ("micro-batch 1 pair (the small preset)", ["--batch", "4", "--micro", "1"]),
-            ("fused AdamW", base + ["--fused"])]
+            ("fused AdamW", base + ["--fused"]),
+            ("glibc's default heap (freed blocks kept)", base + ["--glibc-default"])]
 
 
 def main() -> None:
@@ -175,6 +185,7 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", help=argparse.SUPPRESS)
     parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--whole-head", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--glibc-default", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # measure one setting, print JSON
     args = parser.parse_args()
     if not (Path(args.model) / "config.json").is_file():
@@ -185,11 +196,10 @@ def main() -> None:
 
     common = [sys.executable, __file__, "--one", "--stage", args.stage, "--model", args.model,
               "--threads", str(args.threads)] + (["--pairs", args.pairs] if args.pairs else [])
-    parts = ["loaded", "reference", "fwd+bwd", "optimizer"] if args.stage == "dpo" else ["loaded", "fwd+bwd",
-                                                                                            "optimizer"]
-    print(f"{args.stage}: one optimizer step, {args.model}, float32, {args.threads} threads; "
+    parts = ["loaded"] + (["reference"] if args.stage == "dpo" else []) + ["fwd+bwd", "optimizer", "step 2"]
+    print(f"{args.stage}: two optimizer steps, {args.model}, float32, {args.threads} threads; "
           "peak resident memory (MB) of each part, cumulative", flush=True)
-    print("| setting | " + " | ".join(parts) + " | step s | loss |")
+    print("| setting | " + " | ".join(parts) + " | step 1 s | step 2 s | loss |")
     print("|---|" + "---:|" * (len(parts) + 2))
     for name, flags in settings(args.stage):
         out = subprocess.run(common + flags, capture_output=True, text=True)
@@ -198,7 +208,8 @@ def main() -> None:
             continue
         marks = json.loads(out.stdout.strip().splitlines()[-1])
         cells = " | ".join(f"{marks[p]:.0f}" for p in parts)
-        print(f"| {name} | {cells} | {marks['seconds']:.0f} | {marks['loss']:.4f} |", flush=True)
+        print(f"| {name} | {cells} | {marks['seconds 1']:.0f} | {marks['seconds 2']:.0f} | {marks['loss']:.4f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

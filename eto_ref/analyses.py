@@ -35,6 +35,7 @@ from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atom
 from eto_ref.pairs import self_play_pairs
 from eto_ref.pipeline import PipelineConfig
 from eto_ref.results import paired_difference, task_rewards
+from eto_ref.runtime import add_threads_flag, return_freed_memory, set_threads
 from eto_ref.sft import run_sft
 
 
@@ -204,7 +205,10 @@ def main(argv=None):
         sub.add_parser(name).add_argument("--runs", nargs="+", required=True)
     for action in sub.choices.values():
         action.add_argument("--results", default=None, help="write the table here (Markdown, + .json)")
+        add_threads_flag(action)
     args = p.parse_args(argv)
+    set_threads(args.threads)
+    return_freed_memory()
     if args.analysis == "step-level":
         return step_level(Path(args.run), args.forced_steps, args.results)
     if args.analysis == "self-play":
