@@ -30,7 +30,7 @@ from eto_ref.distributed import init_distributed, is_main
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair, load_policy
 from eto_ref.models import resolve_model
 from eto_ref.pairs import EXTRA_REJECTED_TURNS
-from eto_ref.runtime import add_threads_flag, resolve_device, return_freed_memory, set_threads
+from eto_ref.runtime import add_threads_flag, resolve_device, setup_cpu
 from eto_ref.sampler import SamplingConfig
 
 
@@ -68,8 +68,7 @@ def explore_config(args) -> ExploreConfig:
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args.threads)
-    return_freed_memory()
+    setup_cpu(args)
     try:
         cfg = explore_config(args)
         device = init_distributed(resolve_device(args.device))  # under torchrun: join the ranks, take a GPU

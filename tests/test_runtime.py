@@ -63,3 +63,14 @@ def test_return_freed_memory_leaves_a_user_setting_alone():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "33554432"}
     with pytest.raises(subprocess.CalledProcessError):  # return_freed_memory() says it did not apply
         freed_mb("on", env)
+
+
+def test_command_lines_take_return_memory_on_by_default():
+    import argparse
+
+    from eto_ref.runtime import add_threads_flag
+
+    p = argparse.ArgumentParser()
+    add_threads_flag(p)
+    assert p.parse_args([]).return_memory is True
+    assert p.parse_args(["--no-return-memory"]).return_memory is False
