@@ -44,7 +44,7 @@ from eto_ref.agent import (STOP_STRINGS, AgentConfig, Running, agent_turn, first
 from eto_ref.checkpoint import load_model, save_model  # noqa: E402
 from eto_ref.losses import bc_loss, scored_positions  # noqa: E402
 from eto_ref.model import ModelConfig, Transformer  # noqa: E402
-from eto_ref.runtime import return_freed_memory, set_threads  # noqa: E402
+from eto_ref.runtime import set_threads  # noqa: E402
 from eto_ref.sampler import SamplingConfig, Session  # noqa: E402
 from eto_ref.tokenizer import Tokenizer  # noqa: E402
 from eto_ref.trajectory import collate_sft, encode_sft, parse_trajectory  # noqa: E402
@@ -340,7 +340,6 @@ def main(argv=None):
     p.add_argument("--model", default="models/smollm2-135m-instruct", help="model directory (else random weights)")
     args = p.parse_args(argv)
     threads = set_threads(args.threads)
-    return_freed_memory()  # as train.py and explore.py do; both sides run in this process
     rows, episodes, repeats = (4, 6, 1) if args.quick else (8, 32, 2)
     config = AgentConfig(sampling=SamplingConfig(max_new_tokens=48 if args.quick else 96),
                          batch_size=6 if args.quick else 16, icl=False, max_steps=4 if args.quick else 10)

@@ -4,8 +4,8 @@
     dtype = compute_dtype("auto", device)    # float32 on CPU, bfloat16 (autocast) on CUDA
     with autocast(device, dtype): ...        # weights stay float32, matmuls run in dtype
     set_threads(None)                        # the cores this process may use
-    return_freed_memory()                    # freed activations go back to the OS (glibc)
-    setup_cpu(args)                          # both, from a command line's --threads, --return-memory
+    setup_cpu(args)                          # --threads, and --return-memory for training:
+    with training_memory(): ...              #   freed activations go back to the OS (glibc)
 
 Threads matter on a small CPU: torch's default is one thread per core, and two
 processes that each take every core run far slower together than one after the
@@ -47,27 +47,44 @@ def set_threads(threads: int | None) -> int:
 
 # glibc's mallopt() parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_BYTES = 256 * 1024
+MMAP_THRESHOLD_BYTES = 256 * 1024  # training: every block over 256 KB mapped on its own, returned on free
+HEAP_CEILING_BYTES = 32 * 2**20  # generation: what glibc's own moving threshold rises to (its maximum)
+_return_memory = False  # set by setup_cpu from --return-memory
 
 
-def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Make glibc give memory back to the OS when torch frees it; returns whether it applied.
+def set_mmap_threshold(threshold: int) -> bool:
+    """glibc maps blocks of at least `threshold` bytes on their own and unmaps them on free.
 
-    glibc maps blocks of at least M_MMAP_THRESHOLD bytes on their own and unmaps them on
-    free, but by default raises that threshold (up to 32 MB) each time such a block is
-    freed, after which activations and gradients come from heaps that keep freed space
-    resident. Fixing the threshold (and the heap-top trim threshold) at `threshold` keeps
-    a training process's resident memory near what it really holds. No-op off glibc, or
-    when the user set MALLOC_MMAP_THRESHOLD_ (glibc's own environment variable).
+    glibc's default raises that threshold (up to 32 MB) each time such a block is freed,
+    after which activations and gradients come from heaps that keep freed space resident.
+    Returns whether it applied: not off glibc, nor when the user set MALLOC_MMAP_THRESHOLD_
+    (glibc's own environment variable).
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not Linux/glibc (macOS, Windows, musl)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+
+
+def return_freed_memory() -> bool:
+    """From now on, large blocks torch frees go back to the OS at once (see set_mmap_threshold)."""
+    return set_mmap_threshold(MMAP_THRESHOLD_BYTES)
+
+
+@contextlib.contextmanager
+def training_memory():
+    """Inside (a training run, under --return-memory): freed blocks go back to the OS, which keeps a
+    SmolLM2 SFT step at 2.7 GB instead of 4.9 GB for ~30% more time. After: blocks up to 32 MB come
+    from glibc's heaps again, which generation prefers (13% faster, 0.2 GB more; docs/throughput.md)."""
+    applied = _return_memory and return_freed_memory()
+    try:
+        yield
+    finally:
+        if applied:
+            set_mmap_threshold(HEAP_CEILING_BYTES)
 
 
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
@@ -76,16 +93,16 @@ def add_threads_flag(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default: the cores this process may use, "
                              f"here {available_cores()}); give each of several processes its share")
     parser.add_argument("--return-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="glibc gives freed blocks over 256 KB back to the OS: a SmolLM2 SFT step peaks "
-                             "at 2.7 GB instead of 4.9 GB but takes ~30%% longer (docs/throughput.md)")
+                        help="while training, glibc gives freed blocks over 256 KB back to the OS: a SmolLM2 "
+                             "SFT step peaks at 2.7 GB instead of 4.9 GB but takes ~30%% longer "
+                             "(docs/throughput.md)")
 
 
 def setup_cpu(args: argparse.Namespace) -> int:
-    """Apply --threads and --return-memory; returns the thread count."""
-    threads = set_threads(args.threads)
-    if args.return_memory:
-        return_freed_memory()
-    return threads
+    """Apply --threads and --return-memory (for training_memory); returns the thread count."""
+    global _return_memory
+    _return_memory = args.return_memory
+    return set_threads(args.threads)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -36,7 +36,7 @@ from eto_ref.losses import next_token_targets, scored_positions
 from eto_ref.metrics import MetricsLog, progress_bar, show
 from eto_ref.run_dir import (RunLock, config_dict, find_resume_checkpoint, finished_run, load_optimizer_state,
                              restore_weights, save_checkpoint, save_final)
-from eto_ref.runtime import autocast, compute_dtype, resolve_device
+from eto_ref.runtime import autocast, compute_dtype, resolve_device, training_memory
 from eto_ref.schedule import lr_at
 
 # --------------------------------------------------------------------------- device, model, optimizer
@@ -313,6 +313,7 @@ class Fit:
         return metrics
 
 
+@training_memory()
 def fit(model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device: torch.device,
         dtype: torch.dtype, callback: Callable | None = None) -> Path:
     """Train `model` on `stage` for cfg.epochs (or cfg.max_steps); returns the final model directory.

@@ -9,30 +9,39 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Frees a 16 MB tensor (glibc's default then serves blocks up to 16 MB from its heaps),
-# allocates 20 blocks of 8 MB with a small tensor after each (so no block ends the heap),
-# frees the blocks and prints how many MB of resident memory that gave back.
+# freed_mb(): frees a 16 MB tensor (glibc's default then serves blocks up to 16 MB from its
+# heaps), allocates 21 blocks of 8 MB, frees every other one (80 MB, none at the heap's end)
+# and returns how many MB of resident memory that gave back.
 FRAGMENTING_PROGRAM = """
 import sys
 import torch
-from eto_ref.runtime import return_freed_memory
+from eto_ref import runtime
 
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 
+def freed_mb():
+    del_me = torch.ones(4 * 2**20)  # 16 MB
+    del del_me
+    blocks = [torch.ones(2 * 2**20) for _ in range(21)]  # 8 MB each, every page touched
+    before = rss_mb()
+    for i in range(0, 20, 2):  # free 10 blocks, each between two that stay
+        blocks[i] = None
+    return before - rss_mb()
+
+runtime._return_memory = True  # as setup_cpu does under --return-memory
 if sys.argv[1] == "on":
-    assert return_freed_memory()
-del_me = torch.ones(4 * 2**20)  # 16 MB
-del del_me
-blocks, pins = [], []
-for _ in range(20):
-    blocks.append(torch.ones(2 * 2**20))  # 8 MB, every page touched
-    pins.append(torch.ones(2**14))  # 64 KB, from the heap after the block
-before = rss_mb()
-del blocks
-print(before - rss_mb())
+    assert runtime.return_freed_memory()
+if sys.argv[1] == "training":
+    with runtime.training_memory():
+        print(freed_mb())
+else:
+    if sys.argv[1] == "after training":
+        with runtime.training_memory():
+            pass
+    print(freed_mb())
 """
 
 
@@ -52,8 +61,14 @@ def freed_mb(setting: str, env: dict | None = None) -> float:
 
 @pytest.mark.skipif(not glibc(), reason="glibc (Linux) only")
 def test_return_freed_memory_gives_freed_blocks_back_to_the_os():
-    assert freed_mb("off") < 40  # glibc's default keeps the 160 MB resident: the test can fail
-    assert freed_mb("on") > 140
+    assert freed_mb("off") < 20  # glibc's default keeps the 80 MB resident: the test can fail
+    assert freed_mb("on") > 70
+
+
+@pytest.mark.skipif(not glibc(), reason="glibc (Linux) only")
+def test_training_memory_returns_freed_blocks_inside_only():
+    assert freed_mb("training") > 70
+    assert freed_mb("after training") < 20  # generation gets glibc's heaps back
 
 
 @pytest.mark.skipif(not glibc(), reason="glibc (Linux) only")
