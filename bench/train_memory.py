@@ -18,7 +18,7 @@ every 5 ms and its peak reported for each part of the steps:
 Baseline (first row): micro-batches of 4 pairs or 8 trajectories, activation
 checkpointing, the LM head in checkpointed chunks, torch's default AdamW, glibc told to
 give freed blocks back (eto_ref/runtime.py `return_freed_memory`, what train.py does).
-Each other row changes one thing (the `small` preset trains DPO one pair per micro-batch).
+Each other row changes one thing (the `small` preset trains DPO in micro-batches of 4 pairs).
 DPO pairs
 are the expert trajectory (chosen) against the same task's expert trajectory with every
 action replaced by the first one (rejected, same length), unless --pairs names a pairs
@@ -166,10 +166,10 @@ def settings(stage: str) -> list[tuple[str, list[str]]]:
                 ("fused AdamW", base + ["--fused"]),
                 ("glibc's default heap (freed blocks kept)", base + ["--glibc-default"])]
     base = ["--batch", "4", "--micro", "4"]
-    return [("micro-batch 4 pairs, checkpointing, chunked head, AdamW", base),
+    return [("micro-batch 4 pairs (the small preset), checkpointing, chunked head, AdamW", base),
             ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
             ("micro-batch 2 pairs", ["--batch", "4", "--micro", "2"]),
-            ("micro-batch 1 pair (the small preset)", ["--batch", "4", "--micro", "1"]),
+            ("micro-batch 1 pair", ["--batch", "4", "--micro", "1"]),
             ("fused AdamW", base + ["--fused"]),
             ("glibc's default heap (freed blocks kept)", base + ["--glibc-default"])]
 
@@ -200,7 +200,7 @@ def main() -> None:
     print(f"{args.stage}: two optimizer steps, {args.model}, float32, {args.threads} threads; "
           "peak resident memory (MB) of each part, cumulative", flush=True)
     print("| setting | " + " | ".join(parts) + " | step 1 s | step 2 s | loss |")
-    print("|---|" + "---:|" * (len(parts) + 2))
+    print("|---|" + "---:|" * (len(parts) + 3))
     for name, flags in settings(args.stage):
         out = subprocess.run(common + flags, capture_output=True, text=True)
         if out.returncode:
