@@ -17,17 +17,18 @@ every 5 ms and its peak reported for each part of the steps:
 
 Baseline (first row): micro-batches of 4 pairs or 8 trajectories, activation
 checkpointing, the LM head in checkpointed chunks, torch's default AdamW, glibc told to
-give freed blocks back (eto_ref/runtime.py `return_freed_memory`, what train.py does).
-Each other row changes one thing (the `small` preset trains DPO in micro-batches of 4 pairs).
-DPO pairs
-are the expert trajectory (chosen) against the same task's expert trajectory with every
-action replaced by the first one (rejected, same length), unless --pairs names a pairs
-file (e.g. a run's iter-1/pairs.json).
+give freed blocks back for the whole process (eto_ref/runtime.py `return_freed_memory`;
+train.py does it for the training steps only, `training_memory`, so its DPO reference
+pass runs on glibc's heaps). Each other row changes one thing (the `small` preset trains
+DPO in micro-batches of 4 pairs). DPO pairs are the expert trajectory (chosen) against the
+same task's expert trajectory with every action replaced by the first one (rejected, same
+length), unless --pairs names a pairs file (e.g. a run's iter-1/pairs.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import subprocess
 import sys
@@ -146,6 +147,8 @@ def measure_one(args) -> dict:
         with PeakMemory() as m:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            if args.trim:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: give the heaps' free pages back
         marks["optimizer" if step == 1 else "step 2"] = max(m.peak, marks.get("step 2", 0.0))
         marks[f"seconds {step}"] = time.perf_counter() - start
         marks.setdefault("loss", float(metrics["loss"]))
@@ -164,7 +167,8 @@ def settings(stage: str) -> list[tuple[str, list[str]]]:
                 ("micro-batch 4", ["--batch", "8", "--micro", "4"]),
                 ("no activation checkpointing", base + ["--no-checkpointing"]),
                 ("fused AdamW", base + ["--fused"]),
-                ("glibc's default heap (freed blocks kept)", base + ["--glibc-default"])]
+                ("glibc's default heap (freed blocks kept)", base + ["--glibc-default"]),
+                ("glibc's default heap, malloc_trim(0) after each step", base + ["--glibc-default", "--trim"])]
     base = ["--batch", "4", "--micro", "4"]
     return [("micro-batch 4 pairs (the small preset), checkpointing, chunked head, AdamW", base),
             ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
@@ -186,6 +190,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--whole-head", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--glibc-default", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trim", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # measure one setting, print JSON
     args = parser.parse_args()
     if not (Path(args.model) / "config.json").is_file():

@@ -14,7 +14,7 @@ process). Every command line has `--threads N`; give each process its share.
 
 Memory matters too: by default glibc serves blocks up to 32 MB from heaps that it
 rarely gives back, so a training step's activations, freed and reallocated in a
-different order each step, left SmolLM2's SFT at 5.1 GB resident against 2.7 GB
+different order each step, left a SmolLM2 SFT step at 4.9 GB resident against 2.7 GB
 with large blocks mapped and unmapped one by one (bench/train_memory.py).
 """
 
@@ -49,7 +49,7 @@ def set_threads(threads: int | None) -> int:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 256 * 1024  # training: every block over 256 KB mapped on its own, returned on free
 HEAP_CEILING_BYTES = 32 * 2**20  # generation: what glibc's own moving threshold rises to (its maximum)
-_return_memory = False  # set by setup_cpu from --return-memory
+_return_memory = False  # set by setup_cpu from --return-memory; a library call of fit() keeps glibc's default
 
 
 def set_mmap_threshold(threshold: int) -> bool:
