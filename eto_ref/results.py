@@ -7,9 +7,10 @@
 A seeds report gives each method's per-seed averages and their mean, the share of
 agent replies without a parsable action, and each ETO iteration's difference from
 SFT paired task by task: for every task, the ETO-minus-SFT reward averaged over the
-seeds, then the mean of those differences and its standard error over the tasks
-(sd / sqrt(n)). The paired difference removes the task-to-task variation that both
-methods share, which is most of the noise in an average reward.
+seeds that evaluated both (a seed still running adds nothing), then the mean of those
+differences and its standard error over the tasks (sd / sqrt(n)). The paired
+difference removes the task-to-task variation that both methods share, which is most
+of the noise in an average reward.
 
 Nothing here runs a model: a phase that has not finished (no summary.json yet) is
 absent, and shows as "-".
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import envs
 from eto_ref.exploration import TRAJECTORIES, invalid_format_rate, summarize, unmatched_action_rate
-from eto_ref.jsonl import read_jsonl_records, write_json_atomic
+from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
 from eto_ref.svg import point_chart
 
 
@@ -86,39 +87,51 @@ def paired_difference(a: dict[str, list[float]], b: dict[str, list[float]]) -> d
 
 
 def differences_from_sft(per_seed_tasks: dict[int, dict], splits) -> dict[str, dict[str, dict]]:
-    """method -> split -> paired difference from SFT (see paired_difference), over all seeds given."""
-    def pooled(method: str, split: str) -> dict[str, list[float]]:
-        tasks: dict[str, list[float]] = {}
-        for rewards in per_seed_tasks.values():
-            for task, r in rewards.get(method, {}).get(split, {}).items():
-                tasks.setdefault(task, []).append(r)
-        return tasks
+    """method -> split -> paired difference from SFT (see paired_difference), with the seeds it used.
 
+    A (seed, task) counts only where that seed evaluated both the method and SFT on the task,
+    so a seed whose ETO phase has not finished adds nothing to either side (its SFT rewards
+    alone would shift the SFT mean away from the seeds the method is measured on).
+    """
     methods = dict.fromkeys(m for rows in per_seed_tasks.values() for m in rows if m != "SFT")
     out: dict[str, dict] = {}
     for method in methods:
         for split in splits:
-            diff = paired_difference(pooled(method, split), pooled("SFT", split))
+            ours: dict[str, list[float]] = {}
+            sft: dict[str, list[float]] = {}
+            seeds = set()
+            for seed, rewards in per_seed_tasks.items():
+                a, b = rewards.get(method, {}).get(split, {}), rewards.get("SFT", {}).get(split, {})
+                for task in sorted(a.keys() & b.keys()):
+                    ours.setdefault(task, []).append(a[task])
+                    sft.setdefault(task, []).append(b[task])
+                    seeds.add(seed)
+            diff = paired_difference(ours, sft)
             if diff is not None:
-                out.setdefault(method, {})[split] = diff
+                out.setdefault(method, {})[split] = {**diff, "seeds": sorted(seeds)}
     return out
 
 
-def differences_table(diffs: dict[str, dict[str, dict]], splits, title: str = "") -> str:
+def differences_table(diffs: dict[str, dict[str, dict]], splits, title: str = "",
+                      all_seeds: list[int] | None = None) -> str:
     """Rows = methods; per split, `mean ± SE (n)` of the paired difference from SFT, and whether it
-    exceeds twice its standard error."""
+    exceeds twice its standard error; the seeds it used when fewer than all_seeds."""
     lines = [f"**{title}**", ""] if title else []
     lines += ["| method - SFT | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
     for method, by_split in diffs.items():
         cells = []
         for split in splits:
             d = by_split.get(split)
-            cells.append("-" if d is None else f"{d['mean']:+.1f} ± {d['se']:.1f} ({d['tasks']})"
+            if d is None:
+                cells.append("-")
+                continue
+            seeds = "" if all_seeds is None or d["seeds"] == all_seeds else f", seeds {','.join(map(str, d['seeds']))}"
+            cells.append(f"{d['mean']:+.1f} ± {d['se']:.1f} ({d['tasks']}{seeds})"
                          + (" *" if abs(d["mean"]) > 2 * d["se"] else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("(paired over tasks, each task's difference averaged over the seeds; ± one standard error; "
-                 "* beyond twice it)")
+    lines.append("(paired over tasks, each task's difference averaged over the seeds that evaluated both methods; "
+                 "± one standard error; * beyond twice it)")
     return "\n".join(lines)
 
 
@@ -132,7 +145,7 @@ def write_seeds_results(per_seed: dict[int, dict], splits, env: str, results_pat
     table = seeds_table(per_seed, splits, title=f"{env}: average reward x100, seeds {names}")
     if diffs:
         table += "\n\n" + differences_table(diffs, splits, title=f"{env}: difference from SFT, reward x100, "
-                                                                 f"seeds {names}")
+                                                                 f"seeds {names}", all_seeds=sorted(seeds))
     if rates is not None:
         table += "\n\n" + seeds_table(rates, splits, title=f"{env}: replies without a parsable action, "
                                                           f"% of agent replies, seeds {names}")
@@ -140,8 +153,7 @@ def write_seeds_results(per_seed: dict[int, dict], splits, env: str, results_pat
         table += "\n\n" + seeds_table(unmatched, splits, title=f"{env}: actions the environment could not "
                                                               f"match, % of well-formed actions, seeds {names}")
     if results_path is not None:
-        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(results_path).write_text(table + "\n")
+        write_text_atomic(table + "\n", results_path)
         extra = {} if rates is None else {"invalid_format_rate": rates}
         extra.update({} if unmatched is None else {"unmatched_action_rate": unmatched})
         extra.update({} if diffs is None else {"difference_from_sft": diffs})

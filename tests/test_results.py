@@ -126,6 +126,20 @@ def test_differences_from_sft_pool_seeds_per_task(tmp_path):
     assert (d["mean"], d["tasks"]) == (pytest.approx(50.0), 2) and d["se"] == pytest.approx(50.0)
 
 
+def test_a_seed_without_the_method_adds_nothing_to_the_sft_side():
+    """Seed 1 has finished SFT but not ETO: the difference is seed 0's alone, not ETO over seed 0
+    minus SFT over seeds 0 and 1."""
+    per_seed = {0: {"SFT": {"test_seen": {"t0": 0.0, "t1": 0.5, "t2": 1.0}},
+                    "ETO-iter-1": {"test_seen": {"t0": 1.0, "t1": 0.5, "t2": 1.0}}},
+                1: {"SFT": {"test_seen": {"t0": 1.0, "t1": 1.0, "t2": 1.0}}}}
+    d = differences_from_sft(per_seed, ("test_seen",))["ETO-iter-1"]["test_seen"]
+    # differences 100, 0, 0: mean 33.33, sd 57.74, se 33.33 (pooling seed 1's SFT would give 0, -25, 0)
+    assert d["mean"] == pytest.approx(100 / 3) and d["se"] == pytest.approx(100 / 3)
+    assert (d["tasks"], d["seeds"]) == (3, [0])
+    table = results.differences_table({"ETO-iter-1": {"test_seen": d}}, ("test_seen",), all_seeds=[0, 1])
+    assert "+33.3 ± 33.3 (3, seeds 0)" in table
+
+
 def test_compare_pairs_the_runs_task_by_task(tmp_path):
     def folder(name, rewards):
         (tmp_path / name).mkdir()
