@@ -139,7 +139,8 @@ PRESETS = {
         "sft": dict(lr=2e-4, epochs=2, batch_size=8, micro_batch_size=8, max_len=2048, gradient_checkpointing=True),
         # One epoch (a DPO step of 8 pairs is ~90 s here); the paper's lr 1e-6, tried on valid (docs/results.md).
         # Micro-batches of 4 pairs: with training's freed memory returned (runtime.training_memory) a step
-        # peaks at 2.7 GB against 3.1 GB with one pair, in 39 s against 55 (bench/train_memory.py).
+        # peaks at 2.7 GB against 3.1 GB with one pair, in 39 s against 55 (bench/train_memory.py, equal-length
+        # sides; on real pairs micro-batches of 4 were the slower, docs/throughput.md).
         "dpo": dict(lr=1e-6, epochs=1, batch_size=8, micro_batch_size=4, max_len=2048, gradient_checkpointing=True),
         "loop": dict(explore_limit=96, eval_limit=50),
         # fine-tuned 0-shot, SmolLM2 follows an in-context example's task instead of its own (2.0 vs 47.3)
