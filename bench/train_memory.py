@@ -1,6 +1,7 @@
 """Where the resident memory of training goes: SmolLM2-135M, float32, CPU, the main job's batches.
 
-    python bench/train_memory.py [--stage dpo|sft] [--threads 2] [--model DIR] [--pairs FILE]
+    python bench/train_memory.py [--stage dpo|sft] [--threads 2] [--model DIR] [--pairs FILE] [--batch N]
+                                 [--only micro]
 
 Two optimizer steps of the trainer's own loss (eto_ref/dpo.py `dpo_micro_loss` or
 eto_ref/sft.py `sft_micro_loss`, accumulated by eto_ref/trainer.py), each setting in a
@@ -22,7 +23,12 @@ train.py does it for the training steps only, `training_memory`, so its DPO refe
 pass runs on glibc's heaps). Each other row changes one thing (the `small` preset trains
 DPO in micro-batches of 4 pairs). DPO pairs are the expert trajectory (chosen) against the
 same task's expert trajectory with every action replaced by the first one (rejected, same
-length), unless --pairs names a pairs file (e.g. a run's iter-1/pairs.json).
+length), unless --pairs names a pairs file (e.g. a run's iter-1/pairs.json). As in the trainer,
+a step's examples are sorted by length before they are cut into micro-batches. `--only micro`
+runs the micro-batch rows alone (with and without glibc's default heap), e.g. on a run's
+real pairs with the preset's batch of 8:
+
+    python bench/train_memory.py --stage dpo --pairs RUN/eto/iter-1/explore/pairs.json --batch 8 --only micro
 """
 
 from __future__ import annotations
@@ -76,7 +82,8 @@ def synthetic_pairs(n: int) -> list:
 
 
 def micro_loss_of(stage: str, model_dir: str, pairs_file: str | None, batch: int, micro: int, device):
-    """The trainer's micro-batch loss for `batch` examples, and the reference pass it needs first (DPO)."""
+    """The trainer's micro-batch loss for `batch` examples, the reference pass it needs first (DPO), and
+    each example's length in tokens (the trainer's sort key)."""
     from eto_ref.config import DPOConfig
     from eto_ref.dpo import dpo_micro_loss, encode_pair_data, reference_logprobs
     from eto_ref.sft import encode_sft_data, scored_targets, sft_micro_loss
@@ -87,16 +94,21 @@ def micro_loss_of(stage: str, model_dir: str, pairs_file: str | None, batch: int
     if stage == "sft":
         examples, _ = encode_sft_data(science_trajectories(batch), tok, 2048)
         counts = [scored_targets(ex.loss_mask) for ex in examples]
-        return sft_micro_loss(examples, counts, tok.pad_id, device), None
+        return sft_micro_loss(examples, counts, tok.pad_id, device), None, lambda i: len(examples[i].input_ids)
     pairs = load_pairs(pairs_file)[:batch] if pairs_file else synthetic_pairs(batch)
     _, examples, _ = encode_pair_data(pairs, tok, 2048)
+    if len(examples) < batch:
+        sys.exit(f"{pairs_file}: {len(examples)} trainable pairs, fewer than --batch {batch}")
     counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]
     cfg = DPOConfig(model=model_dir, micro_batch_size=micro, beta=0.1, sft_weight=0.0)
 
     def reference(model):
         return reference_logprobs(model, examples, tok.pad_id, micro, device, torch.float32)
 
-    return (lambda ref: dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)), reference
+    def length(i: int) -> int:
+        return max(len(examples[i].chosen.input_ids), len(examples[i].rejected.input_ids))
+
+    return (lambda ref: dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)), reference, length
 
 
 def whole_head_logprobs(model, batch: dict) -> torch.Tensor:
@@ -124,7 +136,7 @@ def measure_one(args) -> dict:
         eto_ref.dpo.scored_logprobs = eto_ref.sft.scored_logprobs = whole_head_logprobs
     device = torch.device("cpu")
     marks = {"start": rss_mb()}
-    loss_of, reference = micro_loss_of(args.stage, args.model, args.pairs, args.batch, args.micro, device)
+    loss_of, reference, lengths = micro_loss_of(args.stage, args.model, args.pairs, args.batch, args.micro, device)
     with PeakMemory() as m:
         model = load_model(args.model, torch.float32, device).train()
         model.gradient_checkpointing = args.checkpointing
@@ -137,7 +149,7 @@ def measure_one(args) -> dict:
         marks["reference"] = m.peak
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=args.fused or None)
-    batch = list(range(args.batch))
+    batch = sorted(range(args.batch), key=lengths)  # as the trainer does (eto_ref/trainer.py Fit.train_step)
     for step in (1, 2):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -158,22 +170,35 @@ def measure_one(args) -> dict:
 # --------------------------------------------------------------------------- the table
 
 
-def settings(stage: str) -> list[tuple[str, list[str]]]:
-    """(row name, flags): the baseline first, then one change per row."""
+def settings(stage: str, batch: int | None, only: str | None) -> list[tuple[str, list[str]]]:
+    """(row name, flags): the baseline first, then one change per row (`only="micro"`: the micro-batch rows)."""
     if stage == "sft":
-        base = ["--batch", "8", "--micro", "8"]
+        n = str(batch or 8)
+        base = ["--batch", n, "--micro", "8"]
+        if only == "micro":
+            return [("micro-batch 8 (the small preset)", base),
+                    ("micro-batch 4", ["--batch", n, "--micro", "4"]),
+                    ("micro-batch 8, glibc's default heap", base + ["--glibc-default"]),
+                    ("micro-batch 4, glibc's default heap", ["--batch", n, "--micro", "4", "--glibc-default"])]
         return [("micro-batch 8 (the small preset), checkpointing, chunked head, AdamW", base),
                 ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
-                ("micro-batch 4", ["--batch", "8", "--micro", "4"]),
+                ("micro-batch 4", ["--batch", n, "--micro", "4"]),
                 ("no activation checkpointing", base + ["--no-checkpointing"]),
                 ("fused AdamW", base + ["--fused"]),
                 ("glibc's default heap (freed blocks kept)", base + ["--glibc-default"]),
                 ("glibc's default heap, malloc_trim(0) after each step", base + ["--glibc-default", "--trim"])]
-    base = ["--batch", "4", "--micro", "4"]
+    n = str(batch or 4)
+    base = ["--batch", n, "--micro", "4"]
+    if only == "micro":
+        return [("micro-batch 4 pairs (the small preset)", base),
+                ("micro-batch 2 pairs", ["--batch", n, "--micro", "2"]),
+                ("micro-batch 1 pair", ["--batch", n, "--micro", "1"]),
+                ("micro-batch 4 pairs, glibc's default heap", base + ["--glibc-default"]),
+                ("micro-batch 1 pair, glibc's default heap", ["--batch", n, "--micro", "1", "--glibc-default"])]
     return [("micro-batch 4 pairs (the small preset), checkpointing, chunked head, AdamW", base),
             ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
-            ("micro-batch 2 pairs", ["--batch", "4", "--micro", "2"]),
-            ("micro-batch 1 pair", ["--batch", "4", "--micro", "1"]),
+            ("micro-batch 2 pairs", ["--batch", n, "--micro", "2"]),
+            ("micro-batch 1 pair", ["--batch", n, "--micro", "1"]),
             ("fused AdamW", base + ["--fused"]),
             ("glibc's default heap (freed blocks kept)", base + ["--glibc-default"])]
 
@@ -184,7 +209,10 @@ def main() -> None:
     parser.add_argument("--model", default=SMOLLM2_DIR, help="a converted model directory (python -m eto_ref.gguf)")
     parser.add_argument("--pairs", default=None, help="DPO: a pairs file instead of the synthetic science pairs")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="pairs (DPO) or trajectories (SFT) per optimizer step (default 4 / 8)")
+    parser.add_argument("--only", choices=("micro",), default=None,
+                        help="micro: only the micro-batch rows, with and without glibc's default heap")
     parser.add_argument("--micro", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", help=argparse.SUPPRESS)
     parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
@@ -202,11 +230,12 @@ def main() -> None:
     common = [sys.executable, __file__, "--one", "--stage", args.stage, "--model", args.model,
               "--threads", str(args.threads)] + (["--pairs", args.pairs] if args.pairs else [])
     parts = ["loaded"] + (["reference"] if args.stage == "dpo" else []) + ["fwd+bwd", "optimizer", "step 2"]
-    print(f"{args.stage}: two optimizer steps, {args.model}, float32, {args.threads} threads; "
+    print(f"{args.stage}: two optimizer steps, {args.model}, {args.pairs or 'synthetic science data'}, float32, "
+          f"{args.threads} threads; "
           "peak resident memory (MB) of each part, cumulative", flush=True)
     print("| setting | " + " | ".join(parts) + " | step 1 s | step 2 s | loss |")
     print("|---|" + "---:|" * (len(parts) + 3))
-    for name, flags in settings(args.stage):
+    for name, flags in settings(args.stage, args.batch, args.only):
         out = subprocess.run(common + flags, capture_output=True, text=True)
         if out.returncode:
             print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} |")
