@@ -85,7 +85,7 @@ class PeakMemory:
 def race(cases: dict, repeats: int) -> dict:
     """Best wall time and peak memory of each case, cases run alternately `repeats` times."""
     best = {name: (float("inf"), 0.0, None) for name in cases}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for name, fn in cases.items():
             with PeakMemory() as mem:
                 start = time.perf_counter()
@@ -93,6 +93,7 @@ def race(cases: dict, repeats: int) -> dict:
                 seconds = time.perf_counter() - start
             t, m, _ = best[name]
             best[name] = (min(t, seconds), max(m, mem.extra), result)
+            print(f"  repeat {repeat + 1}/{repeats}, {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
     return best
 
 
