@@ -85,7 +85,7 @@ def micro_loss_of(stage: str, model_dir: str, pairs_file: str | None, batch: int
     """The trainer's micro-batch loss for `batch` examples, the reference pass it needs first (DPO), and
     each example's length in tokens (the trainer's sort key)."""
     from eto_ref.config import DPOConfig
-    from eto_ref.dpo import dpo_micro_loss, encode_pair_data, reference_logprobs
+    from eto_ref.dpo import dpo_micro_loss, encode_pair_data, pair_length, reference_logprobs
     from eto_ref.sft import encode_sft_data, scored_targets, sft_micro_loss
     from eto_ref.tokenizer import Tokenizer
     from eto_ref.trajectory import load_pairs
@@ -105,10 +105,8 @@ def micro_loss_of(stage: str, model_dir: str, pairs_file: str | None, batch: int
     def reference(model):
         return reference_logprobs(model, examples, tok.pad_id, micro, device, torch.float32)
 
-    def length(i: int) -> int:
-        return max(len(examples[i].chosen.input_ids), len(examples[i].rejected.input_ids))
-
-    return (lambda ref: dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)), reference, length
+    return ((lambda ref: dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)), reference,
+            lambda i: pair_length(examples[i]))
 
 
 def whole_head_logprobs(model, batch: dict) -> torch.Tensor:
@@ -170,16 +168,21 @@ def measure_one(args) -> dict:
 # --------------------------------------------------------------------------- the table
 
 
+def micro_rows(n: str, sizes: tuple[int, ...], unit: str) -> list[tuple[str, list[str]]]:
+    """The micro-batch rows: each size with the baseline's heap, then the extremes with glibc's default heap."""
+    rows = [(f"micro-batch {m} {unit}" + (", the small preset" if i == 0 else ""), ["--batch", n, "--micro", str(m)])
+            for i, m in enumerate(sizes)]
+    return rows + [(f"{name}, glibc's default heap", flags + ["--glibc-default"])
+                   for name, flags in (rows[0], rows[-1])]
+
+
 def settings(stage: str, batch: int | None, only: str | None) -> list[tuple[str, list[str]]]:
     """(row name, flags): the baseline first, then one change per row (`only="micro"`: the micro-batch rows)."""
     if stage == "sft":
         n = str(batch or 8)
-        base = ["--batch", n, "--micro", "8"]
         if only == "micro":
-            return [("micro-batch 8 (the small preset)", base),
-                    ("micro-batch 4", ["--batch", n, "--micro", "4"]),
-                    ("micro-batch 8, glibc's default heap", base + ["--glibc-default"]),
-                    ("micro-batch 4, glibc's default heap", ["--batch", n, "--micro", "4", "--glibc-default"])]
+            return micro_rows(n, (8, 4), "(trajectories)")
+        base = ["--batch", n, "--micro", "8"]
         return [("micro-batch 8 (the small preset), checkpointing, chunked head, AdamW", base),
                 ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
                 ("micro-batch 4", ["--batch", n, "--micro", "4"]),
@@ -188,13 +191,9 @@ def settings(stage: str, batch: int | None, only: str | None) -> list[tuple[str,
                 ("glibc's default heap (freed blocks kept)", base + ["--glibc-default"]),
                 ("glibc's default heap, malloc_trim(0) after each step", base + ["--glibc-default", "--trim"])]
     n = str(batch or 4)
-    base = ["--batch", n, "--micro", "4"]
     if only == "micro":
-        return [("micro-batch 4 pairs (the small preset)", base),
-                ("micro-batch 2 pairs", ["--batch", n, "--micro", "2"]),
-                ("micro-batch 1 pair", ["--batch", n, "--micro", "1"]),
-                ("micro-batch 4 pairs, glibc's default heap", base + ["--glibc-default"]),
-                ("micro-batch 1 pair, glibc's default heap", ["--batch", n, "--micro", "1", "--glibc-default"])]
+        return micro_rows(n, (4, 2, 1), "(pairs)")
+    base = ["--batch", n, "--micro", "4"]
     return [("micro-batch 4 pairs (the small preset), checkpointing, chunked head, AdamW", base),
             ("LM head in one piece (N x V logits kept)", base + ["--whole-head"]),
             ("micro-batch 2 pairs", ["--batch", n, "--micro", "2"]),

@@ -131,6 +131,11 @@ def encode_pair_data(pairs, tokenizer, max_len: int) -> tuple[list, list, dict]:
     return kept_pairs, examples, {"pairs": len(examples), "truncated": truncated, "dropped_empty": dropped}
 
 
+def pair_length(example) -> int:
+    """Tokens of a pair's longer side: the width its two rows are padded to (the trainer's sort key)."""
+    return max(len(example.chosen.input_ids), len(example.rejected.input_ids))
+
+
 def dpo_micro_loss(examples: list, ref: torch.Tensor, chosen_counts: list[int], cfg: DPOConfig, pad_id: int,
                    device: torch.device) -> Callable:
     """The DPO loss share of a micro-batch (its mean over pairs, weighted by b / B), plus the
@@ -203,6 +208,6 @@ def train_dpo(cfg: DPOConfig, device, dtype, resume_from: Path | None, callback:
     stats.update(train_pairs=len(train_idx), eval_pairs=len(eval_idx),
                  ref_chosen_logp=ref[:, 0].mean().item(), ref_rejected_logp=ref[:, 1].mean().item())
     stage = Stage("dpo", train_idx, dpo_micro_loss(examples, ref, chosen_counts, cfg, tok.pad_id, device),
-                  evaluate, lengths=[max(len(ex.chosen.input_ids), len(ex.rejected.input_ids)) for ex in examples],
+                  evaluate, lengths=[pair_length(ex) for ex in examples],
                   data_stats=stats)
     return fit(model, cfg, stage, resume_from, device, dtype, callback)
