@@ -45,6 +45,9 @@ def parse_args(argv=None):
                         f"(default {EXTRA_REJECTED_TURNS}, the official rule; none keeps the whole failed run)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="the policy's weights: auto (bfloat16 on CUDA and on CPUs with bfloat16 instructions, "
+                        "else float32)")
     p.add_argument("--preset", default="auto", choices=("auto", *PRESET_NAMES),
                    help="agent defaults by model (auto: the model's own)")
     p.add_argument("--no-progress", action="store_true")
@@ -72,7 +75,7 @@ def main(argv=None):
     try:
         cfg = explore_config(args)
         device = init_distributed(resolve_device(args.device))  # under torchrun: join the ranks, take a GPU
-        model, tokenizer = load_policy(cfg.model, str(device))
+        model, tokenizer = load_policy(cfg.model, str(device), args.dtype)
         if args.template is not None:
             from eto_ref.tokenizer import Tokenizer
 

@@ -59,7 +59,7 @@ def valid_rewards(model_dir: Path, out: Path, cfg: PipelineConfig) -> dict[str, 
     if cfg.loop.valid <= 0:
         raise ValueError(f"{cfg.out}: this run has no valid slice; run the main job with --valid N")
     ecfg = replace(eval_config(cfg.loop, VALID, out), model=str(model_dir))
-    model, tokenizer = load_policy(model_dir, cfg.sft.device)
+    model, tokenizer = load_policy(model_dir, cfg.sft.device, cfg.sft.dtype)
     evaluate(model, tokenizer, ecfg, progress=cfg.sft.progress)
     return task_rewards(out)
 
@@ -90,7 +90,7 @@ def write_results(text: str, data: dict, path: str | Path | None) -> str:
 def step_level(run: Path, forced_steps: int, results: str | None) -> str:
     cfg = run_config(run)
     sft, out = run / "sft" / "final", run / "analyses" / f"step-level-{forced_steps}"
-    model, tokenizer = load_policy(sft, cfg.sft.device)
+    model, tokenizer = load_policy(sft, cfg.sft.device, cfg.sft.dtype)
     ecfg = ExploreConfig(model=str(sft), env=cfg.loop.env, split="train", limit=cfg.loop.explore_limit,
                          env_seed=cfg.loop.env_seed, forced_steps=forced_steps, out_dir=str(out / "explore"),
                          agent=cfg.loop.agent)
@@ -114,7 +114,7 @@ def step_level(run: Path, forced_steps: int, results: str | None) -> str:
 
 def sampled_runs(policy: Path, cfg: PipelineConfig, out: Path, samples: int, temperature: float) -> list:
     """`samples` runs of the training tasks at `temperature`, each its own resumable exploration."""
-    model, tokenizer = load_policy(policy, cfg.sft.device)
+    model, tokenizer = load_policy(policy, cfg.sft.device, cfg.sft.dtype)
     agent = replace(cfg.loop.agent, sampling=replace(cfg.loop.agent.sampling, temperature=temperature))
     runs = []
     for i in range(samples):

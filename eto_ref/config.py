@@ -66,8 +66,9 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "checkpoints kept")
     seed: int = setting(0, "data order, held-out split, LoRA init and dropout")
     device: str = setting("auto", "auto | cpu | cuda")
-    dtype: str = setting("auto", "compute dtype: auto (float32 on CPU, bfloat16 autocast on CUDA) | float32 | "
-                                 "bfloat16")
+    dtype: str = setting("auto", "compute dtype (training: autocast over float32 weights; the agent: the "
+                                 "policy's weights): auto (bfloat16 on CUDA and on CPUs with bfloat16 "
+                                 "instructions, else float32) | float32 | bfloat16")
     gradient_checkpointing: bool = setting(False, "recompute each layer's activations in backward (less memory)")
     fsdp: bool = setting(False, "under torchrun: shard weights, grads and AdamW states over the ranks (else DDP)")
     compile: bool = setting(False, "torch.compile the model (CUDA; slow to start, faster steps)")

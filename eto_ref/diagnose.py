@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     p.add_argument("--icl", action="store_true", help="with the one in-context example in the prompt")
     args = p.parse_args(argv)
     env = make_env(args.env)
-    model, tokenizer = load_policy(args.model, "cpu")
+    model, tokenizer = load_policy(args.model, "cpu", "float32")
     ids = distinct_tasks(env, args.start, args.tasks)
     result = task_conditioning(model, tokenizer, env, ids, args.icl)
     print(f"{args.model}: {100 * result['own_task_accuracy']:.0f}% of {result['tasks']} first replies are most "

@@ -88,16 +88,16 @@ def check_valid_is_held_out(cfg: LoopConfig) -> None:
 
 
 def evaluate_policy(model_dir: str | Path, out: Path, cfg: LoopConfig, device: str = "auto",
-                    progress: bool = True) -> dict:
+                    progress: bool = True, dtype: str = "auto") -> dict:
     """Average reward x100 per evaluation split, written to out/eval-<split>/summary.json."""
-    model, tokenizer = load_policy(model_dir, device)
+    model, tokenizer = load_policy(model_dir, device, dtype)
     return {split: evaluate(model, tokenizer, eval_config(cfg, split, out / f"eval-{split}"),
                             progress=progress)["average_reward"] for split in cfg.eval_splits}
 
 
 def explore_iteration(policy: Path, it: Path, cfg: LoopConfig, dpo: DPOConfig) -> tuple[Path, dict]:
     """Steps 1-2 of an iteration: the policy explores the training tasks; failures are paired with the expert."""
-    model, tokenizer = load_policy(policy, dpo.device)
+    model, tokenizer = load_policy(policy, dpo.device, dpo.dtype)
     ecfg = ExploreConfig(env=cfg.env, split="train", out_dir=str(it / "explore"), limit=cfg.explore_limit,
                          env_seed=cfg.env_seed, agent=cfg.agent)
     return explore_and_pair(model, tokenizer, ecfg, dpo.progress, cfg.rejected_extra_turns)
@@ -128,6 +128,7 @@ def run_eto(cfg: LoopConfig, dpo: DPOConfig) -> list[dict]:
         with clock.phase("dpo"):
             policy = run_dpo(stage)  # pi_ref = the policy this iteration starts from
         with clock.phase("evaluate"):
-            row.update({"model": str(policy), **evaluate_policy(policy, it, cfg, dpo.device, dpo.progress)})
+            row.update({"model": str(policy), **evaluate_policy(policy, it, cfg, dpo.device, dpo.progress,
+                                                                       dpo.dtype)})
         write_json_atomic(rows, out / "summary.json")
     return rows

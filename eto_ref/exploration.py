@@ -33,7 +33,7 @@ from eto_ref.distributed import barrier, init_distributed, is_main, rank, shard,
 from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
 from eto_ref.pairs import EXTRA_REJECTED_TURNS, build_pairs
 from eto_ref.run_dir import RunLock, claim_run
-from eto_ref.runtime import resolve_device
+from eto_ref.runtime import compute_dtype, resolve_device
 from eto_ref.tokenizer import Tokenizer
 
 TRAJECTORIES = "trajectories.jsonl"
@@ -60,25 +60,30 @@ class ExploreConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
 
-def run_identity(cfg: ExploreConfig) -> dict:
+def run_identity(cfg: ExploreConfig, dtype: torch.dtype = torch.float32) -> dict:
     """What determines the episodes of a run: a rerun into the same directory must have the same.
 
     Not in it: the task slice (tasks are recorded by id, so a larger limit extends a run)
     and the batch size (continuous batching gives every episode its one-at-a-time result).
+    The policy's dtype is in it unless float32 (greedy replies differ between precisions;
+    runs made before the dtype was recorded were float32 runs and still resume).
     """
     agent = asdict(cfg.agent)
     agent.pop("batch_size")
     model = Path(cfg.model)
     fingerprint = model_fingerprint(model) if (model / "config.json").is_file() else None
-    return {"model": str(cfg.model), "model_fingerprint": fingerprint, "env": cfg.env, "env_seed": cfg.env_seed,
-            "split": cfg.split, "forced_steps": cfg.forced_steps, "agent": json.loads(json.dumps(agent))}
+    identity = {"model": str(cfg.model), "model_fingerprint": fingerprint, "env": cfg.env, "env_seed": cfg.env_seed,
+                "split": cfg.split, "forced_steps": cfg.forced_steps, "agent": json.loads(json.dumps(agent))}
+    if dtype != torch.float32:
+        identity["dtype"] = str(dtype).removeprefix("torch.")
+    return identity
 
 
-def load_policy(path: str | Path, device: str = "auto"):
-    """A policy for exploration and evaluation: (model, tokenizer); bfloat16 on CUDA, float32 on CPU."""
+def load_policy(path: str | Path, device: str = "auto", dtype: str = "auto"):
+    """A policy for exploration and evaluation: (model, tokenizer), its weights in `dtype` (runtime.compute_dtype:
+    auto is bfloat16 on CUDA and on CPUs with bfloat16 instructions, else float32)."""
     dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return load_model(path, dtype=dtype, device=dev), Tokenizer.from_dir(path)
+    return load_model(path, dtype=compute_dtype(dtype, dev), device=dev), Tokenizer.from_dir(path)
 
 
 def split_slice(task_ids: list[str], start: int = 0, limit: int | None = None) -> list[str]:
@@ -127,7 +132,8 @@ def explore(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> list
     """
     init_distributed(next(model.parameters()).device)  # under torchrun: join the ranks (once)
     with RunLock(cfg.out_dir):
-        claim_run(cfg.out_dir, run_identity(cfg), cfg.resume, outputs=(TRAJECTORIES, SUMMARY, PAIRS))
+        claim_run(cfg.out_dir, run_identity(cfg, next(model.parameters()).dtype), cfg.resume,
+                  outputs=(TRAJECTORIES, SUMMARY, PAIRS))
         return run_tasks(model, tokenizer, cfg, progress)
 
 

@@ -105,7 +105,7 @@ def prepare_sft_data(cfg: PipelineConfig) -> Path:
 
 def evaluate_once(model_dir: Path, out: Path, cfg: PipelineConfig) -> dict:
     """Evaluate a policy on the job's evaluation splits (reusing finished episodes)."""
-    return evaluate_policy(model_dir, out, cfg.loop, cfg.sft.device, cfg.sft.progress)
+    return evaluate_policy(model_dir, out, cfg.loop, cfg.sft.device, cfg.sft.progress, cfg.sft.dtype)
 
 
 def run_rft(cfg: PipelineConfig, sft_final: Path, sft_data: Path) -> dict:
@@ -123,7 +123,7 @@ def run_rft(cfg: PipelineConfig, sft_final: Path, sft_data: Path) -> dict:
 
 def run_best_of_n(cfg: PipelineConfig, sft_final: Path) -> dict:
     """Best-of-N of pi_0 on each test split (not on valid: Best-of-N is a baseline, not a setting to choose)."""
-    model, tokenizer = load_policy(sft_final, cfg.sft.device)
+    model, tokenizer = load_policy(sft_final, cfg.sft.device, cfg.sft.dtype)
     agent = cfg.loop.agent
     agent = replace(agent, sampling=replace(agent.sampling, temperature=cfg.bon_temperature), seed=cfg.seed)
     results = {}

@@ -1,7 +1,7 @@
 """Where and how the math runs: device, compute dtype (mixed precision) and CPU threads.
 
     device = resolve_device("auto")          # cuda if present, else cpu
-    dtype = compute_dtype("auto", device)    # float32 on CPU, bfloat16 (autocast) on CUDA
+    dtype = compute_dtype("auto", device)    # bfloat16 on CUDA and on CPUs with bf16 instructions, else float32
     with autocast(device, dtype): ...        # weights stay float32, matmuls run in dtype
     set_threads(None)                        # the cores this process may use
     setup_cpu(args)                          # --threads, and --return-memory for training:
@@ -11,6 +11,13 @@ Threads matter on a small CPU: torch's default is one thread per core, and two
 processes that each take every core run far slower together than one after the
 other (a SmolLM2 forward measured 48 ms alone, 1534 ms beside a second such
 process). Every command line has `--threads N`; give each process its share.
+
+Precision: training keeps float32 weights and AdamW states and runs its matmuls in
+bfloat16 under autocast (mixed precision); the agent's policy is cast to bfloat16.
+`auto` chooses that wherever bfloat16 is computed natively: CUDA, and CPUs with
+AVX512-BF16 or AMX instructions, where a SmolLM2 SFT step measured 2.5x and a decode
+step 1.6x faster than float32 (bench/precision.py). Elsewhere bfloat16 is emulated,
+slower than float32, and `auto` keeps float32. `--dtype float32` forces it anywhere.
 
 Memory matters too: by default glibc serves blocks up to 32 MB from heaps that it
 rarely gives back, so a training step's activations, freed and reallocated in a
@@ -111,11 +118,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX tiles), as oneDNN uses them."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU, bfloat16 (autocast) on CUDA, unless given."""
+    """The dtype `name` names; "auto": bfloat16 on CUDA and on CPUs with native bfloat16, else float32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+        return torch.bfloat16 if native else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -49,3 +49,12 @@ def fake_tok() -> FakeTokenizer:
 
 
 from tests.helpers import data_files, tiny_model  # noqa: E402,F401  (fixtures for every test module)
+
+
+@pytest.fixture(autouse=True)
+def float32_on_every_cpu(monkeypatch):
+    """`dtype auto` means float32 in tests on every CPU, so a test's numbers do not depend on whether the
+    machine has bfloat16 instructions (tests of the bfloat16 choice patch `cpu_has_bf16` back)."""
+    from eto_ref import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)

@@ -84,13 +84,15 @@ def data_files(tmp_path_factory) -> dict:
 
 def sft_config(tiny_model, data_files, out, **kw) -> SFTConfig:
     base = dict(model=str(tiny_model), data=data_files["sft"], out=str(out), lr=3e-3, epochs=2, batch_size=2,
-                micro_batch_size=1, max_len=256, eval_fraction=0.0, save_every=2, progress=False, device="cpu")
+                micro_batch_size=1, max_len=256, eval_fraction=0.0, save_every=2, progress=False, device="cpu",
+                dtype="float32")
     return SFTConfig(**{**base, **kw})
 
 
 def dpo_config(model, data_files, out, **kw) -> DPOConfig:
     base = dict(model=str(model), pairs=data_files["pairs"], out=str(out), lr=1e-3, epochs=1, batch_size=2,
-                micro_batch_size=2, max_len=256, save_every=1, progress=False, device="cpu")
+                micro_batch_size=2, max_len=256, save_every=1, progress=False, device="cpu",
+                dtype="float32")
     return DPOConfig(**{**base, **kw})
 
 

@@ -291,3 +291,24 @@ def test_forced_steps_play_the_experts_first_steps_and_pair_what_follows(agent, 
         assert record["conversations"][3] == experts[record["id"]]["conversations"][3]  # the forced first reply
     pairs = json.loads(path.read_text())
     assert pairs and all(p["prompt"] == experts[p["id"]]["conversations"][:5] for p in pairs)
+
+
+def test_a_run_made_in_float32_is_refused_with_a_bfloat16_policy_and_float32_records_no_dtype(agent, tmp_path):
+    """Greedy replies differ between precisions: one trajectory file never mixes them. Runs made before the
+    dtype was recorded (all float32) have no dtype in run.json and still resume with a float32 policy."""
+    import copy
+
+    from eto_ref.run_dir import RunError
+
+    model, tok = agent
+    explore(model, tok, config(tmp_path, limit=1), progress=False)
+    identity = json.loads((tmp_path / "run.json").read_text())["identity"]
+    assert "dtype" not in identity
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(RunError, match=r"dtype: None then, 'bfloat16' now"):
+        explore(half, tok, config(tmp_path, limit=2), progress=False)
+    bf16_run = explore(half, tok, config(tmp_path / "bf16", limit=2), progress=False)  # a bfloat16 agent runs
+    assert len(bf16_run) == 2
+    assert json.loads((tmp_path / "bf16" / "run.json").read_text())["identity"]["dtype"] == "bfloat16"
+    with pytest.raises(RunError, match=r"dtype: 'bfloat16' then, None now"):
+        explore(model, tok, config(tmp_path / "bf16", limit=2), progress=False)

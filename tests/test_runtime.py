@@ -1,4 +1,4 @@
-"""eto_ref/runtime.py: glibc gives memory back to the OS once torch frees it."""
+"""eto_ref/runtime.py: glibc gives memory back to the OS once torch frees it; the compute dtype."""
 
 import ctypes
 import subprocess
@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from eto_ref import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +92,30 @@ def test_command_lines_take_return_memory_on_by_default():
     add_threads_flag(p)
     assert p.parse_args([]).return_memory is True
     assert p.parse_args(["--no-return-memory"]).return_memory is False
+
+
+@pytest.mark.parametrize("device, native, expected", [
+    ("cpu", True, torch.bfloat16),  # AVX512-BF16 or AMX: bfloat16 matmuls run natively
+    ("cpu", False, torch.float32),  # emulated bfloat16 would be slower than float32
+    ("cuda", False, torch.bfloat16),
+])
+def test_auto_dtype_is_bfloat16_where_it_is_native(monkeypatch, device, native, expected):
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native)
+    assert runtime.compute_dtype("auto", torch.device(device)) == expected
+
+
+def test_a_named_dtype_is_used_everywhere_and_an_unknown_one_is_refused(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert runtime.compute_dtype("float32", torch.device("cpu")) == torch.float32
+    assert runtime.compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match=r"unknown dtype 'fp8'; known: auto, float32, bfloat16"):
+        runtime.compute_dtype("fp8", torch.device("cpu"))
+
+
+def test_the_policy_is_loaded_in_the_dtype_asked_for(monkeypatch, tiny_model):
+    from eto_ref.exploration import load_policy
+
+    assert next(load_policy(tiny_model, "cpu", "bfloat16")[0].parameters()).dtype == torch.bfloat16
+    assert next(load_policy(tiny_model, "cpu")[0].parameters()).dtype == torch.float32  # conftest: no bf16 CPU
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert next(load_policy(tiny_model, "cpu")[0].parameters()).dtype == torch.bfloat16
