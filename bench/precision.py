@@ -10,7 +10,10 @@ as the baseline, both timed alternately (a, b, a, b, ...), best time kept:
 1. Training: one SFT optimizer step (forward, backward, AdamW) on 8 science expert
    trajectories, as the small preset runs it (activation checkpointing, shared
    prefix, LM head at the scored positions): float32, then bfloat16 autocast over
-   the same float32 weights and AdamW states (mixed precision). The loss of each.
+   the same float32 weights and AdamW states (mixed precision), each with freed
+   memory returned to the OS as train.py's default `--return-memory` does
+   (eto_ref/runtime.py `training_memory`) and with glibc's default heaps
+   (`--no-return-memory`). The loss of each. Baseline: float32, memory returned.
 2. Evaluation: N science test_seen episodes with the small preset's agent (greedy,
    batch 16, at most 128 new tokens per reply): the policy's weights in float32,
    then cast to bfloat16. The average reward of each, and how many episodes the two
@@ -35,16 +38,18 @@ import torch  # noqa: E402
 import envs  # noqa: E402
 from eto_ref.agent import AgentConfig, run_episodes  # noqa: E402
 from eto_ref.checkpoint import load_model  # noqa: E402
+from eto_ref import runtime  # noqa: E402
 from eto_ref.runtime import cpu_has_bf16, set_threads  # noqa: E402
 from eto_ref.sampler import SamplingConfig  # noqa: E402
 from eto_ref.tokenizer import Tokenizer  # noqa: E402
 from throughput import our_step, race, science_batch  # noqa: E402
 
 
-def in_precision(fn, dtype: torch.dtype):
-    """fn run under bfloat16 autocast (float32: as it is)."""
+def in_precision(fn, dtype: torch.dtype, return_memory: bool):
+    """fn run under bfloat16 autocast (float32: as it is), with or without freed memory returned to the OS."""
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        runtime._return_memory = return_memory  # what train.py's --return-memory sets
+        with runtime.training_memory(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             return fn()
     return run
 
@@ -55,9 +60,12 @@ def bench_training(path: Path, tok: Tokenizer, repeats: int) -> list:
     model = load_model(path).train()
     model.gradient_checkpointing = True  # as the small preset trains
     step = our_step(model, torch.optim.AdamW(model.parameters(), lr=0.0), batch, True, True)  # lr 0: same step
-    results = race({"float32": in_precision(step, torch.float32),
-                    "bfloat16 autocast": in_precision(step, torch.bfloat16)}, repeats)
-    base = results["float32"][0]
+    cases = {"float32, memory returned": in_precision(step, torch.float32, True),
+             "float32, glibc's heaps": in_precision(step, torch.float32, False),
+             "bfloat16 autocast, memory returned": in_precision(step, torch.bfloat16, True),
+             "bfloat16 autocast, glibc's heaps": in_precision(step, torch.bfloat16, False)}
+    results = race(cases, repeats)
+    base = results["float32, memory returned"][0]
     print(f"training: one SFT step, 8 science trajectories, {tokens} tokens", flush=True)
     return [(name, f"{tokens / t:.1f} tokens/s", f"loss {loss:.4f}", f"{mem:.0f}", base / t)
             for name, (t, mem, loss) in results.items()]
@@ -109,7 +117,8 @@ def main(argv=None):
     eval_rows = bench_evaluation(path, tok, args.episodes, args.repeats)
     print_table("training step", train_rows)
     print_table("evaluation", eval_rows)
-    print(f"\nbfloat16 vs float32: training {train_rows[1][4]:.2f}x, evaluation {eval_rows[1][4]:.2f}x")
+    print(f"\nbfloat16 vs float32: training {train_rows[2][4]:.2f}x (memory returned), "
+          f"{train_rows[3][4] / train_rows[1][4]:.2f}x (glibc's heaps); evaluation {eval_rows[1][4]:.2f}x")
 
 
 if __name__ == "__main__":
