@@ -5,7 +5,7 @@
     with autocast(device, dtype): ...        # weights stay float32, matmuls run in dtype
     set_threads(None)                        # the cores this process may use
     setup_cpu(args)                          # --threads, and --return-memory for training:
-    with training_memory(dtype): ...         #   freed activations go back to the OS (glibc)
+    with training_memory(): ...              #   freed activations go back to the OS (glibc)
 
 Threads matter on a small CPU: torch's default is one thread per core, and two
 processes that each take every core run far slower together than one after the
@@ -56,8 +56,7 @@ def set_threads(threads: int | None) -> int:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 256 * 1024  # training: every block over 256 KB mapped on its own, returned on free
 HEAP_CEILING_BYTES = 32 * 2**20  # generation: what glibc's own moving threshold rises to (its maximum)
-_return_memory: bool | None = False  # setup_cpu sets --return-memory (None: auto); a library call of fit() keeps
-# glibc's default
+_return_memory = False  # set by setup_cpu from --return-memory; a library call of fit() keeps glibc's default
 
 
 def set_mmap_threshold(threshold: int) -> bool:
@@ -83,17 +82,11 @@ def return_freed_memory() -> bool:
 
 
 @contextlib.contextmanager
-def training_memory(dtype: torch.dtype = torch.float32):
-    """Inside (a training run computing in `dtype`), as --return-memory says: freed blocks go back to the OS.
-
-    Auto (the command lines' default) returns them when training in float32: a SmolLM2 SFT step
-    then peaks at 2.7 GB instead of 4.9 GB for ~30% more time. In bfloat16 the activations are
-    half the size (a step peaks at 3.9 GB on glibc's heaps, 3.0 GB returning memory) and
-    returning them costs ~1.7x the step time, so auto leaves it off (docs/throughput.md).
-    After: blocks up to 32 MB come from glibc's heaps again, which generation prefers.
-    """
-    wanted = dtype == torch.float32 if _return_memory is None else _return_memory
-    applied = wanted and return_freed_memory()
+def training_memory():
+    """Inside (a training run, under --return-memory): freed blocks go back to the OS, which keeps a
+    SmolLM2 SFT step at 2.7 GB instead of 4.9 GB for ~30% more time. After: blocks up to 32 MB come
+    from glibc's heaps again, which generation prefers (13% faster, 0.2 GB more; docs/throughput.md)."""
+    applied = _return_memory and return_freed_memory()
     try:
         yield
     finally:
@@ -106,11 +99,10 @@ def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: the cores this process may use, "
                              f"here {available_cores()}); give each of several processes its share")
-    parser.add_argument("--return-memory", action=argparse.BooleanOptionalAction, default=None,
-                        help="while training, glibc gives freed blocks over 256 KB back to the OS (default: "
-                             "when training in float32, where a SmolLM2 SFT step then peaks at 2.7 GB instead "
-                             "of 4.9 GB for ~30%% more time; not in bfloat16, where it costs ~1.7x and the step "
-                             "stays under 4 GB without it; docs/throughput.md)")
+    parser.add_argument("--return-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="while training, glibc gives freed blocks over 256 KB back to the OS: a SmolLM2 "
+                             "SFT step peaks at 2.7 GB instead of 4.9 GB but takes ~30%% longer "
+                             "(docs/throughput.md)")
 
 
 def setup_cpu(args: argparse.Namespace) -> int:

@@ -313,6 +313,7 @@ class Fit:
         return metrics
 
 
+@training_memory()
 def fit(model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device: torch.device,
         dtype: torch.dtype, callback: Callable | None = None) -> Path:
     """Train `model` on `stage` for cfg.epochs (or cfg.max_steps); returns the final model directory.
@@ -320,34 +321,32 @@ def fit(model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device:
     callback(step, metrics) is called after every optimizer step (and its checkpoint).
     Under torchrun every rank runs this loop on the same global batches (each its share of
     the micro-batches, see accumulate_gradients); only rank 0 logs and writes files.
-    Inside, freed memory goes back to the OS as --return-memory says (runtime.training_memory).
     """
-    with training_memory(dtype):
-        run = Fit(model, cfg, stage, resume_from, device, dtype)
-        bar = progress_bar(run.total, run.step, desc=stage.name) if cfg.progress and is_main() else None
-        run.train_model.train()
-        metrics, eval_metrics = {}, {}
-        try:
-            while run.step < run.total:
-                metrics = run.train_step()
-                if bar is not None:
-                    show(bar, loss=metrics["loss"], lr=metrics["lr"],
-                         **{n: v for n, v in eval_metrics.items() if n == "eval_loss"})
-                    bar.update(1)
-                if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total:
-                    eval_metrics = run.evaluate()
-                if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total:
-                    save_checkpoint(model, run.optimizer, run.named, cfg, run.state({**metrics, **eval_metrics}))
-                if callback is not None:
-                    callback(run.step, metrics)
-            eval_metrics = run.evaluate()
-            final = save_final(model, cfg, run.state({**metrics, **eval_metrics}))
-            run.log.log(step=run.step, event="done", final=str(final))
-        finally:
+    run = Fit(model, cfg, stage, resume_from, device, dtype)
+    bar = progress_bar(run.total, run.step, desc=stage.name) if cfg.progress and is_main() else None
+    run.train_model.train()
+    metrics, eval_metrics = {}, {}
+    try:
+        while run.step < run.total:
+            metrics = run.train_step()
             if bar is not None:
-                bar.close()
-            run.log.close()
-        return final
+                show(bar, loss=metrics["loss"], lr=metrics["lr"],
+                     **{n: v for n, v in eval_metrics.items() if n == "eval_loss"})
+                bar.update(1)
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total:
+                eval_metrics = run.evaluate()
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total:
+                save_checkpoint(model, run.optimizer, run.named, cfg, run.state({**metrics, **eval_metrics}))
+            if callback is not None:
+                callback(run.step, metrics)
+        eval_metrics = run.evaluate()
+        final = save_final(model, cfg, run.state({**metrics, **eval_metrics}))
+        run.log.log(step=run.step, event="done", final=str(final))
+    finally:
+        if bar is not None:
+            bar.close()
+        run.log.close()
+    return final
 
 
 def run_stage(cfg: TrainConfig, train: Callable, callback: Callable | None = None) -> Path:

@@ -40,10 +40,6 @@ if sys.argv[1] == "on":
 if sys.argv[1] == "training":
     with runtime.training_memory():
         print(freed_mb())
-elif sys.argv[1].startswith("auto "):  # setup_cpu without --return-memory / --no-return-memory
-    runtime._return_memory = None
-    with runtime.training_memory(getattr(torch, sys.argv[1].split()[1])):
-        print(freed_mb())
 else:
     if sys.argv[1] == "after training":
         with runtime.training_memory():
@@ -87,22 +83,14 @@ def test_return_freed_memory_leaves_a_user_setting_alone():
         freed_mb("on", env)
 
 
-@pytest.mark.skipif(not glibc(), reason="glibc (Linux) only")
-def test_by_default_training_returns_freed_blocks_in_float32_only():
-    """bfloat16 activations are half the size, and returning them costs ~1.7x a SmolLM2 step."""
-    assert freed_mb("auto float32") > 70
-    assert freed_mb("auto bfloat16") < 20
-
-
-def test_command_lines_leave_return_memory_to_the_dtype_unless_told():
+def test_command_lines_take_return_memory_on_by_default():
     import argparse
 
     from eto_ref.runtime import add_threads_flag
 
     p = argparse.ArgumentParser()
     add_threads_flag(p)
-    assert p.parse_args([]).return_memory is None  # auto: training_memory decides by the dtype
-    assert p.parse_args(["--return-memory"]).return_memory is True
+    assert p.parse_args([]).return_memory is True
     assert p.parse_args(["--no-return-memory"]).return_memory is False
 
 
