@@ -49,7 +49,7 @@ def in_precision(fn, dtype: torch.dtype, return_memory: bool):
     """fn run under bfloat16 autocast (float32: as it is), with or without freed memory returned to the OS."""
     def run():
         runtime._return_memory = return_memory  # what train.py's --return-memory sets
-        with runtime.training_memory(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with runtime.training_memory(), runtime.autocast(torch.device("cpu"), dtype):
             return fn()
     return run
 

@@ -15,8 +15,8 @@ process). Every command line has `--threads N`; give each process its share.
 Precision: training keeps float32 weights and AdamW states and runs its matmuls in
 bfloat16 under autocast (mixed precision); the agent's policy is cast to bfloat16.
 `auto` chooses that wherever bfloat16 is computed natively: CUDA, and CPUs with
-AVX512-BF16 or AMX instructions, where a SmolLM2 SFT step measured 2.5x and a decode
-step 1.6x faster than float32 (bench/precision.py). Elsewhere bfloat16 is emulated,
+AVX512-BF16 or AMX instructions, where a SmolLM2 SFT step measured 2.5x and an
+evaluation 1.7x faster than float32 (bench/precision.py). Elsewhere bfloat16 is emulated,
 slower than float32, and `auto` keeps float32. `--dtype float32` forces it anywhere.
 
 Memory matters too: by default glibc serves blocks up to 32 MB from heaps that it
