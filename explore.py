@@ -30,7 +30,7 @@ from eto_ref.distributed import init_distributed, is_main
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair, load_policy
 from eto_ref.models import resolve_model
 from eto_ref.pairs import EXTRA_REJECTED_TURNS
-from eto_ref.runtime import add_threads_flag, resolve_device, setup_cpu
+from eto_ref.runtime import DTYPES, add_threads_flag, resolve_device, setup_cpu
 from eto_ref.sampler import SamplingConfig
 
 
@@ -45,7 +45,7 @@ def parse_args(argv=None):
                         f"(default {EXTRA_REJECTED_TURNS}, the official rule; none keeps the whole failed run)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="the policy's weights: auto (bfloat16 on CUDA and on CPUs with bfloat16 instructions, "
                         "else float32)")
     p.add_argument("--preset", default="auto", choices=("auto", *PRESET_NAMES),

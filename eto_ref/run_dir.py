@@ -36,6 +36,7 @@ from eto_ref.distributed import barrier, full_tensor, is_fsdp, is_main, shard_li
 from eto_ref.jsonl import write_json_atomic
 from eto_ref.lora import inject_lora, load_adapter, remove_lora, save_adapter
 from eto_ref.model import Transformer
+from eto_ref.runtime import dtype_name
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -175,12 +176,18 @@ def resume_key(cfg: TrainConfig) -> dict:
     return {k: d[k] for k in cfg.RESUME_KEYS}
 
 
-def check_same_run(saved_state: dict, cfg: TrainConfig, where: Path) -> None:
+def check_same_run(saved_state: dict, cfg: TrainConfig, where: Path, dtype: torch.dtype | None = None) -> None:
+    """Refuse to continue a run made with other settings, or trained so far in another compute dtype
+    (`--dtype auto` resolves per machine; checkpoints that predate the record are not checked)."""
     old = {k: saved_state.get("config", {}).get(k) for k in cfg.RESUME_KEYS}
     changed = {k: (old[k], v) for k, v in resume_key(cfg).items() if old[k] != v}
     if changed:
         raise RunError(f"{where}: the run in {cfg.out} was made with other settings {changed} (old, new); "
                        "use another --out, or --no-resume to start over")
+    then, now = saved_state.get("compute_dtype"), dtype_name(dtype) if dtype is not None else None
+    if then is not None and now is not None and then != now:
+        raise RunError(f"{where}: the run in {cfg.out} was trained in {then} so far and would continue in {now} "
+                       f"(--dtype {cfg.dtype} here); pass --dtype {then} to continue it, or --no-resume to start over")
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
@@ -200,8 +207,9 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
-    """The run's newest usable checkpoint when resuming; raises if the run was made with other settings.
+def find_resume_checkpoint(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Path | None:
+    """The run's newest usable checkpoint when resuming; raises if the run was made with other settings
+    or trained so far in a compute dtype other than `dtype`.
 
     A newer checkpoint that does not read back whole, or holds NaN/inf, is skipped
     with a warning naming the file (resume falls back to the one before it).
@@ -215,7 +223,7 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
     for ckpt in reversed(checkpoint_dirs(cfg.out)):
         problem = checkpoint_problem(ckpt)
         if problem is None:
-            check_same_run(read_json_file(ckpt / STATE_FILE), cfg, ckpt)
+            check_same_run(read_json_file(ckpt / STATE_FILE), cfg, ckpt, dtype)
             return ckpt
         log.warning("%s: not resumable (%s); falling back to the checkpoint before it", ckpt, problem)
     return None

@@ -137,6 +137,11 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how run files record a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision for forward passes: weights stay float32, matmuls run in `dtype`."""
     if dtype == torch.float32:

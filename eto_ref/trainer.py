@@ -36,7 +36,7 @@ from eto_ref.losses import next_token_targets, scored_positions
 from eto_ref.metrics import MetricsLog, progress_bar, show
 from eto_ref.run_dir import (RunLock, config_dict, find_resume_checkpoint, finished_run, load_optimizer_state,
                              restore_weights, save_checkpoint, save_final)
-from eto_ref.runtime import autocast, compute_dtype, resolve_device, training_memory
+from eto_ref.runtime import autocast, compute_dtype, dtype_name, resolve_device, training_memory
 from eto_ref.schedule import lr_at
 
 # --------------------------------------------------------------------------- device, model, optimizer
@@ -261,7 +261,7 @@ class Fit:
     """The state of one training run: model, optimizer, step counter, metrics log."""
 
     def __init__(self, model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device, dtype):
-        self.model, self.cfg, self.stage = model, cfg, stage
+        self.model, self.cfg, self.stage, self.dtype = model, cfg, stage, dtype
         self.train_model = parallelize(model, cfg, device)  # = model in one process
         self.named = trainable_parameters(model)  # after parallelize: FSDP replaces the parameters by shards
         self.params = [p for _, p in self.named]
@@ -282,7 +282,7 @@ class Fit:
         return {"stage": self.stage.name, "step": self.step, "epoch": self.step / self.steps_per_epoch,
                 "total_steps": self.total, "steps_per_epoch": self.steps_per_epoch, "seed": self.cfg.seed,
                 "rng": "data order: randperm(seed, epoch); step RNG: manual_seed(step_seed(seed, step))",
-                "config": config_dict(self.cfg), "metrics": metrics}
+                "config": config_dict(self.cfg), "compute_dtype": dtype_name(self.dtype), "metrics": metrics}
 
     def evaluate(self) -> dict:
         """Held-out metrics (every rank evaluates the whole held-out set: FSDP forwards are collectives)."""
@@ -358,7 +358,7 @@ def run_stage(cfg: TrainConfig, train: Callable, callback: Callable | None = Non
         if done is not None:
             return done
         device, dtype = setup_runtime(cfg)
-        return train(cfg, device, dtype, find_resume_checkpoint(cfg), callback)
+        return train(cfg, device, dtype, find_resume_checkpoint(cfg, dtype), callback)
 
 
 def start_model(cfg: TrainConfig, device, dtype, resume_from: Path | None):
