@@ -212,6 +212,14 @@ class TextEnv:
         """The train task shown as the in-context example (override to pick a more typical one)."""
         return f"{self.name}/train/0"
 
+    def options(self) -> dict:
+        """Settings beyond name and seed that decide the tasks (none for the built-ins: their sizes only
+        extend a split); a run records them in its identity, so a rerun with other ones is refused."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the environment holds (the built-ins: nothing); called when an agent's episode ends."""
+
     def fresh_copy(self) -> "TextEnv":
         """A new environment with the same seed and split sizes (used to write expert trajectories)."""
         return type(self)(seed=self.seed, **self.sizes)

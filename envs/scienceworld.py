@@ -14,6 +14,11 @@ official ETO code (`eval_agent/envs/sciworld_env.py`, `eval_agent/tasks/sciworld
   a random sample of up to 120 per type for train (1483, four types drawing beyond
   ScienceWorld's train range); to run on exactly those, point
   `SCIENCEWORLD_SPLITS_DIR` (or `splits_dir=`) at a folder holding the three files;
+- the task types: all 24, or those named in `SCIENCEWORLD_TASKS` (comma-separated,
+  or `task_names=`); a split lists its tasks round-robin over the types (each type's
+  first variation, then each one's second, ...), so the first N tasks of a split
+  (`--sft-examples`, `--explore-limit`, `--eval-limit`) cover every type. These
+  choices are part of a run's identity: a rerun with other ones is refused;
 - `simplificationStr="easy"`; the task text is ScienceWorld's task description
   without its "Task Description:" header (the official SFT data has none; the
   official prompts keep it, see docs/official-code.md);
@@ -86,6 +91,29 @@ OFFICIAL_SPLIT_FILES = {"train": "train", "test_seen": "dev", "test_unseen": "te
 NO_MATCH = "No known action matches that input."
 
 
+def names_from_environment() -> list[str] | None:
+    """The task types in SCIENCEWORLD_TASKS (comma-separated), or None when it is unset or empty."""
+    value = os.environ.get("SCIENCEWORLD_TASKS", "")
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    return names or None
+
+
+def checked_task_names(names: list[str]) -> list[str]:
+    unknown = [name for name in names if name not in OFFICIAL_MAX_STEPS]
+    if unknown:
+        raise ValueError(f"unknown ScienceWorld task type(s) {unknown} (task_names / SCIENCEWORLD_TASKS); "
+                         f"known: {', '.join(OFFICIAL_MAX_STEPS)}")
+    return list(names)
+
+
+def round_robin(per_type: list[list[str]]) -> list[str]:
+    """[[a0, a1], [b0, b1, b2]] -> [a0, b0, a1, b1, b2]: the first N tasks of a split cover every task type."""
+    ids = []
+    for rank in range(max((len(ids_) for ids_ in per_type), default=0)):
+        ids += [ids_[rank] for ids_ in per_type if rank < len(ids_)]
+    return ids
+
+
 def gold_thought(action: str) -> str:
     """A short generic Thought for a gold action."""
     verb = action.split(" ")[0] if action else ""
@@ -111,7 +139,7 @@ class ScienceWorldAdapter(TextEnv):
                  splits_dir: str | None = None):
         super().__init__(seed)
         self.sizes = {"train": train, "test_seen": test_seen, "test_unseen": test_unseen}  # caps per task type
-        self.task_names = list(task_names or OFFICIAL_MAX_STEPS)
+        self.task_names = checked_task_names(task_names or names_from_environment() or list(OFFICIAL_MAX_STEPS))
         self.env_step_limit = env_step_limit
         self.splits_dir = splits_dir or os.environ.get("SCIENCEWORLD_SPLITS_DIR")
         self._sim = None
@@ -136,13 +164,24 @@ class ScienceWorldAdapter(TextEnv):
         if split not in self._ids and self.splits_dir:
             self._ids[split] = self.listed_task_ids(split)
         if split not in self._ids:
-            sim, ids = self.simulator(), []
+            sim, per_type = self.simulator(), []
             for task in self.task_names:
                 sim.load(task, 0, "easy")
                 variations = list(getattr(sim, SPLIT_VARIATIONS[split])())[: self.sizes[split]]
-                ids += [f"{self.name}/{split}/{task}/{v}" for v in variations]
-            self._ids[split] = ids
+                per_type.append([f"{self.name}/{split}/{task}/{v}" for v in variations])
+            self._ids[split] = round_robin(per_type)
         return list(self._ids[split])
+
+    def options(self) -> dict:
+        """What, besides name and seed, decides this adapter's tasks (recorded in a run's identity)."""
+        options = {}
+        if self.task_names != list(OFFICIAL_MAX_STEPS):
+            options["task_names"] = list(self.task_names)
+        if self.sizes != {"train": 120, "test_seen": 10, "test_unseen": 10}:
+            options["sizes"] = dict(self.sizes)
+        if self.splits_dir:
+            options["splits_dir"] = str(self.splits_dir)
+        return options
 
     def listed_task_ids(self, split: str) -> list[str]:
         """The task ids of an official index list ([[task name, variation], ...]) in `splits_dir`."""

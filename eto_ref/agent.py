@@ -32,6 +32,7 @@ official ETO format, ready for pairing and training.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from collections import deque
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from eto_ref.config import setting
 from eto_ref.sampler import SamplingConfig, Session
 
+log = logging.getLogger(__name__)
 ACTION_PATTERN = re.compile(r"Action:\s*(.*)", re.DOTALL)
 INVALID_FORMAT = "Observation: Invalid format. The input must contains 'Action: '"
 STOP_STRINGS = ("\nObservation:", "\nTask:", "\n---")  # as the official code
@@ -141,15 +143,29 @@ def step_episode(env, episode: Episode, reply: str, max_steps: int) -> str | Non
 
 def start_episode(make_env, task_id: str):
     """A fresh environment reset to the task; an environment that fails here ends the episode at once."""
+    env = None
     try:
         env = make_env()
         task = env.reset(task_id)
         if not isinstance(task, str):
             raise TypeError(f"reset({task_id!r}) must return the task text, got {type(task).__name__}")
     except Exception as e:  # noqa: BLE001 - one broken task must not stop the others
+        close_env(env)
         episode = Episode(task_id, "", "", done=True, reason=f"env_error: {type(e).__name__}: {e}")
         return None, episode
     return env, Episode(task_id, env.instruction, task)
+
+
+def close_env(env) -> None:
+    """Release what an ended episode's environment holds (the real ScienceWorld: its Java process).
+    A failure to close is logged, never raised: the episode's record is already complete."""
+    close = getattr(env, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as e:  # noqa: BLE001 - cleanup must not end the other episodes
+        log.warning("closing the environment of an ended episode failed: %s: %s", type(e).__name__, e)
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -238,7 +254,8 @@ class EpisodeBatch:
         self.running: dict[int, Running] = {}
         self.ended: dict[str, Episode] = {}
 
-    def end(self, episode: Episode) -> None:
+    def end(self, episode: Episode, env=None) -> None:
+        close_env(env)
         self.ended[episode.task_id] = episode
         if self.on_episode_end is not None:
             self.on_episode_end(episode)
@@ -255,7 +272,7 @@ class EpisodeBatch:
                 prefix = self.tokenizer.render(messages[:-1])[0]  # everything before the task: the same in all
                 self.session = Session(self.model, self.size, self.config.max_len, prefix=prefix)
             if not self.play_forced(env, episode, messages):
-                self.end(episode)
+                self.end(episode, env)
                 continue
             seed = None if self.config.seed is None else episode_seed(self.config.seed, episode.task_id)
             self.session.start(row, self.tokenizer.render(messages, add_generation_prompt=True)[0], seed)
@@ -278,7 +295,8 @@ class EpisodeBatch:
         run = self.running[row]
         if not agent_turn(self.session, self.tokenizer, row, run, completion.text.strip(), completion.reason):
             return True  # the episode goes on; its observation is queued
-        self.end(self.running.pop(row).episode)
+        run = self.running.pop(row)
+        self.end(run.episode, run.env)
         return self.start(row)
 
     def run(self) -> None:

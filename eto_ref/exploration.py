@@ -33,7 +33,7 @@ from eto_ref.distributed import barrier, init_distributed, is_main, rank, shard,
 from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
 from eto_ref.pairs import EXTRA_REJECTED_TURNS, build_pairs
 from eto_ref.run_dir import RunLock, claim_run
-from eto_ref.runtime import compute_dtype, resolve_device
+from eto_ref.runtime import compute_dtype, dtype_name, resolve_device
 from eto_ref.tokenizer import Tokenizer
 
 TRAJECTORIES = "trajectories.jsonl"
@@ -75,7 +75,10 @@ def run_identity(cfg: ExploreConfig, dtype: torch.dtype = torch.float32) -> dict
     identity = {"model": str(cfg.model), "model_fingerprint": fingerprint, "env": cfg.env, "env_seed": cfg.env_seed,
                 "split": cfg.split, "forced_steps": cfg.forced_steps, "agent": json.loads(json.dumps(agent))}
     if dtype != torch.float32:
-        identity["dtype"] = str(dtype).removeprefix("torch.")
+        identity["dtype"] = dtype_name(dtype)
+    options = envs.make_env(cfg.env, seed=cfg.env_seed).options()
+    if options:  # e.g. the real ScienceWorld's task types
+        identity["env_options"] = options
     return identity
 
 

@@ -59,7 +59,7 @@ class PipelineConfig:
     def identity(self) -> dict:
         """The settings that determine the job's results (run.json): all but where and how verbosely it runs,
         and the micro-batch sizes (memory only: gradient accumulation sums to the same update, as a
-        training stage's own resume allows)."""
+        training stage's own resume allows), and the environment's options (`TextEnv.options`)."""
         d = json.loads(json.dumps(asdict(self)))
         for key in ("out", "resume"):
             d.pop(key)
@@ -68,6 +68,9 @@ class PipelineConfig:
                 d[stage].pop(key)
         d["loop"].pop("out")
         d["loop"]["agent"].pop("batch_size")
+        options = envs.make_env(self.loop.env, seed=self.loop.env_seed).options()
+        if options:  # e.g. the real ScienceWorld's task types
+            d["env_options"] = options
         return d
 
 

@@ -194,6 +194,39 @@ def test_environment_raising_in_reset_ends_that_episode_and_the_others_go_on(tmp
     assert sorted(e.task_id for e in ended) == sorted(HOUSEHOLD_TASKS[:3])
 
 
+def test_every_environment_is_closed_once_when_its_episode_ends(tmp_path, caplog):
+    """An environment holding a process (the real ScienceWorld's Java) is closed as its episode ends, also
+    when reset failed; a close that raises is logged and the other episodes go on."""
+    model, tok = scripted_agent("Thought: look around.\nAction: look", tmp_path, end_turn=True)
+    made = []
+
+    class ClosableEnv:
+        def __init__(self):
+            self.env, self.closed, self.open_when_closed = make_env("household"), 0, None
+            made.append(self)
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+        def reset(self, task_id):
+            self.task_id = task_id
+            if task_id == HOUSEHOLD_TASKS[1]:
+                raise RuntimeError("no such room")
+            return self.env.reset(task_id)
+
+        def close(self):
+            self.closed += 1
+            if self.task_id == HOUSEHOLD_TASKS[2]:
+                raise OSError("java already gone")
+
+    config = AgentConfig(sampling=SamplingConfig(max_new_tokens=24), batch_size=2, max_len=4096, max_steps=2)
+    with caplog.at_level("WARNING", logger="eto_ref.agent"):
+        episodes = run_episodes(model, tok, ClosableEnv, HOUSEHOLD_TASKS, config)
+    assert [e.closed for e in made] == [1, 1, 1]
+    assert [ep.reason for ep in episodes] == ["max_steps", "env_error: RuntimeError: no such room", "max_steps"]
+    assert any("java already gone" in r.getMessage() for r in caplog.records)
+
+
 def test_endless_text_is_cut_at_max_new_tokens_each_turn(tmp_path):
     model, tok = scripted_agent("blah ", tmp_path, end_turn=False, endless=True)
     (ep,) = run_episodes(model, tok, lambda: make_env("household"), HOUSEHOLD_TASKS[:1],

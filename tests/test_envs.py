@@ -322,3 +322,31 @@ def test_fuzzed_actions_never_raise(name):
             action = " ".join(rng.sample(words, rng.randint(1, min(6, len(words)))))
             obs, reward, done, info = env.step(rng.choice([action, action.upper(), action + "]", "[" + action]))
             assert isinstance(obs, str) and 0.0 <= reward <= 1.0
+
+
+def test_scienceworld_task_types_order_and_options_need_no_simulator(monkeypatch, tmp_path):
+    """The real ScienceWorld's choices (task types from SCIENCEWORLD_TASKS, split sizes, official lists) are
+    checked and recorded without starting Java; splits list their tasks round-robin over the types."""
+    from envs.scienceworld import round_robin
+    from eto_ref.eto import LoopConfig
+    from eto_ref.exploration import ExploreConfig, run_identity
+    from eto_ref.pipeline import PipelineConfig
+
+    assert round_robin([["a0", "a1"], ["b0", "b1", "b2"], []]) == ["a0", "b0", "a1", "b1", "b2"]
+    assert make_env("scienceworld").options() == {}
+    assert "env_options" not in run_identity(ExploreConfig(model="m", env="scienceworld"))
+    monkeypatch.setenv("SCIENCEWORLD_TASKS", " task-3-find-animal, task-3-find-plant ")
+    env = make_env("scienceworld", test_seen=5)
+    assert env.task_names == ["task-3-find-animal", "task-3-find-plant"] and env._sim is None
+    assert env.options() == {"task_names": ["task-3-find-animal", "task-3-find-plant"],
+                             "sizes": {"train": 120, "test_seen": 5, "test_unseen": 10}}
+    assert run_identity(ExploreConfig(model="m", env="scienceworld"))["env_options"] == {
+        "task_names": ["task-3-find-animal", "task-3-find-plant"]}
+    job = PipelineConfig(loop=LoopConfig(env="scienceworld"))
+    assert job.identity()["env_options"] == {"task_names": ["task-3-find-animal", "task-3-find-plant"]}
+    assert "env_options" not in PipelineConfig(loop=LoopConfig(env="science")).identity()
+    monkeypatch.setenv("SCIENCEWORLD_TASKS", "task-3-find-animal,task-99-fly")
+    with pytest.raises(ValueError, match=r"unknown ScienceWorld task type\(s\) \['task-99-fly'\].*SCIENCEWORLD_TASKS"):
+        make_env("scienceworld")
+    monkeypatch.delenv("SCIENCEWORLD_TASKS")
+    assert make_env("scienceworld", splits_dir=str(tmp_path)).options() == {"splits_dir": str(tmp_path)}

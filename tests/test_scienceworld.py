@@ -44,8 +44,10 @@ def test_the_official_task_types_splits_and_step_limits(tmp_path):
     try:
         sizes = {split: len(full.task_ids(split)) for split in ("train", "test_seen", "test_unseen")}
         assert sizes == {"train": 1408, "test_seen": 199, "test_unseen": 211}
-        assert full.task_ids("test_unseen")[:2] == ["scienceworld/test_unseen/task-1-boil/21",
-                                                    "scienceworld/test_unseen/task-1-boil/22"]
+        unseen = full.task_ids("test_unseen")
+        assert unseen[0] == "scienceworld/test_unseen/task-1-boil/21"  # round-robin: every type's first, then ...
+        assert [t.split("/")[2] for t in unseen[:24]] == list(OFFICIAL_MAX_STEPS)
+        assert unseen[24] == "scienceworld/test_unseen/task-1-boil/22"
         full.reset("scienceworld/test_seen/task-3-find-animal/120")
         assert full.max_steps == 15
     finally:
