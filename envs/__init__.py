@@ -10,6 +10,8 @@ Built in (pure Python): "webshop", "household", "science". Optional:
 requirements-scienceworld.txt`, needs Java).
 """
 
+from contextlib import contextmanager
+
 from envs.base import SPLITS, TextEnv
 
 
@@ -39,4 +41,14 @@ def make_env(name: str, seed: int = 0, **sizes) -> TextEnv:
     return env_class(name)(seed=seed, **sizes)
 
 
-__all__ = ["ENV_NAMES", "SPLITS", "TextEnv", "env_class", "make_env"]
+@contextmanager
+def opened(name: str, seed: int = 0, **sizes):
+    """`with opened("scienceworld") as env:` an environment closed on leaving (the real ScienceWorld's Java)."""
+    env = make_env(name, seed=seed, **sizes)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+__all__ = ["ENV_NAMES", "SPLITS", "TextEnv", "env_class", "make_env", "opened"]

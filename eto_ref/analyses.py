@@ -176,18 +176,35 @@ def efficiency(runs: list[Path], results: str | None) -> str:
     return write_results("\n".join(lines), {"steps": found, "runs": [str(r) for r in runs]}, results)
 
 
+def iteration_cell(run: Path, iteration: dict, split: str) -> str:
+    """One iteration's reward on a split and its paired difference from SFT (± SE, tasks)."""
+    if split not in iteration:
+        return "stopped: no pairs" if "no pairs" in iteration.get("note", "") else "-"
+    sft = {t: [r] for t, r in task_rewards(run / "sft" / f"eval-{split}").items()}
+    eto = {t: [r] for t, r in task_rewards(run / "eto" / f"iter-{iteration['iteration']}" / f"eval-{split}").items()}
+    diff = paired_difference(eto, sft)
+    return f"{iteration[split]:.1f}" + ("" if diff is None else f" ({diff['mean']:+.1f} ± {diff['se']:.1f})")
+
+
 def iterations(runs: list[Path], results: str | None) -> str:
+    """Reward after each ETO iteration, with each iteration's paired difference from SFT and its pairs."""
     rows = []
     for run in runs:
         sft = json.loads((run / "results.json").read_text())["rows"]["SFT"]
         rows.append((run, sft, json.loads((run / "eto" / "summary.json").read_text())))
-    lines = ["**Average reward x100 after each ETO iteration (0 = SFT)**", "",
-             "| run | split | " + " | ".join(f"iter {k}" for k in range(max(len(r[2]) for r in rows) + 1)) + " |",
-             "|---|---|" + "---:|" * (max(len(r[2]) for r in rows) + 1)]
+    width = max(len(its) for _, _, its in rows)
+    lines = ["**Average reward x100 after each ETO iteration (0 = SFT); in brackets the paired difference "
+             "from SFT ± its standard error over tasks**", "",
+             "| run | split | " + " | ".join(f"iter {k}" for k in range(width + 1)) + " |",
+             "|---|---|" + "---:|" * (width + 1)]
     for run, sft, its in rows:
         for split in sft:
-            cells = [f"{sft[split]:.1f}"] + [f"{it[split]:.1f}" if split in it else "-" for it in its]
-            lines.append(f"| {run} | {split} | " + " | ".join(cells) + " |")
+            cells = [f"{sft[split]:.1f}"] + [iteration_cell(run, it, split) for it in its]
+            lines.append(f"| {run} | {split} | " + " | ".join(cells + ["-"] * (width - len(its))) + " |")
+        settings = "; ".join(f"iter {it['iteration']}: {it['pairs']} pairs, beta {it.get('beta')}, lr {it.get('lr')}"
+                             for it in its if "pairs" in it)
+        if settings:
+            lines.append(f"| {run} | pairs, DPO | {settings} |" + " |" * width)
     return write_results("\n".join(lines), {"runs": [str(r) for r, _, _ in rows]}, results)
 
 

@@ -142,7 +142,8 @@ def explore(model, tokenizer, cfg: ExploreConfig, progress: bool = True) -> list
 
 def run_tasks(model, tokenizer, cfg: ExploreConfig, progress: bool) -> list[dict]:
     """The episodes of the tasks not done yet, each appended to the trajectory file as it ends."""
-    task_ids = split_slice(envs.make_env(cfg.env, seed=cfg.env_seed).task_ids(cfg.split), cfg.start, cfg.limit)
+    with envs.opened(cfg.env, seed=cfg.env_seed) as env:
+        task_ids = split_slice(env.task_ids(cfg.split), cfg.start, cfg.limit)
     out_dir = Path(cfg.out_dir)
     path = out_dir / (TRAJECTORIES if world_size() == 1 else f"trajectories.rank-{rank()}.jsonl")
     done = finished_records(out_dir)
@@ -242,8 +243,8 @@ def summarize(records: list[dict], env: str, split: str) -> dict:
 
 
 def expert_records(env_name: str, task_ids: list[str], env_seed: int = 0) -> list[dict]:
-    env = envs.make_env(env_name, seed=env_seed)
-    return [env.expert_trajectory(t) for t in task_ids]
+    with envs.opened(env_name, seed=env_seed) as env:
+        return [env.expert_trajectory(t) for t in task_ids]
 
 
 def explore_and_pair(model, tokenizer, cfg: ExploreConfig, progress: bool = True,

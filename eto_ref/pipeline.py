@@ -100,8 +100,8 @@ def prepare_sft_data(cfg: PipelineConfig) -> Path:
     """The first `sft_examples` expert trajectories of the train split, as an ETO-format JSON file."""
     path = Path(cfg.out) / "data" / "sft.json"
     if not path.is_file():
-        env = envs.make_env(cfg.loop.env, seed=cfg.loop.env_seed)
-        records = [env.expert_trajectory(t) for t in env.task_ids("train")[: cfg.sft_examples]]
+        with envs.opened(cfg.loop.env, seed=cfg.loop.env_seed) as env:
+            records = [env.expert_trajectory(t) for t in env.task_ids("train")[: cfg.sft_examples]]
         write_json_atomic(records, path, indent=1)
     return path
 

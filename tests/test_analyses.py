@@ -37,6 +37,19 @@ def test_iterations_table_reads_the_loop_summary(tmp_path):
     assert f"| {tmp_path} | test_seen | 40.0 | 45.0 | 43.5 |" in iterations([tmp_path], None)
 
 
+def test_iterations_table_gives_each_iterations_paired_difference_and_a_stop(tmp_path):
+    """Per-task rewards SFT (0, 1, 0.5, 1), iteration 1 (1, 1, 1, 1): differences x100 (100, 0, 50, 0),
+    mean 37.5, sample SD sqrt(6875 / 3) = 47.87, SE 47.87 / 2 = 23.9; iteration 2 found no pairs."""
+    write_run(tmp_path, {"sft": [(0.0, 9), (1.0, 3), (0.5, 9), (1.0, 4)], "eto/iter-1": [(1.0, 3)] * 4})
+    (tmp_path / "results.json").write_text(json.dumps({"rows": {"SFT": {"test_seen": 62.5}}}))
+    (tmp_path / "eto" / "summary.json").write_text(json.dumps([
+        {"iteration": 1, "pairs": 2, "beta": 0.1, "lr": 1e-6, "test_seen": 100.0},
+        {"iteration": 2, "pairs": 0, "beta": 0.5, "lr": 5e-7, "note": "no pairs: the policy ties the expert"}]))
+    text = iterations([tmp_path], None)
+    assert f"| {tmp_path} | test_seen | 62.5 | 100.0 (+37.5 ± 23.9) | stopped: no pairs |" in text
+    assert "iter 1: 2 pairs, beta 0.1, lr 1e-06; iter 2: 0 pairs, beta 0.5, lr 5e-07" in text
+
+
 def test_run_config_rebuilds_the_nested_configs(tmp_path):
     cfg = PipelineConfig(model="tiny", loop=LoopConfig(valid=20, beta_schedule=(0.1, 0.5)))
     (tmp_path / "pipeline_config.json").write_text(json.dumps(asdict(cfg)))
