@@ -91,15 +91,16 @@ def evaluate_policy(model_dir: str | Path, out: Path, cfg: LoopConfig, device: s
                     progress: bool = True, dtype: str = "auto") -> dict:
     """Average reward x100 per evaluation split, written to out/eval-<split>/summary.json."""
     model, tokenizer = load_policy(model_dir, device, dtype)
-    return {split: evaluate(model, tokenizer, eval_config(cfg, split, out / f"eval-{split}"),
+    return {split: evaluate(model, tokenizer, replace(eval_config(cfg, split, out / f"eval-{split}"),
+                                                      model=str(model_dir)),
                             progress=progress)["average_reward"] for split in cfg.eval_splits}
 
 
 def explore_iteration(policy: Path, it: Path, cfg: LoopConfig, dpo: DPOConfig) -> tuple[Path, dict]:
     """Steps 1-2 of an iteration: the policy explores the training tasks; failures are paired with the expert."""
     model, tokenizer = load_policy(policy, dpo.device, dpo.dtype)
-    ecfg = ExploreConfig(env=cfg.env, split="train", out_dir=str(it / "explore"), limit=cfg.explore_limit,
-                         env_seed=cfg.env_seed, agent=cfg.agent)
+    ecfg = ExploreConfig(model=str(policy), env=cfg.env, split="train", out_dir=str(it / "explore"),
+                         limit=cfg.explore_limit, env_seed=cfg.env_seed, agent=cfg.agent)
     return explore_and_pair(model, tokenizer, ecfg, dpo.progress, cfg.rejected_extra_turns)
 
 

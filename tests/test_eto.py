@@ -1,8 +1,10 @@
 """eto_ref/eto.py: the ETO loop (paper Algorithm 1) on a tiny random model, its valid slice and schedules."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from eto_ref.agent import AgentConfig
@@ -10,6 +12,7 @@ from eto_ref.checkpoint import save_model
 from eto_ref.config import DPOConfig
 from eto_ref.eto import LoopConfig, run_eto
 from eto_ref.model import ModelConfig, Transformer
+from eto_ref.run_dir import RunError
 from eto_ref.sampler import SamplingConfig
 from eto_ref.tiny import environment_texts
 from eto_ref.tokenizer import train_bpe_tokenizer
@@ -42,6 +45,15 @@ def test_one_iteration_writes_every_phase(tmp_path):
     assert json.loads((tmp_path / "eto" / "summary.json").read_text()) == rows
     assert set(rows[0]["seconds"]) == {"explore", "dpo", "evaluate"}
     assert all(t >= 0 for t in rows[0]["seconds"].values())
+    # Each exploration and evaluation folder records the policy that made it, so a rerun of the loop from
+    # another starting model into the same folder is refused instead of resuming the old model's episodes.
+    identity = json.loads((it / "explore" / "run.json").read_text())["identity"]
+    assert identity["model"] == str(tmp_path / "sft") and identity["model_fingerprint"] is not None
+    assert json.loads((it / "eval-test_seen" / "run.json").read_text())["identity"]["model"] == str(
+        it / "dpo" / "final")
+    save_model(model, tmp_path / "other-sft", tokenizer_dir=tok_dir)
+    with pytest.raises(RunError, match=r"iter-1/explore: made with other settings: model: .*sft' then, .*other-sft"):
+        run_eto(replace(cfg, model=str(tmp_path / "other-sft")), dpo)
 
 
 def test_valid_split_is_the_train_slice_after_start():
