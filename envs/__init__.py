@@ -48,7 +48,14 @@ def opened(name: str, seed: int = 0, **sizes):
     try:
         yield env
     finally:
-        env.close()
+        if hasattr(env, "close"):
+            env.close()
 
 
-__all__ = ["ENV_NAMES", "SPLITS", "TextEnv", "env_class", "make_env", "opened"]
+def env_options(name: str, seed: int = 0) -> dict:
+    """The settings beyond name and seed that decide an environment's tasks (`TextEnv.options`)."""
+    env = make_env(name, seed=seed)
+    return env.options() if hasattr(env, "options") else {}
+
+
+__all__ = ["ENV_NAMES", "SPLITS", "TextEnv", "env_class", "env_options", "make_env", "opened"]

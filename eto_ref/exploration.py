@@ -76,7 +76,7 @@ def run_identity(cfg: ExploreConfig, dtype: torch.dtype = torch.float32) -> dict
                 "split": cfg.split, "forced_steps": cfg.forced_steps, "agent": json.loads(json.dumps(agent))}
     if dtype != torch.float32:
         identity["dtype"] = dtype_name(dtype)
-    options = envs.make_env(cfg.env, seed=cfg.env_seed).options()
+    options = envs.env_options(cfg.env, seed=cfg.env_seed)
     if options:  # e.g. the real ScienceWorld's task types
         identity["env_options"] = options
     return identity

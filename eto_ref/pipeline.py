@@ -68,7 +68,7 @@ class PipelineConfig:
                 d[stage].pop(key)
         d["loop"].pop("out")
         d["loop"]["agent"].pop("batch_size")
-        options = envs.make_env(self.loop.env, seed=self.loop.env_seed).options()
+        options = envs.env_options(self.loop.env, seed=self.loop.env_seed)
         if options:  # e.g. the real ScienceWorld's task types
             d["env_options"] = options
         return d

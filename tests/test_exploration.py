@@ -203,7 +203,8 @@ def test_exploration_keeps_every_finished_episode_when_an_environment_crashes(tm
     made = []
 
     def make(name, seed=0, **kw):
-        made.append(CrashingEnv(crash_at=1) if len(made) == 1 else make_env(name, seed=seed))  # made[0]: the task list
+        # made[0]: the run's identity (env_options), made[1]: the task list, made[2]: the first episode's
+        made.append(CrashingEnv(crash_at=1) if len(made) == 2 else make_env(name, seed=seed))
         return made[-1]
 
     model, tok = scripted_agent("Thought: look around.\nAction: look", tmp_path / "tok")  # before: it may make envs
