@@ -186,11 +186,19 @@ def iteration_cell(run: Path, iteration: dict, split: str) -> str:
     return f"{iteration[split]:.1f}" + ("" if diff is None else f" ({diff['mean']:+.1f} ± {diff['se']:.1f})")
 
 
+def sft_averages(run: Path) -> dict[str, float]:
+    """split -> SFT average reward: the job's results.json, or (a job still running) its evaluation summaries."""
+    if (run / "results.json").is_file():
+        return json.loads((run / "results.json").read_text())["rows"]["SFT"]
+    paths = {split: run / "sft" / f"eval-{split}" / "summary.json" for split in ("valid", "test_seen", "test_unseen")}
+    return {split: json.loads(p.read_text())["average_reward"] for split, p in paths.items() if p.is_file()}
+
+
 def iterations(runs: list[Path], results: str | None) -> str:
     """Reward after each ETO iteration, with each iteration's paired difference from SFT and its pairs."""
     rows = []
     for run in runs:
-        sft = json.loads((run / "results.json").read_text())["rows"]["SFT"]
+        sft = sft_averages(run)
         rows.append((run, sft, json.loads((run / "eto" / "summary.json").read_text())))
     width = max(len(its) for _, _, its in rows)
     lines = ["**Average reward x100 after each ETO iteration (0 = SFT); in brackets the paired difference "

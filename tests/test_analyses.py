@@ -48,6 +48,10 @@ def test_iterations_table_gives_each_iterations_paired_difference_and_a_stop(tmp
     text = iterations([tmp_path], None)
     assert f"| {tmp_path} | test_seen | 62.5 | 100.0 (+37.5 ± 23.9) | stopped: no pairs |" in text
     assert "iter 1: 2 pairs, beta 0.1, lr 1e-06; iter 2: 0 pairs, beta 0.5, lr 5e-07" in text
+    # a job still running has no results.json yet: SFT's row comes from its evaluation summary
+    (tmp_path / "results.json").unlink()
+    (tmp_path / "sft" / "eval-test_seen" / "summary.json").write_text(json.dumps({"average_reward": 62.5}))
+    assert iterations([tmp_path], None) == text
 
 
 def test_run_config_rebuilds_the_nested_configs(tmp_path):
