@@ -58,7 +58,7 @@ def valid_rewards(model_dir: Path, out: Path, cfg: PipelineConfig) -> dict[str, 
     """task -> reward of a policy on the run's valid slice (resuming)."""
     if cfg.loop.valid <= 0:
         raise ValueError(f"{cfg.out}: this run has no valid slice; run the main job with --valid N")
-    ecfg = replace(eval_config(cfg.loop, VALID, out), model=str(model_dir))
+    ecfg = eval_config(cfg.loop, VALID, out, model_dir)
     model, tokenizer = load_policy(model_dir, cfg.sft.device, cfg.sft.dtype)
     evaluate(model, tokenizer, ecfg, progress=cfg.sft.progress)
     return task_rewards(out)

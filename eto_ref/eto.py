@@ -69,12 +69,13 @@ def iteration_value(schedule: tuple[float, ...], iteration: int, default: float)
     return schedule[min(iteration, len(schedule)) - 1] if schedule else default
 
 
-def eval_config(cfg: LoopConfig, split: str, out_dir: Path) -> ExploreConfig:
-    """The evaluation run of one split; VALID is train[valid_start : valid_start + valid_limit]."""
+def eval_config(cfg: LoopConfig, split: str, out_dir: Path, model: str | Path) -> ExploreConfig:
+    """The evaluation run of policy `model` on one split (the folder's identity records it);
+    VALID is train[valid_start : valid_start + valid_limit]."""
     if split == VALID:
-        return ExploreConfig(env=cfg.env, split="train", out_dir=str(out_dir), start=cfg.valid_start,
-                             limit=cfg.valid, env_seed=cfg.env_seed, agent=cfg.agent)
-    return ExploreConfig(env=cfg.env, split=split, out_dir=str(out_dir), limit=cfg.eval_limit,
+        return ExploreConfig(model=str(model), env=cfg.env, split="train", out_dir=str(out_dir),
+                             start=cfg.valid_start, limit=cfg.valid, env_seed=cfg.env_seed, agent=cfg.agent)
+    return ExploreConfig(model=str(model), env=cfg.env, split=split, out_dir=str(out_dir), limit=cfg.eval_limit,
                          env_seed=cfg.env_seed, agent=cfg.agent)
 
 
@@ -91,8 +92,7 @@ def evaluate_policy(model_dir: str | Path, out: Path, cfg: LoopConfig, device: s
                     progress: bool = True, dtype: str = "auto") -> dict:
     """Average reward x100 per evaluation split, written to out/eval-<split>/summary.json."""
     model, tokenizer = load_policy(model_dir, device, dtype)
-    return {split: evaluate(model, tokenizer, replace(eval_config(cfg, split, out / f"eval-{split}"),
-                                                      model=str(model_dir)),
+    return {split: evaluate(model, tokenizer, eval_config(cfg, split, out / f"eval-{split}", model_dir),
                             progress=progress)["average_reward"] for split in cfg.eval_splits}
 
 

@@ -61,9 +61,9 @@ def test_valid_split_is_the_train_slice_after_start():
     from eto_ref.eto import VALID, eval_config
 
     cfg = LoopConfig(model="m", env="science", eval_limit=7, valid_start=1000, valid=100)
-    valid = eval_config(cfg, VALID, Path("out"))
+    valid = eval_config(cfg, VALID, Path("out"), "m")
     assert (valid.split, valid.start, valid.limit, valid.out_dir) == ("train", 1000, 100, "out")
-    seen = eval_config(cfg, "test_seen", Path("out"))
+    seen = eval_config(cfg, "test_seen", Path("out"), "m")
     assert (seen.split, seen.start, seen.limit) == ("test_seen", 0, 7)
 
 
