@@ -34,7 +34,7 @@ from eto_ref.exploration import TRAJECTORIES, ExploreConfig, evaluate, explore, 
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
 from eto_ref.pairs import self_play_pairs
 from eto_ref.pipeline import PipelineConfig
-from eto_ref.results import paired_difference, task_rewards
+from eto_ref.results import paired_difference, per_task_rewards, task_rewards
 from eto_ref.runtime import add_threads_flag, setup_cpu
 from eto_ref.sft import run_sft
 
@@ -176,13 +176,14 @@ def efficiency(runs: list[Path], results: str | None) -> str:
     return write_results("\n".join(lines), {"steps": found, "runs": [str(r) for r in runs]}, results)
 
 
-def iteration_cell(run: Path, iteration: dict, split: str) -> str:
-    """One iteration's reward on a split and its paired difference from SFT (± SE, tasks)."""
+def iteration_cell(iteration: dict, split: str, tasks: dict) -> str:
+    """One iteration's reward on a split and its paired difference from SFT (± SE); `tasks` is the run's
+    method -> split -> task -> reward (results.per_task_rewards)."""
     if split not in iteration:
         return "stopped: no pairs" if "no pairs" in iteration.get("note", "") else "-"
-    sft = {t: [r] for t, r in task_rewards(run / "sft" / f"eval-{split}").items()}
-    eto = {t: [r] for t, r in task_rewards(run / "eto" / f"iter-{iteration['iteration']}" / f"eval-{split}").items()}
-    diff = paired_difference(eto, sft)
+    eto = tasks.get(f"ETO-iter-{iteration['iteration']}", {}).get(split, {})
+    sft = tasks.get("SFT", {}).get(split, {})
+    diff = paired_difference({t: [r] for t, r in eto.items()}, {t: [r] for t, r in sft.items()})
     return f"{iteration[split]:.1f}" + ("" if diff is None else f" ({diff['mean']:+.1f} ± {diff['se']:.1f})")
 
 
@@ -206,8 +207,9 @@ def iterations(runs: list[Path], results: str | None) -> str:
              "| run | split | " + " | ".join(f"iter {k}" for k in range(width + 1)) + " |",
              "|---|---|" + "---:|" * (width + 1)]
     for run, sft, its in rows:
+        tasks = per_task_rewards(run, list(sft))
         for split in sft:
-            cells = [f"{sft[split]:.1f}"] + [iteration_cell(run, it, split) for it in its]
+            cells = [f"{sft[split]:.1f}"] + [iteration_cell(it, split, tasks) for it in its]
             lines.append(f"| {run} | {split} | " + " | ".join(cells + ["-"] * (width - len(its))) + " |")
         settings = "; ".join(f"iter {it['iteration']}: {it['pairs']} pairs, beta {it.get('beta')}, lr {it.get('lr')}"
                              for it in its if "pairs" in it)

@@ -41,6 +41,8 @@ def test_iterations_table_gives_each_iterations_paired_difference_and_a_stop(tmp
     """Per-task rewards SFT (0, 1, 0.5, 1), iteration 1 (1, 1, 1, 1): differences x100 (100, 0, 50, 0),
     mean 37.5, sample SD sqrt(6875 / 3) = 47.87, SE 47.87 / 2 = 23.9; iteration 2 found no pairs."""
     write_run(tmp_path, {"sft": [(0.0, 9), (1.0, 3), (0.5, 9), (1.0, 4)], "eto/iter-1": [(1.0, 3)] * 4})
+    for folder, average in (("sft", 62.5), ("eto/iter-1", 100.0)):  # finished evaluations have a summary
+        (tmp_path / folder / "eval-test_seen" / "summary.json").write_text(json.dumps({"average_reward": average}))
     (tmp_path / "results.json").write_text(json.dumps({"rows": {"SFT": {"test_seen": 62.5}}}))
     (tmp_path / "eto" / "summary.json").write_text(json.dumps([
         {"iteration": 1, "pairs": 2, "beta": 0.1, "lr": 1e-6, "test_seen": 100.0},
@@ -50,7 +52,6 @@ def test_iterations_table_gives_each_iterations_paired_difference_and_a_stop(tmp
     assert "iter 1: 2 pairs, beta 0.1, lr 1e-06; iter 2: 0 pairs, beta 0.5, lr 5e-07" in text
     # a job still running has no results.json yet: SFT's row comes from its evaluation summary
     (tmp_path / "results.json").unlink()
-    (tmp_path / "sft" / "eval-test_seen" / "summary.json").write_text(json.dumps({"average_reward": 62.5}))
     assert iterations([tmp_path], None) == text
 
 
