@@ -42,7 +42,8 @@ class LoopConfig:
     iterations: int = setting(1, "ETO iterations: explore -> pairs -> DPO -> evaluate")
     explore_limit: int | None = setting(None, "training tasks explored per iteration, the first of the split "
                                               "(None: all)")
-    eval_limit: int | None = setting(None, "tasks per test split in evaluations (None: all)")
+    eval_limit: int | None = setting(None, "tasks per test split in evaluations (None: all); a rerun may "
+                                           "raise it: evaluations extend")
     valid: int = setting(0, "also evaluate on N training tasks nothing trains on, train[valid_start:][:N]: "
                             "the column settings are chosen by (0 = off)")
     valid_start: int = setting(1000, "first task of the valid slice (after every task trained on or explored)")

@@ -74,6 +74,9 @@ class PipelineConfig:
         return d
 
 
+GROWABLE = ("loop.eval_limit",)  # a rerun may evaluate more test tasks: each evaluation extends, keeping its episodes
+
+
 def log(message: str) -> None:
     print(f"[eto] {message}", file=sys.stderr, flush=True)
 
@@ -157,7 +160,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         claim_run(out, cfg.identity(), cfg.resume,
                   outputs=("data", "sft", "eto", "rft", "best-of-n", "results.json", "results.md",
                            "phase_seconds.json", "phase_peak_rss_mb.json", "reward_per_iteration.svg",
-                           "report.html"))
+                           "report.html"), growable=GROWABLE)
         write_json_atomic(asdict(cfg), out / "pipeline_config.json")
         return run_phases(cfg, out)
 

@@ -120,13 +120,23 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def claim_run(directory: str | Path, identity: dict, resume: bool = True, outputs: tuple[str, ...] = ()) -> None:
+def grows(then, now) -> bool:
+    """A task count that only widens: a larger number, or None (all tasks) after a number."""
+    if then is None:
+        return False
+    return now is None or (isinstance(now, int) and isinstance(then, int) and now > then)
+
+
+def claim_run(directory: str | Path, identity: dict, resume: bool = True, outputs: tuple[str, ...] = (),
+              growable: tuple[str, ...] = ()) -> None:
     """Record in `directory/run.json` what determines its results; a rerun with other settings is refused.
 
     `identity` holds the settings that change what the run produces (model, environment,
     sampling, ...). A directory made with other settings raises RunError naming each
     difference; with resume=False its `outputs` (and run.json) are deleted and the run
-    starts over. Only rank 0 reads and writes the file.
+    starts over. `growable` names task counts (flattened keys, e.g. "loop.eval_limit") that a
+    rerun may raise: what was done is kept and extended, and run.json records the new count.
+    Only rank 0 reads and writes the file.
     """
     directory, path = Path(directory), Path(directory) / RUN_FILE
     if is_main():
@@ -137,10 +147,16 @@ def claim_run(directory: str | Path, identity: dict, resume: bool = True, output
         if path.is_file():
             old, new = flatten(read_json_file(path).get("identity", {})), flatten(identity)
             changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
-            if changed:
+            extended = {k: v for k, v in changed.items() if k in growable and grows(*v)}
+            if len(extended) < len(changed):
                 raise RunError(f"{directory}: made with other settings: " + "; ".join(
-                    f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+                    f"{k}: {a!r} then, {b!r} now" + (" (it can only grow)" if k in growable else "")
+                    for k, (a, b) in changed.items())
                     + ". Use another output directory, or --no-resume to start over")
+            if extended:
+                log.warning("%s: extending the run: %s (what was done is kept)", directory,
+                         ", ".join(f"{k} from {a!r} to {b!r}" for k, (a, b) in extended.items()))
+                write_json_atomic({"identity": identity}, path)
         else:
             write_json_atomic({"identity": identity}, path)
     barrier()

@@ -67,3 +67,26 @@ def test_a_rerun_with_other_settings_is_refused_before_anything_is_written(tmp_p
     assert len(ran) == 2
     pipeline.run_pipeline(replace(other, resume=False))  # start over with the new settings
     assert len(ran) == 3 and json.loads((tmp_path / "pipeline_config.json").read_text())["dpo"]["beta"] == 0.5
+
+
+def test_a_rerun_may_evaluate_more_tasks_but_not_fewer(tmp_path, monkeypatch):
+    """--eval-limit may grow on a rerun (each evaluation keeps its episodes and runs the new tasks; run.json
+    records the new count); fewer tasks, or a growth together with another change, is refused."""
+    from dataclasses import replace
+
+    import eto_ref.pipeline as pipeline
+    from eto_ref.run_dir import RunError
+
+    monkeypatch.setattr(pipeline, "run_phases", lambda cfg, out: {})
+    cfg = PipelineConfig(out=str(tmp_path), model="tiny", loop=LoopConfig(eval_limit=50))
+    identity = lambda: json.loads((tmp_path / "run.json").read_text())["identity"]["loop"]["eval_limit"]  # noqa: E731
+    pipeline.run_pipeline(cfg)
+    pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, eval_limit=100)))
+    assert identity() == 100
+    with pytest.raises(RunError, match=r"loop\.eval_limit: 100 then, 60 now \(it can only grow\)"):
+        pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, eval_limit=60)))
+    with pytest.raises(RunError, match=r"dpo\.beta: 0\.1 then, 0\.5 now"):
+        pipeline.run_pipeline(replace(cfg, dpo=replace(cfg.dpo, beta=0.5), loop=replace(cfg.loop, eval_limit=200)))
+    assert identity() == 100  # a refused rerun changes nothing
+    pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, eval_limit=None)))  # all tasks
+    assert identity() is None
