@@ -58,13 +58,14 @@ class PipelineConfig:
 
     def identity(self) -> dict:
         """The settings that determine the job's results (run.json): all but where and how verbosely it runs,
-        and the micro-batch sizes (memory only: gradient accumulation sums to the same update, as a
-        training stage's own resume allows), and the environment's options (`TextEnv.options`)."""
+        the micro-batch sizes (memory only: gradient accumulation sums to the same update, as a
+        training stage's own resume allows) and how often checkpoints are kept (STAGE_RUNNING);
+        and the environment's options (`TextEnv.options`)."""
         d = json.loads(json.dumps(asdict(self)))
         for key in ("out", "resume"):
             d.pop(key)
         for stage in ("sft", "dpo"):
-            for key in ("out", "progress", "resume", "device", "micro_batch_size"):
+            for key in ("out", "progress", "resume", "device", "micro_batch_size", *STAGE_RUNNING):
                 d[stage].pop(key)
         d["loop"].pop("out")
         d["loop"]["agent"].pop("batch_size")
@@ -74,6 +75,8 @@ class PipelineConfig:
         return d
 
 
+STAGE_RUNNING = ("save_every", "keep_checkpoints")  # training settings that do not change the trained model
+IGNORED = tuple(f"{stage}.{key}" for stage in ("sft", "dpo") for key in STAGE_RUNNING)  # recorded by older jobs
 GROWABLE = ("loop.eval_limit",)  # a rerun may evaluate more test tasks: each evaluation extends, keeping its episodes
 
 
@@ -160,7 +163,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         claim_run(out, cfg.identity(), cfg.resume,
                   outputs=("data", "sft", "eto", "rft", "best-of-n", "results.json", "results.md",
                            "phase_seconds.json", "phase_peak_rss_mb.json", "reward_per_iteration.svg",
-                           "report.html"), growable=GROWABLE)
+                           "report.html"), growable=GROWABLE, ignored=IGNORED)
         write_json_atomic(asdict(cfg), out / "pipeline_config.json")
         return run_phases(cfg, out)
 

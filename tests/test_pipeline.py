@@ -90,3 +90,23 @@ def test_a_rerun_may_evaluate_more_tasks_but_not_fewer(tmp_path, monkeypatch):
     assert identity() == 100  # a refused rerun changes nothing
     pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, eval_limit=None)))  # all tasks
     assert identity() is None
+
+
+def test_how_often_checkpoints_are_saved_is_not_part_of_the_job(tmp_path, monkeypatch):
+    """--sft-save-every / --dpo-keep-checkpoints change no result: a rerun may change them, and a job whose
+    run.json (written before they were left out) records them still resumes."""
+    from dataclasses import replace
+
+    import eto_ref.pipeline as pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_phases", lambda cfg, out: ran.append(cfg) or {})
+    cfg = PipelineConfig(out=str(tmp_path), model="tiny")
+    pipeline.run_pipeline(cfg)
+    run_json = tmp_path / "run.json"
+    recorded = json.loads(run_json.read_text())
+    assert "save_every" not in recorded["identity"]["dpo"] and "keep_checkpoints" not in recorded["identity"]["sft"]
+    recorded["identity"]["dpo"]["save_every"] = 100  # as an older job wrote it
+    run_json.write_text(json.dumps(recorded))
+    pipeline.run_pipeline(replace(cfg, sft=replace(cfg.sft, save_every=3), dpo=replace(cfg.dpo, keep_checkpoints=5)))
+    assert len(ran) == 2
