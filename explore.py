@@ -30,7 +30,7 @@ from eto_ref.distributed import init_distributed, is_main
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair, load_policy
 from eto_ref.models import resolve_model
 from eto_ref.pairs import EXTRA_REJECTED_TURNS
-from eto_ref.runtime import DTYPES, add_threads_flag, resolve_device, setup_cpu
+from eto_ref.runtime import DTYPES, add_threads_flag, resolve_device, setup_cpu, stop_on_terminate
 from eto_ref.sampler import SamplingConfig
 
 
@@ -72,6 +72,7 @@ def explore_config(args) -> ExploreConfig:
 def main(argv=None):
     args = parse_args(argv)
     setup_cpu(args)
+    stop_on_terminate()
     try:
         cfg = explore_config(args)
         device = init_distributed(resolve_device(args.device))  # under torchrun: join the ranks, take a GPU

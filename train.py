@@ -34,7 +34,7 @@ from eto_ref.config import PRESET_NAMES, PRESETS, DPOConfig, SFTConfig, TrainCon
 from eto_ref.distributed import is_main
 from eto_ref.eto import LoopConfig, run_eto
 from eto_ref.models import default_model, resolve_model
-from eto_ref.runtime import add_threads_flag, setup_cpu
+from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
 from eto_ref.sampler import SamplingConfig
 
 STAGES = ("sft", "eto", "all")
@@ -224,6 +224,7 @@ def run_all(args):
 def main(argv=None):
     args = parse_args(argv)
     setup_cpu(args)
+    stop_on_terminate()
     try:
         if args.stage == "all":
             return run_all(args)

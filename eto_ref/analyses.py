@@ -35,7 +35,7 @@ from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atom
 from eto_ref.pairs import self_play_pairs
 from eto_ref.pipeline import PipelineConfig
 from eto_ref.results import paired_difference, per_task_rewards, task_rewards
-from eto_ref.runtime import add_threads_flag, setup_cpu
+from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
 from eto_ref.sft import run_sft
 
 
@@ -235,6 +235,7 @@ def main(argv=None):
         add_threads_flag(action)
     args = p.parse_args(argv)
     setup_cpu(args)
+    stop_on_terminate()
     if args.analysis == "step-level":
         return step_level(Path(args.run), args.forced_steps, args.results)
     if args.analysis == "self-play":

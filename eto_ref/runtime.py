@@ -31,6 +31,8 @@ import argparse
 import contextlib
 import ctypes
 import os
+import signal
+import threading
 
 import torch
 
@@ -110,6 +112,17 @@ def setup_cpu(args: argparse.Namespace) -> int:
     global _return_memory
     _return_memory = args.return_memory
     return set_threads(args.threads)
+
+
+def stop_on_terminate() -> None:
+    """Let SIGTERM (`kill`, a scheduler stopping the job) end the process as Ctrl-C does: by an exception,
+    so `finally` blocks still run: a phase's wall time is added to phase_seconds.json, locks are released,
+    trajectory files are closed. Without it the process dies at once and the phase's time is lost."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

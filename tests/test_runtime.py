@@ -119,3 +119,28 @@ def test_the_policy_is_loaded_in_the_dtype_asked_for(monkeypatch, tiny_model):
     assert next(load_policy(tiny_model, "cpu")[0].parameters()).dtype == torch.float32  # conftest: no bf16 CPU
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
     assert next(load_policy(tiny_model, "cpu")[0].parameters()).dtype == torch.bfloat16
+
+
+def test_a_terminated_job_still_records_the_time_of_its_phase(tmp_path):
+    """`kill` (SIGTERM) ends a command like Ctrl-C: the phase it stopped in adds its time to phase_seconds.json."""
+    import json
+    import signal
+    import time
+
+    clock = tmp_path / "phase_seconds.json"
+    started = tmp_path / "started"
+    script = ("import pathlib, time\n"
+              "from eto_ref.metrics import PhaseClock\n"
+              "from eto_ref.runtime import stop_on_terminate\n"
+              "stop_on_terminate()\n"
+              f"with PhaseClock({str(clock)!r}).phase('explore'):\n"
+              f"    pathlib.Path({str(started)!r}).touch()\n"
+              "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.time() + 120
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert json.loads(clock.read_text())["explore"] >= 0.5
