@@ -158,7 +158,7 @@ def claim_run(directory: str | Path, identity: dict, resume: bool = True, output
                     + ". Use another output directory, or --no-resume to start over")
             if extended:
                 log.warning("%s: extending the run: %s (what was done is kept)", directory,
-                         ", ".join(f"{k} from {a!r} to {b!r}" for k, (a, b) in extended.items()))
+                            ", ".join(f"{k} from {a!r} to {b!r}" for k, (a, b) in extended.items()))
                 write_json_atomic({"identity": identity}, path)
         else:
             write_json_atomic({"identity": identity}, path)
