@@ -29,7 +29,7 @@ from pathlib import Path
 
 from eto_ref.baselines import rft_records
 from eto_ref.dpo import run_dpo
-from eto_ref.eto import VALID, LoopConfig, eval_config
+from eto_ref.eto import TEST_SPLITS, VALID, LoopConfig, eval_config
 from eto_ref.exploration import TRAJECTORIES, ExploreConfig, evaluate, explore, explore_and_pair, load_policy
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
 from eto_ref.pairs import self_play_pairs
@@ -191,7 +191,7 @@ def sft_averages(run: Path) -> dict[str, float]:
     """split -> SFT average reward: the job's results.json, or (a job still running) its evaluation summaries."""
     if (run / "results.json").is_file():
         return json.loads((run / "results.json").read_text())["rows"]["SFT"]
-    paths = {split: run / "sft" / f"eval-{split}" / "summary.json" for split in ("valid", "test_seen", "test_unseen")}
+    paths = {split: run / "sft" / f"eval-{split}" / "summary.json" for split in (VALID, *TEST_SPLITS)}
     return {split: json.loads(p.read_text())["average_reward"] for split, p in paths.items() if p.is_file()}
 
 

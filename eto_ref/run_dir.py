@@ -152,8 +152,9 @@ def claim_run(directory: str | Path, identity: dict, resume: bool = True, output
             changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
             extended = {k: v for k, v in changed.items() if k in growable and grows(*v)}
             if len(extended) < len(changed):
+                shrunk = {k for k in changed if k in growable and k not in extended}
                 raise RunError(f"{directory}: made with other settings: " + "; ".join(
-                    f"{k}: {a!r} then, {b!r} now" + (" (it can only grow)" if k in growable else "")
+                    f"{k}: {a!r} then, {b!r} now" + (" (it can only grow)" if k in shrunk else "")
                     for k, (a, b) in changed.items())
                     + ". Use another output directory, or --no-resume to start over")
             if extended:

@@ -85,8 +85,9 @@ def test_a_rerun_may_evaluate_more_tasks_but_not_fewer(tmp_path, monkeypatch):
     assert identity() == 100
     with pytest.raises(RunError, match=r"loop\.eval_limit: 100 then, 60 now \(it can only grow\)"):
         pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, eval_limit=60)))
-    with pytest.raises(RunError, match=r"dpo\.beta: 0\.1 then, 0\.5 now"):
+    with pytest.raises(RunError, match=r"dpo\.beta: 0\.1 then, 0\.5 now") as refused:
         pipeline.run_pipeline(replace(cfg, dpo=replace(cfg.dpo, beta=0.5), loop=replace(cfg.loop, eval_limit=200)))
+    assert "200 now (it can only grow)" not in str(refused.value)  # that part grew; the beta change is refused
     assert identity() == 100  # a refused rerun changes nothing
     pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, eval_limit=None)))  # all tasks
     assert identity() is None
