@@ -1,8 +1,11 @@
 """eto_ref/runtime.py: glibc gives memory back to the OS once torch frees it; the compute dtype."""
 
 import ctypes
+import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,10 +126,6 @@ def test_the_policy_is_loaded_in_the_dtype_asked_for(monkeypatch, tiny_model):
 
 def test_a_terminated_job_still_records_the_time_of_its_phase(tmp_path):
     """`kill` (SIGTERM) ends a command like Ctrl-C: the phase it stopped in adds its time to phase_seconds.json."""
-    import json
-    import signal
-    import time
-
     clock = tmp_path / "phase_seconds.json"
     started = tmp_path / "started"
     script = ("import pathlib, time\n"
