@@ -155,6 +155,7 @@ class WebShopEnv(TextEnv):
         self.product = None
         self.selected: dict[str, str] = {}
         self.reward = 0.0
+        self.purchase: tuple[dict, dict] | None = None  # (product, selected options) once bought
         return f"WebShop\nInstruction: {goal_text(task['goal'])}\n[Search]"
 
     # ---- pages --------------------------------------------------------------------
@@ -217,6 +218,7 @@ class WebShopEnv(TextEnv):
             self.page = "search"
             return "WebShop\n[Search]", False, {"valid": True}
         if value == "Buy Now":
+            self.purchase = (self.product, dict(self.selected))
             self.reward = match_score(self.task["goal"], self.product, self.selected)
             return f"Thank you for shopping with us! Your score: {self.reward:.2f}", True, {"valid": True}
         if value == "< Prev" and self.page == "product":
@@ -283,6 +285,22 @@ def match_score(goal: dict, product: dict, selected: dict) -> float:
     met += [selected.get(name) == value for name, value in goal["options"].items()]
     met.append(product["price"] <= goal["price"])
     return sum(met) / len(met)
+
+
+def unmet_requirements(goal: dict, product: dict, selected: dict) -> list[str]:
+    """What a purchase misses, by kind, in match_score's order: "type", "attribute" (one or more
+    requested attributes absent), "option" (a requested option value not selected), "price"
+    (over the cap). [] for an exact purchase (reward 1.0)."""
+    missed = []
+    if product["type"] != goal["type"]:
+        missed.append("type")
+    if any(a not in product["attributes"] for a in goal["attributes"]):
+        missed.append("attribute")
+    if any(selected.get(name) != value for name, value in goal["options"].items()):
+        missed.append("option")
+    if product["price"] > goal["price"]:
+        missed.append("price")
+    return missed
 
 
 def a_or_an_type(goal: dict) -> str:

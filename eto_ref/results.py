@@ -4,6 +4,9 @@
     table = results_table(rows, splits)                   # one run, the paper's shape
     report_seeds("runs/science", [0, 1, 2], splits, "science", "results/science-smollm2.md")
 
+    python -m eto_ref.results compare runs/valid-sft runs/valid-dpo --env webshop     # settings, on valid
+    python -m eto_ref.results purchases runs/valid-sft runs/valid-dpo                 # webshop: what each buy missed
+
 A seeds report gives each method's per-seed averages and their mean, the share of
 agent replies without a parsable action, and each ETO iteration's difference from
 SFT paired task by task: for every task, the ETO-minus-SFT reward averaged over the
@@ -24,7 +27,9 @@ import math
 from pathlib import Path
 
 import envs
-from eto_ref.exploration import TRAJECTORIES, invalid_format_rate, summarize, unmatched_action_rate
+from envs.webshop import unmet_requirements
+from eto_ref.agent import parse_action
+from eto_ref.exploration import TRAJECTORIES, agent_replies, invalid_format_rate, summarize, unmatched_action_rate
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
 from eto_ref.svg import point_chart
 
@@ -289,18 +294,56 @@ def compare_runs(folders: list[Path], env: str) -> str:
     return "\n".join(lines)
 
 
+SHORTFALLS = ("never bought", "price", "option", "attribute", "type")
+
+
+def purchase_shortfalls(env, record: dict) -> list[str]:
+    """Webshop: replay one episode's actions in `env` and name what its purchase missed
+    (envs.webshop.unmet_requirements; ["never bought"] if nothing was bought; [] if exact).
+
+    The replay is exact: the shop is a pure function of the task id, and the agent stepped
+    the environment with each parsable action of its replies, in order (eto_ref.agent).
+    """
+    env.reset(record["id"])
+    for reply in agent_replies(record):
+        action = parse_action(reply)
+        if action is not None and env.step(action)[2]:
+            break
+    if env.purchase is None:
+        return ["never bought"]
+    product, selected = env.purchase
+    return unmet_requirements(env.task["goal"], product, selected)
+
+
+def purchases_table(folders: list[Path]) -> str:
+    """One row per webshop evaluation folder: % of episodes whose purchase missed each kind of
+    requirement (an episode can miss several), and % exact. Where the partial reward is lost."""
+    lines = ["| run | episodes | exact % | " + " | ".join(f"{k} missed %" if k != "never bought" else "never bought %"
+                                                        for k in SHORTFALLS) + " |",
+             "|---|---:|---:|" + "---:|" * len(SHORTFALLS)]
+    env = envs.make_env("webshop")
+    for folder in folders:
+        missed = [purchase_shortfalls(env, r) for r in read_jsonl_records(folder / TRAJECTORIES)]
+        share = lambda hit: 100 * sum(map(hit, missed)) / max(len(missed), 1)  # noqa: E731
+        lines.append(f"| {folder} | {len(missed)} | {share(lambda m: not m):.1f} | "
+                     + " | ".join(f"{share(lambda m, k=k: k in m):.1f}" for k in SHORTFALLS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> str:
-    """python -m eto_ref.results compare BASE OTHER... [--env science]"""
+    """python -m eto_ref.results compare BASE OTHER... [--env science] | purchases FOLDER..."""
     p = argparse.ArgumentParser(description="Compare evaluation folders (explore.py --out) task by task.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="rows: reward, paired difference from the first folder, behaviour")
     c.add_argument("folders", nargs="+", type=Path)
     c.add_argument("--env", default="science")
+    b = sub.add_parser("purchases", help="webshop: % of episodes whose purchase missed the price, an option, ...")
+    b.add_argument("folders", nargs="+", type=Path)
     args = p.parse_args(argv)
     missing = [str(f) for f in args.folders if not (f / TRAJECTORIES).is_file()]
     if missing:
         p.error(f"no {TRAJECTORIES} in: {', '.join(missing)}")
-    table = compare_runs(args.folders, args.env)
+    table = compare_runs(args.folders, args.env) if args.command == "compare" else purchases_table(args.folders)
     print(table)
     return table
 

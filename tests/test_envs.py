@@ -350,3 +350,18 @@ def test_scienceworld_task_types_order_and_options_need_no_simulator(monkeypatch
         make_env("scienceworld")
     monkeypatch.delenv("SCIENCEWORLD_TASKS")
     assert make_env("scienceworld", splits_dir=str(tmp_path)).options() == {"splits_dir": str(tmp_path)}
+
+
+def test_webshop_unmet_requirements_names_each_missed_kind():
+    """match_score's terms, by kind: the reward is 1.0 exactly when nothing is missed."""
+    goal = {"type": "yoga mat", "attributes": ["extra thick", "lightweight"], "options": {"color": "blue"},
+            "price": 30.0}
+    fits = {"type": "yoga mat", "attributes": ["extra thick", "lightweight", "foldable"], "price": 29.99}
+    assert webshop.unmet_requirements(goal, fits, {"color": "blue"}) == []
+    assert webshop.match_score(goal, fits, {"color": "blue"}) == 1.0
+    # over the cap, one attribute missing, the wrong color: 3 of the 5 requirements missed, 2/5 met
+    near = {"type": "yoga mat", "attributes": ["extra thick"], "price": 30.01}
+    assert webshop.unmet_requirements(goal, near, {"color": "pink"}) == ["attribute", "option", "price"]
+    assert webshop.match_score(goal, near, {"color": "pink"}) == pytest.approx(2 / 5)
+    other = {"type": "desk lamp", "attributes": ["led"], "price": 10.0}
+    assert webshop.unmet_requirements(goal, other, {}) == ["type", "attribute", "option"]

@@ -158,3 +158,48 @@ def test_compare_pairs_the_runs_task_by_task(tmp_path):
     assert rows[str(b)][2:4] == ["62.5", "-6.7 ± 17.6"] and rows[str(a)][2:4] == ["56.7", "-"]
     with pytest.raises(SystemExit):
         results.main(["compare", str(a), str(tmp_path / "missing")])
+
+
+
+def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_path):
+    """The expert's episode is exact. Buying the first search result without choosing its options misses
+    the option (every goal has one), and the price exactly when that product costs more than the cap:
+    on train/0 it does, on train/3 it does not (read here from the catalog, not from the replay).
+    A reply without an action is skipped, as the agent skips it; an episode that never buys says so."""
+    import envs
+
+    env = envs.make_env("webshop")
+
+    def record(task, actions):
+        turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "t"}]
+        for a in actions:
+            turns += [{"from": "gpt", "value": a}, {"from": "human", "value": "Observation:\n..."}]
+        return {"id": task, "conversations": turns, "reward": 0.0, "steps": len(actions), "reason": "done"}
+
+    def hasty(task):
+        """search the expert's keywords, click the first result, buy it."""
+        env.reset(task)
+        goal = env.task["goal"]
+        query = " ".join(goal["attributes"] + [goal["type"]])
+        first = env.search(query)[0]
+        actions = [f"Thought: I will search.\nAction: search[{query}]", "a reply with no action",
+                   f"Action: click[{first['id']}]", "Action: click[Buy Now]"]
+        return record(task, actions), first["price"] > goal["price"]
+
+    over_cap, over = hasty("webshop/train/0")
+    under_cap, under = hasty("webshop/train/3")
+    assert (over, under) == (True, False)
+    assert results.purchase_shortfalls(env, over_cap) == ["option", "price"]
+    assert results.purchase_shortfalls(env, under_cap) == ["option"]
+    expert = env.expert_trajectory("webshop/train/0")
+    assert results.purchase_shortfalls(env, expert) == []
+    idle = record("webshop/train/0", ["Action: click[Next >]"])
+    assert results.purchase_shortfalls(env, idle) == ["never bought"]
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "trajectories.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in (expert, over_cap, under_cap, idle)) + "\n")
+    row = results.main(["purchases", str(folder)]).splitlines()[2].split(" | ")
+    # 4 episodes: exact 1, never bought 1, price missed 1, option missed 2, attribute 0, type 0
+    assert row[1:] == ["4", "25.0", "25.0", "25.0", "50.0", "0.0", "0.0 |"]
