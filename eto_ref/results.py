@@ -297,36 +297,51 @@ def compare_runs(folders: list[Path], env: str) -> str:
 SHORTFALLS = ("never bought", "price", "option", "attribute", "type")
 
 
-def purchase_shortfalls(env, record: dict) -> list[str]:
-    """Webshop: replay one episode's actions in `env` and name what its purchase missed
-    (envs.webshop.unmet_requirements; ["never bought"] if nothing was bought; [] if exact).
+def replay_purchase(env, record: dict) -> dict:
+    """Webshop: replay one episode's actions in `env`; what its purchase missed and which product it opened first.
+
+    "missed": envs.webshop.unmet_requirements of the purchase (["never bought"] if nothing was
+    bought; [] if exact). "first_rank": the search rank of the first product page opened (0: the
+    top result; None: none opened). "first_fits": whether that product meets what the results page
+    shows of it: the type, the requested attributes (its title) and the price cap.
 
     The replay is exact: the shop is a pure function of the task id, and the agent stepped
     the environment with each parsable action of its replies, in order (eto_ref.agent).
     """
     env.reset(record["id"])
+    goal, first = env.task["goal"], None
     for reply in agent_replies(record):
         action = parse_action(reply)
-        if action is not None and env.step(action)[2]:
+        if action is None:
+            continue
+        done = env.step(action)[2]
+        if first is None and env.page == "product":
+            first = env.product
+        if done:
             break
-    if env.purchase is None:
-        return ["never bought"]
-    product, selected = env.purchase
-    return unmet_requirements(env.task["goal"], product, selected)
+    missed = ["never bought"] if env.purchase is None else unmet_requirements(goal, *env.purchase)
+    if first is None:
+        return {"missed": missed, "first_rank": None, "first_fits": None}
+    listed = unmet_requirements(goal, first, selected=goal["options"])  # the options are not on the results page
+    return {"missed": missed, "first_rank": env.results.index(first), "first_fits": not listed}
 
 
 def purchases_table(folders: list[Path]) -> str:
     """One row per webshop evaluation folder: % of episodes whose purchase missed each kind of
-    requirement (an episode can miss several), and % exact. Where the partial reward is lost."""
+    requirement (an episode can miss several), % exact, and the first product each episode opened:
+    % the top search result, % one that fits. Where the partial reward is lost, and whether the
+    policy picks products by reading them or by their place on the page."""
     lines = ["| run | episodes | exact % | " + " | ".join(f"{k} missed %" if k != "never bought" else "never bought %"
-                                                        for k in SHORTFALLS) + " |",
-             "|---|---:|---:|" + "---:|" * len(SHORTFALLS)]
+                                                        for k in SHORTFALLS)
+             + " | first product opened: the top result % | first product opened fits % |",
+             "|---|---:|---:|" + "---:|" * (len(SHORTFALLS) + 2)]
     env = envs.make_env("webshop")
     for folder in folders:
-        missed = [purchase_shortfalls(env, r) for r in read_jsonl_records(folder / TRAJECTORIES)]
-        share = lambda hit: 100 * sum(map(hit, missed)) / max(len(missed), 1)  # noqa: E731
-        lines.append(f"| {folder} | {len(missed)} | {share(lambda m: not m):.1f} | "
-                     + " | ".join(f"{share(lambda m, k=k: k in m):.1f}" for k in SHORTFALLS) + " |")
+        replays = [replay_purchase(env, r) for r in read_jsonl_records(folder / TRAJECTORIES)]
+        share = lambda hit: 100 * sum(map(hit, replays)) / max(len(replays), 1)  # noqa: E731
+        cells = [share(lambda r: not r["missed"])] + [share(lambda r, k=k: k in r["missed"]) for k in SHORTFALLS]
+        cells += [share(lambda r: r["first_rank"] == 0), share(lambda r: bool(r["first_fits"]))]
+        lines.append(f"| {folder} | {len(replays)} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return "\n".join(lines)
 
 

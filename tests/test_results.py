@@ -161,8 +161,9 @@ def test_compare_pairs_the_runs_task_by_task(tmp_path):
 
 
 
+
 def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_path):
-    """The expert's episode is exact. Buying the first search result without choosing its options misses
+    """The expert's episode is exact. Buying the top search result without choosing its options misses
     the option (every goal has one), and the price exactly when that product costs more than the cap:
     on train/0 it does, on train/3 it does not (read here from the catalog, not from the replay).
     A reply without an action is skipped, as the agent skips it; an episode that never buys says so."""
@@ -177,29 +178,41 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
         return {"id": task, "conversations": turns, "reward": 0.0, "steps": len(actions), "reason": "done"}
 
     def hasty(task):
-        """search the expert's keywords, click the first result, buy it."""
+        """search the expert's keywords, open the top result, buy it."""
         env.reset(task)
         goal = env.task["goal"]
         query = " ".join(goal["attributes"] + [goal["type"]])
-        first = env.search(query)[0]
+        top = env.search(query)[0]
         actions = [f"Thought: I will search.\nAction: search[{query}]", "a reply with no action",
-                   f"Action: click[{first['id']}]", "Action: click[Buy Now]"]
-        return record(task, actions), first["price"] > goal["price"]
+                   f"Action: click[{top['id']}]", "Action: click[Buy Now]"]
+        return record(task, actions), top["price"] > goal["price"]
 
     over_cap, over = hasty("webshop/train/0")
     under_cap, under = hasty("webshop/train/3")
     assert (over, under) == (True, False)
-    assert results.purchase_shortfalls(env, over_cap) == ["option", "price"]
-    assert results.purchase_shortfalls(env, under_cap) == ["option"]
+    assert results.replay_purchase(env, over_cap) == {"missed": ["option", "price"], "first_rank": 0,
+                                                      "first_fits": False}
+    assert results.replay_purchase(env, under_cap)["missed"] == ["option"]
     expert = env.expert_trajectory("webshop/train/0")
-    assert results.purchase_shortfalls(env, expert) == []
+    assert results.replay_purchase(env, expert)["missed"] == []
+    # the expert opens the first result whose title and price fit; on train/0 it is the third
+    env.reset("webshop/train/0")
+    goal = env.task["goal"]
+    ranked = env.search(" ".join(goal["attributes"] + [goal["type"]]))
+    fit = next(i for i, p in enumerate(ranked) if p["price"] <= goal["price"] and p["type"] == goal["type"]
+               and set(goal["attributes"]) <= set(p["attributes"]))
+    assert fit == 2
+    assert {k: v for k, v in results.replay_purchase(env, expert).items() if k != "missed"} == {
+        "first_rank": 2, "first_fits": True}
     idle = record("webshop/train/0", ["Action: click[Next >]"])
-    assert results.purchase_shortfalls(env, idle) == ["never bought"]
+    assert results.replay_purchase(env, idle) == {"missed": ["never bought"], "first_rank": None, "first_fits": None}
 
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "trajectories.jsonl").write_text(
         "\n".join(json.dumps(r) for r in (expert, over_cap, under_cap, idle)) + "\n")
     row = results.main(["purchases", str(folder)]).splitlines()[2].split(" | ")
-    # 4 episodes: exact 1, never bought 1, price missed 1, option missed 2, attribute 0, type 0
-    assert row[1:] == ["4", "25.0", "25.0", "25.0", "50.0", "0.0", "0.0 |"]
+    # 4 episodes: exact 1, never bought 1, price missed 1, option missed 2, attribute 0, type 0;
+    # the top result opened first by the two hasty ones; a product that fits first by the expert and
+    # train/3's hasty one (its top result is under the cap, and has the attributes: they are the query)
+    assert row[1:] == ["4", "25.0", "25.0", "25.0", "50.0", "0.0", "0.0", "50.0", "50.0 |"]
