@@ -278,29 +278,25 @@ class WebShopEnv(TextEnv):
         return rng.choice(self.admissible_actions())
 
 
+def requirements(goal: dict, product: dict, selected: dict) -> list[tuple[str, bool]]:
+    """(kind, met) for each requirement of the goal: the type, each requested attribute, each
+    requested option value (selected on the product page), the price cap."""
+    return ([("type", product["type"] == goal["type"])]
+            + [("attribute", a in product["attributes"]) for a in goal["attributes"]]
+            + [("option", selected.get(name) == value) for name, value in goal["options"].items()]
+            + [("price", product["price"] <= goal["price"])])
+
+
 def match_score(goal: dict, product: dict, selected: dict) -> float:
     """Fraction of requirements met: type, each attribute, each option value, price."""
-    met = [product["type"] == goal["type"]]
-    met += [a in product["attributes"] for a in goal["attributes"]]
-    met += [selected.get(name) == value for name, value in goal["options"].items()]
-    met.append(product["price"] <= goal["price"])
+    met = [ok for _, ok in requirements(goal, product, selected)]
     return sum(met) / len(met)
 
 
 def unmet_requirements(goal: dict, product: dict, selected: dict) -> list[str]:
-    """What a purchase misses, by kind, in match_score's order: "type", "attribute" (one or more
-    requested attributes absent), "option" (a requested option value not selected), "price"
-    (over the cap). [] for an exact purchase (reward 1.0)."""
-    missed = []
-    if product["type"] != goal["type"]:
-        missed.append("type")
-    if any(a not in product["attributes"] for a in goal["attributes"]):
-        missed.append("attribute")
-    if any(selected.get(name) != value for name, value in goal["options"].items()):
-        missed.append("option")
-    if product["price"] > goal["price"]:
-        missed.append("price")
-    return missed
+    """The kinds of requirement a purchase misses, each once, in requirements' order: "type",
+    "attribute", "option", "price". [] for an exact purchase (reward 1.0)."""
+    return list(dict.fromkeys(kind for kind, ok in requirements(goal, product, selected) if not ok))
 
 
 def a_or_an_type(goal: dict) -> str:

@@ -160,8 +160,6 @@ def test_compare_pairs_the_runs_task_by_task(tmp_path):
         results.main(["compare", str(a), str(tmp_path / "missing")])
 
 
-
-
 def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_path):
     """The expert's episode is exact. Buying the top search result without choosing its options misses
     the option (every goal has one), and the price exactly when that product costs more than the cap:
