@@ -326,6 +326,18 @@ def replay_purchase(env, record: dict) -> dict:
     return {"missed": missed, "first_rank": env.results.index(first), "first_fits": not listed}
 
 
+def replay_folder(env, path: Path) -> list[dict]:
+    """replay_purchase of every episode in a trajectories file; ValueError naming the file and record
+    for one that is not a webshop episode."""
+    replays = []
+    for i, record in enumerate(read_jsonl_records(path), 1):
+        try:
+            replays.append(replay_purchase(env, record))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: record {i} ({record.get('id')!r}): not a webshop episode ({e})") from None
+    return replays
+
+
 def purchases_table(folders: list[Path]) -> str:
     """One row per webshop evaluation folder: % of episodes whose purchase missed each kind of
     requirement (an episode can miss several), % exact, and the first product each episode opened:
@@ -337,7 +349,7 @@ def purchases_table(folders: list[Path]) -> str:
              "|---|---:|---:|" + "---:|" * (len(SHORTFALLS) + 2)]
     env = envs.make_env("webshop")
     for folder in folders:
-        replays = [replay_purchase(env, r) for r in read_jsonl_records(folder / TRAJECTORIES)]
+        replays = replay_folder(env, folder / TRAJECTORIES)
         share = lambda hit: 100 * sum(map(hit, replays)) / max(len(replays), 1)  # noqa: E731
         cells = [share(lambda r: not r["missed"])] + [share(lambda r, k=k: k in r["missed"]) for k in SHORTFALLS]
         cells += [share(lambda r: r["first_rank"] == 0), share(lambda r: bool(r["first_fits"]))]
@@ -358,7 +370,10 @@ def main(argv=None) -> str:
     missing = [str(f) for f in args.folders if not (f / TRAJECTORIES).is_file()]
     if missing:
         p.error(f"no {TRAJECTORIES} in: {', '.join(missing)}")
-    table = compare_runs(args.folders, args.env) if args.command == "compare" else purchases_table(args.folders)
+    try:
+        table = compare_runs(args.folders, args.env) if args.command == "compare" else purchases_table(args.folders)
+    except ValueError as e:
+        p.error(str(e))
     print(table)
     return table
 

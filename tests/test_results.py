@@ -214,3 +214,10 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
     # the top result opened first by the two hasty ones; a product that fits first by the expert and
     # train/3's hasty one (its top result is under the cap, and has the attributes: they are the query)
     assert row[1:] == ["4", "25.0", "25.0", "25.0", "50.0", "0.0", "0.0", "50.0", "50.0 |"]
+    science = tmp_path / "science"
+    science.mkdir()
+    (science / "trajectories.jsonl").write_text(json.dumps({**idle, "id": "science/train/0"}) + "\n")
+    with pytest.raises(ValueError, match=r"science/trajectories.jsonl: record 1 \('science/train/0'\): not a webshop"):
+        results.replay_folder(env, science / "trajectories.jsonl")
+    with pytest.raises(SystemExit):
+        results.main(["purchases", str(science)])
