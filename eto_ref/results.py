@@ -6,6 +6,7 @@
 
     python -m eto_ref.results compare runs/valid-sft runs/valid-dpo --env webshop     # settings, on valid
     python -m eto_ref.results purchases runs/valid-sft runs/valid-dpo                 # webshop: what each buy missed
+    python -m eto_ref.results pairs runs/explore-1/pairs.json                         # where failed sides part
 
 A seeds report gives each method's per-seed averages and their mean, the share of
 agent replies without a parsable action, and each ETO iteration's difference from
@@ -32,6 +33,7 @@ from eto_ref.agent import parse_action
 from eto_ref.exploration import TRAJECTORIES, agent_replies, invalid_format_rate, summarize, unmatched_action_rate
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
 from eto_ref.svg import point_chart
+from eto_ref.trajectory import load_pairs
 
 
 def phase_folders(out: str | Path) -> dict[str, Path]:
@@ -357,8 +359,42 @@ def purchases_table(folders: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def pair_actions(messages: list[dict]) -> list[str]:
+    """The parsable actions of one side of a preference pair, in order."""
+    return [a for m in messages if m["role"] == "assistant" and (a := parse_action(m["content"])) is not None]
+
+
+def parting_action(chosen: list[str], rejected: list[str]) -> int | None:
+    """The number (from 1) of the first action where the two sides differ; None when one side's actions
+    are the start of the other's."""
+    return next((i for i, (a, b) in enumerate(zip(chosen, rejected), 1) if a != b), None)
+
+
+def pairs_table(files: list[Path]) -> str:
+    """One row per pairs file: what DPO is given to contrast. How many pairs part from the expert at each
+    action number, the mean number of actions on each side, and the share of pairs whose failed side ends
+    with the expert side's last action (on webshop, the purchase) or repeats its previous action."""
+    lines = ["| file | pairs | the sides part at action (number: pairs) | actions: chosen / rejected (mean) "
+             "| rejected ends as chosen does % | rejected repeats an action % |", "|---|---:|---|---:|---:|---:|"]
+    for path in files:
+        sides = [(pair_actions(p.chosen), pair_actions(p.rejected)) for p in load_pairs(path, on_error="raise")]
+        n = max(len(sides), 1)
+        parted: dict = {}
+        for chosen, rejected in sides:
+            at = parting_action(chosen, rejected)
+            parted[at] = parted.get(at, 0) + 1
+        where = ", ".join(f"{k}: {parted[k]}" for k in sorted(k for k in parted if k is not None))
+        where += f", never: {parted[None]}" if None in parted else ""
+        mean_c, mean_r = (sum(len(s[i]) for s in sides) / n for i in (0, 1))
+        same_end = sum(bool(c and r) and c[-1] == r[-1] for c, r in sides)
+        repeats = sum(any(a.strip().lower() == b.strip().lower() for a, b in zip(r, r[1:])) for _, r in sides)
+        lines.append(f"| {path} | {len(sides)} | {where} | {mean_c:.1f} / {mean_r:.1f} "
+                     f"| {100 * same_end / n:.1f} | {100 * repeats / n:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> str:
-    """python -m eto_ref.results compare BASE OTHER... [--env science] | purchases FOLDER..."""
+    """python -m eto_ref.results compare BASE OTHER... [--env science] | purchases FOLDER... | pairs FILE..."""
     p = argparse.ArgumentParser(description="Compare evaluation folders (explore.py --out) task by task.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="rows: reward, paired difference from the first folder, behaviour")
@@ -366,12 +402,21 @@ def main(argv=None) -> str:
     c.add_argument("--env", default="science")
     b = sub.add_parser("purchases", help="webshop: % of episodes whose purchase missed the price, an option, ...")
     b.add_argument("folders", nargs="+", type=Path)
+    q = sub.add_parser("pairs", help="preference pairs files: where the failed side parts from the expert's")
+    q.add_argument("files", nargs="+", type=Path)
     args = p.parse_args(argv)
-    missing = [str(f) for f in args.folders if not (f / TRAJECTORIES).is_file()]
-    if missing:
-        p.error(f"no {TRAJECTORIES} in: {', '.join(missing)}")
+    if args.command == "pairs":
+        missing = [str(f) for f in args.files if not f.is_file()]
+        if missing:
+            p.error(f"no such pairs file: {', '.join(missing)}")
+    else:
+        missing = [str(f) for f in args.folders if not (f / TRAJECTORIES).is_file()]
+        if missing:
+            p.error(f"no {TRAJECTORIES} in: {', '.join(missing)}")
+    tables = {"compare": lambda: compare_runs(args.folders, args.env),
+              "purchases": lambda: purchases_table(args.folders), "pairs": lambda: pairs_table(args.files)}
     try:
-        table = compare_runs(args.folders, args.env) if args.command == "compare" else purchases_table(args.folders)
+        table = tables[args.command]()
     except ValueError as e:
         p.error(str(e))
     print(table)

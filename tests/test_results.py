@@ -221,3 +221,37 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
         results.replay_folder(env, science / "trajectories.jsonl")
     with pytest.raises(SystemExit):
         results.main(["purchases", str(science)])
+
+
+def test_pairs_table_counts_where_the_sides_part(tmp_path):
+    """Three pairs written by hand: the failed side parts from the expert's at action 2, at action 3, and
+    never (it stops after the expert's first action); it ends with the expert's last action once and
+    repeats an action once. A reply without an action is not an action."""
+    prompt = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "t"}]
+
+    def side(*replies):
+        turns = []
+        for r in replies:
+            turns += [{"from": "gpt", "value": r}, {"from": "human", "value": "Observation: ..."}]
+        return turns[:-1]
+
+    expert = side("Action: search[a]", "Action: click[B1]", "Action: click[Buy Now]")
+    pairs = [{"id": "p0", "prompt": prompt, "chosen": expert,
+              "rejected": side("Action: search[a]", "no action here", "Action: click[B2]", "Action: click[Buy Now]")},
+             {"id": "p1", "prompt": prompt, "chosen": expert,
+              "rejected": side("Action: search[a]", "Action: click[B1]", "Action: click[x]", "Action: Click[X] ")},
+             {"id": "p2", "prompt": prompt, "chosen": expert, "rejected": side("Action: search[a]")}]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    assert results.parting_action(["a", "b"], ["a", "c", "d"]) == 2
+    assert results.parting_action(["a", "b"], ["a"]) is None
+    row = results.main(["pairs", str(path)]).splitlines()[2].split(" | ")
+    # actions: chosen 3, 3, 3 -> 3.0; rejected 3, 4, 1 -> 2.7; ends as chosen: p0 (1 of 3);
+    # repeats: p1's click[x] then Click[X] (case and spaces aside)
+    assert row[1:] == ["3", "2: 1, 3: 1, never: 1", "3.0 / 2.7", "33.3", "33.3 |"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([{**pairs[0], "chosen": []}]))
+    with pytest.raises(SystemExit):
+        results.main(["pairs", str(broken)])
+    with pytest.raises(SystemExit):
+        results.main(["pairs", str(tmp_path / "missing.json")])
