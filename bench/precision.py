@@ -48,7 +48,7 @@ from throughput import our_step, race, science_batch  # noqa: E402
 def in_precision(fn, dtype: torch.dtype, return_memory: bool):
     """fn run under bfloat16 autocast (float32: as it is), with or without freed memory returned to the OS."""
     def run():
-        runtime._return_memory = return_memory  # what train.py's --return-memory sets
+        runtime.set_return_memory(return_memory)  # what train.py's --return-memory sets
         with runtime.training_memory(), runtime.autocast(torch.device("cpu"), dtype):
             return fn()
     return run

@@ -58,7 +58,13 @@ def set_threads(threads: int | None) -> int:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 256 * 1024  # training: every block over 256 KB mapped on its own, returned on free
 HEAP_CEILING_BYTES = 32 * 2**20  # generation: what glibc's own moving threshold rises to (its maximum)
-_return_memory = False  # set by setup_cpu from --return-memory; a library call of fit() keeps glibc's default
+_return_memory = False  # set_return_memory (by setup_cpu); a library call of fit() keeps glibc's default
+
+
+def set_return_memory(on: bool) -> None:
+    """Whether training_memory() gives freed blocks back to the OS (what --return-memory sets)."""
+    global _return_memory
+    _return_memory = on
 
 
 def set_mmap_threshold(threshold: int) -> bool:
@@ -109,8 +115,7 @@ def add_threads_flag(parser: argparse.ArgumentParser) -> None:
 
 def setup_cpu(args: argparse.Namespace) -> int:
     """Apply --threads and --return-memory (for training_memory); returns the thread count."""
-    global _return_memory
-    _return_memory = args.return_memory
+    set_return_memory(args.return_memory)
     return set_threads(args.threads)
 
 

@@ -37,7 +37,7 @@ def freed_mb():
         blocks[i] = None
     return before - rss_mb()
 
-runtime._return_memory = True  # as setup_cpu does under --return-memory
+runtime.set_return_memory(True)  # as setup_cpu does under --return-memory
 if sys.argv[1] == "on":
     assert runtime.return_freed_memory()
 if sys.argv[1] == "training":
