@@ -305,13 +305,15 @@ def replay_purchase(env, record: dict) -> dict:
     "missed": envs.webshop.unmet_requirements of the purchase (["never bought"] if nothing was
     bought; [] if exact). "first_rank": the search rank of the first product page opened (0: the
     top result; None: none opened). "first_fits": whether that product meets what the results page
-    shows of it: the type, the requested attributes (its title) and the price cap.
+    shows of it: the type, the requested attributes (its title) and the price cap. "first_left":
+    whether the episode went back from that product's page (`< Prev`, `Back to Search`) before buying,
+    as the expert does when the product lacks a requested option.
 
     The replay is exact: the shop is a pure function of the task id, and the agent stepped
     the environment with each parsable action of its replies, in order (eto_ref.agent).
     """
     env.reset(record["id"])
-    goal, first = env.task["goal"], None
+    goal, first, left = env.task["goal"], None, False
     for reply in agent_replies(record):
         action = parse_action(reply)
         if action is None:
@@ -319,13 +321,14 @@ def replay_purchase(env, record: dict) -> dict:
         done = env.step(action)[2]
         if first is None and env.page == "product":
             first = env.product
+        left = left or (first is not None and env.page != "product" and not done)
         if done:
             break
     missed = ["never bought"] if env.purchase is None else unmet_requirements(goal, *env.purchase)
     if first is None:
-        return {"missed": missed, "first_rank": None, "first_fits": None}
+        return {"missed": missed, "first_rank": None, "first_fits": None, "first_left": None}
     listed = unmet_requirements(goal, first, selected=goal["options"])  # the options are not on the results page
-    return {"missed": missed, "first_rank": env.results.index(first), "first_fits": not listed}
+    return {"missed": missed, "first_rank": env.results.index(first), "first_fits": not listed, "first_left": left}
 
 
 def replay_folder(env, path: Path) -> list[dict]:
@@ -343,18 +346,19 @@ def replay_folder(env, path: Path) -> list[dict]:
 def purchases_table(folders: list[Path]) -> str:
     """One row per webshop evaluation folder: % of episodes whose purchase missed each kind of
     requirement (an episode can miss several), % exact, and the first product each episode opened:
-    % the top search result, % one that fits. Where the partial reward is lost, and whether the
-    policy picks products by reading them or by their place on the page."""
+    % the top search result, % one that fits, % went back from it. Where the partial reward is lost, and
+    whether the policy picks products by reading them or by their place on the page."""
     lines = ["| run | episodes | exact % | " + " | ".join(f"{k} missed %" if k != "never bought" else "never bought %"
                                                         for k in SHORTFALLS)
-             + " | first product opened: the top result % | first product opened fits % |",
-             "|---|---:|---:|" + "---:|" * (len(SHORTFALLS) + 2)]
+             + " | first product opened: the top result % | first product opened fits % | went back from it % |",
+             "|---|---:|---:|" + "---:|" * (len(SHORTFALLS) + 3)]
     env = envs.make_env("webshop")
     for folder in folders:
         replays = replay_folder(env, folder / TRAJECTORIES)
         share = lambda hit: 100 * sum(map(hit, replays)) / max(len(replays), 1)  # noqa: E731
         cells = [share(lambda r: not r["missed"])] + [share(lambda r, k=k: k in r["missed"]) for k in SHORTFALLS]
-        cells += [share(lambda r: r["first_rank"] == 0), share(lambda r: bool(r["first_fits"]))]
+        cells += [share(lambda r: r["first_rank"] == 0), share(lambda r: bool(r["first_fits"])),
+                  share(lambda r: bool(r["first_left"]))]
         lines.append(f"| {folder} | {len(replays)} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return "\n".join(lines)
 

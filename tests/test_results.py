@@ -189,11 +189,12 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
     under_cap, under = hasty("webshop/train/3")
     assert (over, under) == (True, False)
     assert results.replay_purchase(env, over_cap) == {"missed": ["option", "price"], "first_rank": 0,
-                                                      "first_fits": False}
+                                                      "first_fits": False, "first_left": False}
     assert results.replay_purchase(env, under_cap)["missed"] == ["option"]
     expert = env.expert_trajectory("webshop/train/0")
     assert results.replay_purchase(env, expert)["missed"] == []
-    # the expert opens the first result whose title and price fit; on train/0 it is the third
+    # the expert opens the first result whose title and price fit; on train/0 it is the third, which lacks
+    # the requested size, so the expert goes back from it (`click[< Prev]`, its third action)
     env.reset("webshop/train/0")
     goal = env.task["goal"]
     ranked = env.search(" ".join(goal["attributes"] + [goal["type"]]))
@@ -201,19 +202,30 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
                and set(goal["attributes"]) <= set(p["attributes"]))
     assert fit == 2
     assert {k: v for k, v in results.replay_purchase(env, expert).items() if k != "missed"} == {
-        "first_rank": 2, "first_fits": True}
+        "first_rank": 2, "first_fits": True, "first_left": True}
+    expert_actions = [t["value"].split("Action: ")[-1] for t in expert["conversations"][3:] if t["from"] == "gpt"]
+    assert expert_actions[2] == "click[< Prev]"
+    # one that goes back from the top result and opens it again before buying it has left it once
+    turns = under_cap["conversations"]  # 3 instruction turns, then search, no action, top result, buy
+    back = [{"from": "gpt", "value": "Action: click[< Prev]"}, {"from": "human", "value": "Observation:\n..."}]
+    again = turns[:9] + back + turns[7:]
+    wanderer = {**under_cap, "conversations": again}
+    assert results.replay_purchase(env, wanderer) == {"missed": ["option"], "first_rank": 0, "first_fits": True,
+                                                      "first_left": True}
     idle = record("webshop/train/0", ["Action: click[Next >]"])
-    assert results.replay_purchase(env, idle) == {"missed": ["never bought"], "first_rank": None, "first_fits": None}
+    assert results.replay_purchase(env, idle) == {"missed": ["never bought"], "first_rank": None, "first_fits": None,
+                                                  "first_left": None}
 
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "trajectories.jsonl").write_text(
-        "\n".join(json.dumps(r) for r in (expert, over_cap, under_cap, idle)) + "\n")
+        "\n".join(json.dumps(r) for r in (expert, over_cap, under_cap, idle, wanderer)) + "\n")
     row = results.main(["purchases", str(folder)]).splitlines()[2].split(" | ")
-    # 4 episodes: exact 1, never bought 1, price missed 1, option missed 2, attribute 0, type 0;
-    # the top result opened first by the two hasty ones; a product that fits first by the expert and
-    # train/3's hasty one (its top result is under the cap, and has the attributes: they are the query)
-    assert row[1:] == ["4", "25.0", "25.0", "25.0", "50.0", "0.0", "0.0", "50.0", "50.0 |"]
+    # 5 episodes: exact 1, never bought 1, price missed 1, option missed 3, attribute 0, type 0;
+    # the top result opened first by the two hasty ones and the wanderer; a product that fits first by
+    # the expert and train/3's two (its top result is under the cap, and has the attributes: they are
+    # the query); went back from it: the expert and the wanderer
+    assert row[1:] == ["5", "20.0", "20.0", "20.0", "60.0", "0.0", "0.0", "60.0", "60.0", "40.0 |"]
     science = tmp_path / "science"
     science.mkdir()
     (science / "trajectories.jsonl").write_text(json.dumps({**idle, "id": "science/train/0"}) + "\n")
