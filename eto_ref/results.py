@@ -376,23 +376,30 @@ def parting_action(chosen: list[str], rejected: list[str]) -> int | None:
 
 def pairs_table(files: list[Path]) -> str:
     """One row per pairs file: what DPO is given to contrast. How many pairs part from the expert at each
-    action number, the mean number of actions on each side, and the share of pairs whose failed side ends
-    with the expert side's last action (on webshop, the purchase) or repeats its previous action."""
-    lines = ["| file | pairs | the sides part at action (number: pairs) | actions: chosen / rejected (mean) "
-             "| rejected ends as chosen does % | rejected repeats an action % |", "|---|---:|---|---:|---:|---:|"]
+    action number and the expert's most common actions there, the mean number of actions on each side, and
+    the share of pairs whose failed side ends with the expert side's last action (on webshop, the purchase)
+    or repeats its previous action."""
+    lines = ["| file | pairs | the sides part at action (number: pairs) | the expert's action there (3 most common) "
+             "| actions: chosen / rejected (mean) | rejected ends as chosen does % | rejected repeats an action % |",
+             "|---|---:|---|---|---:|---:|---:|"]
     for path in files:
         sides = [(pair_actions(p.chosen), pair_actions(p.rejected)) for p in load_pairs(path, on_error="raise")]
         n = max(len(sides), 1)
         parted: dict = {}
+        expert_there: dict = {}
         for chosen, rejected in sides:
             at = parting_action(chosen, rejected)
             parted[at] = parted.get(at, 0) + 1
+            if at is not None:
+                expert_there[chosen[at - 1]] = expert_there.get(chosen[at - 1], 0) + 1
+        common = sorted(expert_there.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
         where = ", ".join(f"{k}: {parted[k]}" for k in sorted(k for k in parted if k is not None))
         where += f", never: {parted[None]}" if None in parted else ""
         mean_c, mean_r = (sum(len(s[i]) for s in sides) / n for i in (0, 1))
         same_end = sum(bool(c and r) and c[-1] == r[-1] for c, r in sides)
         repeats = sum(any(a.strip().lower() == b.strip().lower() for a, b in zip(r, r[1:])) for _, r in sides)
-        lines.append(f"| {path} | {len(sides)} | {where} | {mean_c:.1f} / {mean_r:.1f} "
+        lines.append(f"| {path} | {len(sides)} | {where} | {', '.join(f'{a}: {k}' for a, k in common)} "
+                     f"| {mean_c:.1f} / {mean_r:.1f} "
                      f"| {100 * same_end / n:.1f} | {100 * repeats / n:.1f} |")
     return "\n".join(lines)
 

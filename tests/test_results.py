@@ -258,9 +258,10 @@ def test_pairs_table_counts_where_the_sides_part(tmp_path):
     assert results.parting_action(["a", "b"], ["a", "c", "d"]) == 2
     assert results.parting_action(["a", "b"], ["a"]) is None
     row = results.main(["pairs", str(path)]).splitlines()[2].split(" | ")
+    # the expert's action where they part: click[B1] (p0, action 2), click[Buy Now] (p1, action 3);
     # actions: chosen 3, 3, 3 -> 3.0; rejected 3, 4, 1 -> 2.7; ends as chosen: p0 (1 of 3);
     # repeats: p1's click[x] then Click[X] (case and spaces aside)
-    assert row[1:] == ["3", "2: 1, 3: 1, never: 1", "3.0 / 2.7", "33.3", "33.3 |"]
+    assert row[1:] == ["3", "2: 1, 3: 1, never: 1", "click[B1]: 1, click[Buy Now]: 1", "3.0 / 2.7", "33.3", "33.3 |"]
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps([{**pairs[0], "chosen": []}]))
     with pytest.raises(SystemExit):
