@@ -214,9 +214,14 @@ def unmatched_action_rate(records: list[dict], marker: str) -> float:
     return 100 * sum(marker in obs for obs in outcomes) / max(len(outcomes), 1) if marker else 0.0
 
 
+def action_key(action: str) -> str:
+    """An action as compared for a repeat: case and surrounding spaces aside."""
+    return action.strip().lower()
+
+
 def repeated_action_rate(records: list[dict]) -> float:
     """Percent of actions identical to the same episode's previous action (a policy stuck in a loop)."""
-    actions = [[a.strip().lower() for a, _ in action_outcomes(r)] for r in records]
+    actions = [[action_key(a) for a, _ in action_outcomes(r)] for r in records]
     repeats = sum(a == b for acts in actions for a, b in zip(acts[1:], acts))
     return 100 * repeats / max(sum(len(acts) - 1 for acts in actions if acts), 1)
 

@@ -23,6 +23,7 @@ absent, and shows as "-".
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import math
 from pathlib import Path
@@ -30,7 +31,8 @@ from pathlib import Path
 import envs
 from envs.webshop import unmet_requirements
 from eto_ref.agent import parse_action
-from eto_ref.exploration import TRAJECTORIES, agent_replies, invalid_format_rate, summarize, unmatched_action_rate
+from eto_ref.exploration import (TRAJECTORIES, action_key, agent_replies, invalid_format_rate, summarize,
+                                 unmatched_action_rate)
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
 from eto_ref.svg import point_chart
 from eto_ref.trajectory import load_pairs
@@ -385,19 +387,15 @@ def pairs_table(files: list[Path]) -> str:
     for path in files:
         sides = [(pair_actions(p.chosen), pair_actions(p.rejected)) for p in load_pairs(path, on_error="raise")]
         n = max(len(sides), 1)
-        parted: dict = {}
-        expert_there: dict = {}
-        for chosen, rejected in sides:
-            at = parting_action(chosen, rejected)
-            parted[at] = parted.get(at, 0) + 1
-            if at is not None:
-                expert_there[chosen[at - 1]] = expert_there.get(chosen[at - 1], 0) + 1
+        parts = [(parting_action(chosen, rejected), chosen) for chosen, rejected in sides]
+        parted = Counter(at for at, _ in parts)  # None: never
+        expert_there = Counter(chosen[at - 1] for at, chosen in parts if at is not None)
         common = sorted(expert_there.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
         where = ", ".join(f"{k}: {parted[k]}" for k in sorted(k for k in parted if k is not None))
         where += f", never: {parted[None]}" if None in parted else ""
         mean_c, mean_r = (sum(len(s[i]) for s in sides) / n for i in (0, 1))
         same_end = sum(bool(c and r) and c[-1] == r[-1] for c, r in sides)
-        repeats = sum(any(a.strip().lower() == b.strip().lower() for a, b in zip(r, r[1:])) for _, r in sides)
+        repeats = sum(any(action_key(a) == action_key(b) for a, b in zip(r, r[1:])) for _, r in sides)
         lines.append(f"| {path} | {len(sides)} | {where} | {', '.join(f'{a}: {k}' for a, k in common)} "
                      f"| {mean_c:.1f} / {mean_r:.1f} "
                      f"| {100 * same_end / n:.1f} | {100 * repeats / n:.1f} |")
