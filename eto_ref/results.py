@@ -409,7 +409,7 @@ def main(argv=None) -> str:
     c = sub.add_parser("compare", help="rows: reward, paired difference from the first folder, behaviour")
     c.add_argument("folders", nargs="+", type=Path)
     c.add_argument("--env", default="science")
-    b = sub.add_parser("purchases", help="webshop: % of episodes whose purchase missed the price, an option, ...")
+    b = sub.add_parser("purchases", help="webshop: %% of episodes whose purchase missed the price, an option, ...")
     b.add_argument("folders", nargs="+", type=Path)
     q = sub.add_parser("pairs", help="preference pairs files: where the failed side parts from the expert's")
     q.add_argument("files", nargs="+", type=Path)
