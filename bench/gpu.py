@@ -14,6 +14,7 @@ On a random ~50M-parameter Llama config:
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,7 @@ def training_speed(checkpointing: bool, compile: bool, B: int = 4, T: int = 1024
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA GPU; none here, nothing to measure.")
         return

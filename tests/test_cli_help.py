@@ -16,7 +16,7 @@ MODULES = [  # python -m MODULE --help, and its subcommands
     ["eto_ref.tiny"], ["envs.write_expert_data"],
 ]
 SCRIPTS = ["train.py", "explore.py", "bench/precision.py", "bench/envs.py", "bench/train_memory.py",
-           "bench/memory.py", "bench/throughput.py", "bench/train_step.py"]
+           "bench/memory.py", "bench/throughput.py", "bench/train_step.py", "bench/gpu.py"]
 
 
 def run_help(monkeypatch, capsys, run, name, subcommand):
@@ -38,3 +38,14 @@ def test_module_help(command, monkeypatch, capsys):
 def test_script_help(script, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
     run_help(monkeypatch, capsys, lambda: runpy.run_path(str(ROOT / script), run_name="__main__"), script, [])
+
+
+def entry_points() -> set[str]:
+    """Every file of the project that runs as a command (has an `if __name__ == "__main__":` block)."""
+    files = [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("eto_ref/*.py"), *ROOT.glob("envs/*.py")]
+    return {f.relative_to(ROOT).as_posix() for f in files if 'if __name__ == "__main__":' in f.read_text()}
+
+
+def test_every_entry_point_is_listed():
+    listed = set(SCRIPTS) | {command[0].replace(".", "/") + ".py" for command in MODULES}
+    assert entry_points() - listed == set(), "a new command: add it to MODULES or SCRIPTS above"
