@@ -29,7 +29,7 @@ from eto_ref.config import PRESET_NAMES, PRESETS, preset_for, preset_values
 from eto_ref.distributed import init_distributed, is_main
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair, load_policy
 from eto_ref.models import resolve_model
-from eto_ref.pairs import EXTRA_REJECTED_TURNS
+from eto_ref.pairs import AUTO, EXTRA_REJECTED_TURNS
 from eto_ref.runtime import DTYPES, add_threads_flag, resolve_device, setup_cpu, stop_on_terminate
 from eto_ref.sampler import SamplingConfig
 
@@ -39,10 +39,11 @@ def parse_args(argv=None):
     add_config_flags(p, ExploreConfig, skip=("out_dir",))
     p.add_argument("--out", default=None, help="output directory (default runs/explore-<env>-<split>)")
     p.add_argument("--template", default=None, help="chat template (default: detected from the tokenizer)")
-    p.add_argument("--rejected-extra-turns", type=value_parser("rejected_extra_turns", "int | None"),
-                   default=EXTRA_REJECTED_TURNS,
-                   help="pairs (train split): the rejected side keeps at most expert length + N agent turns "
-                        f"(default {EXTRA_REJECTED_TURNS}, the official rule; none keeps the whole failed run)")
+    p.add_argument("--rejected-extra-turns", type=value_parser("rejected_extra_turns", "int | str | None"),
+                   default=AUTO,
+                   help="pairs (train split): the rejected side keeps at most expert length + N agent turns; "
+                        f"none keeps the whole failed run (default {AUTO}: the environment's official rule, "
+                        f"{EXTRA_REJECTED_TURNS}, and household, like ALFWorld, none)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),

@@ -61,18 +61,28 @@ def check_value(name: str, value):
 
 
 def value_parser(name: str, type_name: str):
-    """The argparse `type` of a field whose annotation reads `type_name` (e.g. "int | None")."""
-    base = type_name.replace(" | None", "").strip()
+    """The argparse `type` of a field whose annotation reads `type_name` (e.g. "int | None"; "int | str"
+    takes a number or the word auto)."""
+    base = type_name.replace(" | None", "").replace(" | str", "").strip()
     if base.startswith("tuple["):
         item = float if "float" in base else str
         return lambda text: tuple(item(t.strip()) for t in text.split(",") if t.strip())
     convert = {"int": int, "float": float, "str": str}[base]
 
+    words = [w for w, allowed in (("none", "None" in type_name), ("auto", base != "str" and "str" in type_name))
+             if allowed]
+    kinds = [{"int": "a whole number", "float": "a number"}.get(base, "text"), *words]
+    expected = " or ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
+
     def parse(text: str):
-        if text.lower() == "none" and "None" in type_name:
-            return None
+        if text.lower() in words:
+            return {"none": None, "auto": "auto"}[text.lower()]
         try:
-            return check_value(name, convert(text))
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        try:
+            return check_value(name, value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = base  # argparse names the type in its error messages

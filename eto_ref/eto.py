@@ -28,7 +28,7 @@ from eto_ref.dpo import run_dpo
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair, load_policy
 from eto_ref.jsonl import write_json_atomic
 from eto_ref.metrics import PhaseClock
-from eto_ref.pairs import EXTRA_REJECTED_TURNS
+from eto_ref.pairs import AUTO
 
 
 @dataclass
@@ -47,8 +47,10 @@ class LoopConfig:
     valid: int = setting(0, "also evaluate on N training tasks nothing trains on, train[valid_start:][:N]: "
                             "the column settings are chosen by (0 = off)")
     valid_start: int = setting(1000, "first task of the valid slice (after every task trained on or explored)")
-    rejected_extra_turns: int | None = setting(EXTRA_REJECTED_TURNS, "pairs: the rejected side keeps at most "
-                                               "expert length + N agent turns (None: the whole failed run)")
+    rejected_extra_turns: int | str | None = setting(AUTO, "pairs: the rejected side keeps at most expert length "
+                                                     "+ N agent turns (none: the whole failed run; auto: the "
+                                                     "environment's official rule, 5, and household, like "
+                                                     "ALFWorld, none)")
     beta_schedule: tuple[float, ...] = setting((), "DPO beta per iteration, e.g. 0.1,0.5 (the last repeats; "
                                                    "empty: the DPO beta every iteration)")
     lr_schedule: tuple[float, ...] = setting((), "DPO learning rate per iteration, e.g. 1e-6,5e-7 (the last "

@@ -31,7 +31,7 @@ from eto_ref.checkpoint import load_model, model_fingerprint
 from eto_ref.config import setting
 from eto_ref.distributed import barrier, init_distributed, is_main, rank, shard, world_size
 from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
-from eto_ref.pairs import EXTRA_REJECTED_TURNS, build_pairs
+from eto_ref.pairs import AUTO, build_pairs, rejected_turns
 from eto_ref.run_dir import RunLock, claim_run
 from eto_ref.runtime import compute_dtype, dtype_name, resolve_device
 from eto_ref.tokenizer import Tokenizer
@@ -253,21 +253,21 @@ def expert_records(env_name: str, task_ids: list[str], env_seed: int = 0) -> lis
 
 
 def explore_and_pair(model, tokenizer, cfg: ExploreConfig, progress: bool = True,
-                     extra_turns: int | None = EXTRA_REJECTED_TURNS) -> tuple[Path, dict]:
+                     extra_turns: int | str | None = AUTO) -> tuple[Path, dict]:
     """Explore the train split, pair failures (and wins) with the expert, write `pairs.json`.
 
-    A rerun on a finished directory explores nothing and rebuilds the pairs (e.g. with
-    another `extra_turns`: the rejected side is cut to expert length + extra_turns agent turns,
-    None keeps it whole). An environment whose `truncate_rejected` is False (household,
-    mirroring ALFWorld) keeps it whole whatever `extra_turns` says, as the official code.
+    The rejected side is cut to expert length + extra_turns agent turns (None keeps it
+    whole; AUTO, the default, is the environment's official rule: household, mirroring
+    ALFWorld, keeps it whole, the others cut at +5; `pairs.rejected_turns`). A rerun on a
+    finished directory explores nothing and rebuilds the pairs, e.g. with another `extra_turns`.
     """
+    extra_turns = rejected_turns(extra_turns, envs.env_class(cfg.env).truncate_rejected)
     records = explore(model, tokenizer, cfg, progress)
     experts = expert_records(cfg.env, [r["id"] for r in records], cfg.env_seed)
-    if not getattr(envs.make_env(cfg.env, seed=cfg.env_seed), "truncate_rejected", True):
-        extra_turns = None  # ALFWorld-like (binary reward): the official rule keeps the whole failed run
     pairs, stats = build_pairs(experts, records, extra_turns, cfg.forced_steps)
     out = Path(cfg.out_dir)
-    summary = {**summarize(records, cfg.env, cfg.split), "pairs": len(pairs), **stats.as_dict()}
+    summary = {**summarize(records, cfg.env, cfg.split), "pairs": len(pairs), **stats.as_dict(),
+               "rejected_extra_turns": extra_turns}
     if is_main():
         write_json_atomic(pairs, out / PAIRS, indent=1)
         write_json_atomic(summary, out / SUMMARY)

@@ -11,7 +11,9 @@ trajectory of the same task. This module is that rule, faithful to the official
 
 The rejected side of a "lose" pair is cut to at most `len(expert) + 5` agent
 turns (failed runs are often much longer than successful ones); `extra_turns`
-sets the 5 (None keeps the whole failed run). Both sides must end with an agent turn.
+sets the 5 (None keeps the whole failed run). The official code keeps ALFWorld's
+failed runs whole: "auto" (`rejected_turns`) is each environment's official rule.
+Both sides must end with an agent turn.
 
 Trajectories here are official ETO records: `{"id", "conversations": [{"from",
 "value"}, ...], "reward"}` whose conversations start with the 2-turn instruction
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 INSTRUCTION_TURNS = 2  # human instruction + gpt "OK"
 EXTRA_REJECTED_TURNS = 5  # the official code allows 5 more agent turns than the expert
+AUTO = "auto"  # the rejected-side rule of the environment: EXTRA_REJECTED_TURNS, or None where it keeps runs whole
 
 
 @dataclass
@@ -55,6 +58,21 @@ def truncate_agent_turns(turns: list[dict], max_agent_turns: int) -> list[dict]:
             agent_turns += 1
         kept.append(turn)
     return kept
+
+
+def rejected_turns(setting: int | str | None, truncates: bool) -> int | None:
+    """The extra agent turns a rejected side keeps (None: the whole failed run) for a setting.
+
+    `setting` is a number, None, or AUTO: the official rule of the environment, which
+    cuts (EXTRA_REJECTED_TURNS) where `truncates` and keeps the failed run whole where
+    not (ALFWorld in the official code; the built-in household). A number or None is
+    applied as given, in every environment.
+    """
+    if setting == AUTO:
+        return EXTRA_REJECTED_TURNS if truncates else None
+    if setting is not None and (isinstance(setting, bool) or not isinstance(setting, int) or setting < 0):
+        raise ValueError(f"rejected_extra_turns must be a number >= 0, none or {AUTO}, got {setting!r}")
+    return setting
 
 
 def count_agent_turns(turns: list[dict]) -> int:

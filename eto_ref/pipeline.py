@@ -30,6 +30,7 @@ from eto_ref.exploration import TRAJECTORIES, ExploreConfig, load_policy
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
 from eto_ref.metrics import PhaseClock, duration
 from eto_ref.models import default_model, resolve_model
+from eto_ref.pairs import rejected_turns
 from eto_ref.report import build_report
 from eto_ref.results import report_seeds, results_table, write_reward_plot
 from eto_ref.run_dir import RunLock, claim_run
@@ -69,6 +70,8 @@ class PipelineConfig:
                 d[stage].pop(key)
         d["loop"].pop("out")
         d["loop"]["agent"].pop("batch_size")
+        d["loop"]["rejected_cut"] = rejected_turns(d["loop"].pop("rejected_extra_turns"),  # the rule applied
+                                                   envs.env_class(self.loop.env).truncate_rejected)
         options = envs.env_options(self.loop.env, seed=self.loop.env_seed)
         if options:  # e.g. the real ScienceWorld's task types
             d["env_options"] = options
@@ -78,6 +81,22 @@ class PipelineConfig:
 STAGE_RUNNING = ("save_every", "keep_checkpoints")  # training settings that do not change the trained model
 IGNORED = tuple(f"{stage}.{key}" for stage in ("sft", "dpo") for key in STAGE_RUNNING)  # recorded by older jobs
 GROWABLE = ("loop.eval_limit",)  # a rerun may evaluate more test tasks: each evaluation extends, keeping its episodes
+
+
+def legacy_rejected_setting(value, env: str):
+    """What `loop.rejected_extra_turns` did in a job made before run.json recorded `loop.rejected_cut`: an
+    environment that keeps failed runs whole (household) ignored it, whatever number it held."""
+    return value if envs.env_class(env).truncate_rejected else None
+
+
+def upgraded_identity(old: dict) -> dict:
+    """An older run.json (flattened) in today's terms: `loop.rejected_extra_turns` becomes the rule it applied."""
+    if "loop.rejected_extra_turns" not in old or "loop.rejected_cut" in old:
+        return old
+    old = dict(old)
+    old["loop.rejected_cut"] = legacy_rejected_setting(old.pop("loop.rejected_extra_turns"),
+                                                       old.get("loop.env", LoopConfig.env))
+    return old
 
 
 def log(message: str) -> None:
@@ -163,7 +182,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         claim_run(out, cfg.identity(), cfg.resume,
                   outputs=("data", "sft", "eto", "rft", "best-of-n", "results.json", "results.md",
                            "phase_seconds.json", "phase_peak_rss_mb.json", "reward_per_iteration.svg",
-                           "report.html"), growable=GROWABLE, ignored=IGNORED)
+                           "report.html"), growable=GROWABLE, ignored=IGNORED, upgrade=upgraded_identity)
         write_json_atomic(asdict(cfg), out / "pipeline_config.json")
         return run_phases(cfg, out)
 

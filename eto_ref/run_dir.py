@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -128,7 +129,8 @@ def grows(then, now) -> bool:
 
 
 def claim_run(directory: str | Path, identity: dict, resume: bool = True, outputs: tuple[str, ...] = (),
-              growable: tuple[str, ...] = (), ignored: tuple[str, ...] = ()) -> None:
+              growable: tuple[str, ...] = (), ignored: tuple[str, ...] = (),
+              upgrade: Callable[[dict], dict] | None = None) -> None:
     """Record in `directory/run.json` what determines its results; a rerun with other settings is refused.
 
     `identity` holds the settings that change what the run produces (model, environment,
@@ -138,6 +140,7 @@ def claim_run(directory: str | Path, identity: dict, resume: bool = True, output
     rerun may raise: what was done is kept and extended, and run.json records the new count.
     `ignored` names settings that older run.json files recorded but that do not change the
     results (e.g. how often checkpoints are saved): they are left out of the comparison.
+    `upgrade` rewrites an older run.json's settings (flattened) in today's terms first.
     Only rank 0 reads and writes the file.
     """
     directory, path = Path(directory), Path(directory) / RUN_FILE
@@ -148,6 +151,7 @@ def claim_run(directory: str | Path, identity: dict, resume: bool = True, output
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         if path.is_file():
             old, new = flatten(read_json_file(path).get("identity", {})), flatten(identity)
+            old = upgrade(old) if upgrade else old
             old = {k: v for k, v in old.items() if k not in ignored}
             changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
             extended = {k: v for k, v in changed.items() if k in growable and grows(*v)}

@@ -313,3 +313,34 @@ def test_a_run_made_in_float32_is_refused_with_a_bfloat16_policy_and_float32_rec
     assert json.loads((tmp_path / "bf16" / "run.json").read_text())["identity"]["dtype"] == "bfloat16"
     with pytest.raises(RunError, match=r"dtype: 'bfloat16' then, None now"):
         explore(model, tok, config(tmp_path / "bf16", limit=2), progress=False)
+
+
+def test_household_keeps_failed_runs_whole_unless_a_cut_is_given(tmp_path):
+    """The official rule on household (auto) keeps a failed run whole; `extra_turns` given as a number cuts it
+    there too (it used to be ignored); a rerun on the same directory explores nothing and rebuilds the pairs."""
+    from eto_ref.agent import AgentConfig
+    from eto_ref.exploration import ExploreConfig, expert_records
+    from eto_ref.pairs import count_agent_turns
+    from eto_ref.sampler import SamplingConfig
+    from tests.helpers import scripted_agent
+
+    model, tok = scripted_agent("Thought: look.\nAction: look", tmp_path / "tok")  # fails every task, 12 steps
+    cfg = ExploreConfig(env="household", split="train", out_dir=str(tmp_path / "out"), limit=2,
+                        agent=AgentConfig(sampling=SamplingConfig(max_new_tokens=48), batch_size=2, max_len=8192,
+                                          max_steps=12))
+    path, summary = explore_and_pair(model, tok, cfg, progress=False)
+    experts = {e["id"]: count_agent_turns(e["conversations"]) - 1  # less the "OK" of the instruction part
+               for e in expert_records("household", ["household/train/0", "household/train/1"])}
+    whole = json.loads(path.read_text())
+    assert summary["rejected_extra_turns"] is None and summary["end_reasons"] == {"max_steps": 2}
+    assert len(whole) == 2 and all(count_agent_turns(p["rejected"]) == 12 > experts[p["id"]] + 1 for p in whole)
+    lines = (tmp_path / "out" / "trajectories.jsonl").read_text()
+
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    path, summary = explore_and_pair(model, tok, cfg, progress=False, extra_turns=1)
+    cut = json.loads(path.read_text())
+    assert calls == [] and (tmp_path / "out" / "trajectories.jsonl").read_text() == lines
+    assert summary["rejected_extra_turns"] == 1
+    assert [count_agent_turns(p["rejected"]) for p in cut] == [experts[p["id"]] + 1 for p in cut]
+    assert [p["chosen"] for p in cut] == [p["chosen"] for p in whole]

@@ -1,6 +1,8 @@
 """The ETO pairing rule on hand-made reward cases (lose, win, tie, truncation)."""
 
-from eto_ref.pairs import build_pair, build_pairs, truncate_agent_turns
+import pytest
+
+from eto_ref.pairs import AUTO, build_pair, build_pairs, rejected_turns, truncate_agent_turns
 
 INSTRUCTION = [{"from": "human", "value": "You are an agent."}, {"from": "gpt", "value": "OK"}]
 
@@ -56,6 +58,19 @@ def test_rejected_is_truncated_to_expert_length_plus_five_agent_turns():
     assert actions_of(tight["rejected"]) == ["x0", "x1", "x2"] and tight["rejected"][-1]["from"] == "gpt"
     pairs, _ = build_pairs([expert], [explored], extra_turns=1)
     assert actions_of(pairs[0]["rejected"]) == ["x0", "x1", "x2", "x3"]
+
+
+def test_auto_is_the_environments_rule_and_a_given_number_applies_everywhere():
+    """auto: +5 where the environment cuts, the whole run where it does not (household, as ALFWorld in the
+    official code); a number or None is the rule as given, household included."""
+    assert rejected_turns(AUTO, truncates=True) == 5
+    assert rejected_turns(AUTO, truncates=False) is None
+    for setting in (0, 3, None):
+        assert rejected_turns(setting, truncates=True) == setting
+        assert rejected_turns(setting, truncates=False) == setting
+    for bad in (-1, 2.5, "five", True):
+        with pytest.raises(ValueError, match="rejected_extra_turns"):
+            rejected_turns(bad, truncates=True)
 
 
 def test_truncate_agent_turns_keeps_observations_between():

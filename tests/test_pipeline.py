@@ -111,3 +111,43 @@ def test_how_often_checkpoints_are_saved_is_not_part_of_the_job(tmp_path, monkey
     run_json.write_text(json.dumps(recorded))
     pipeline.run_pipeline(replace(cfg, sft=replace(cfg.sft, save_every=3), dpo=replace(cfg.dpo, keep_checkpoints=5)))
     assert len(ran) == 2
+
+
+def test_the_rejected_side_rule_recorded_is_the_one_applied(tmp_path, monkeypatch):
+    """run.json records the rule each environment applies (household, like ALFWorld: the whole failed run). A job
+    made before (it recorded `rejected_extra_turns`: 5, which household ignored) resumes with the default and
+    is refused with a given cut, which would change its pairs; analyses read its config as it ran."""
+    from dataclasses import replace
+
+    import eto_ref.pipeline as pipeline
+    from eto_ref.analyses import run_config
+    from eto_ref.run_dir import RunError
+
+    rule = lambda env, setting="auto": PipelineConfig(  # noqa: E731
+        loop=LoopConfig(env=env, rejected_extra_turns=setting)).identity()["loop"]["rejected_cut"]
+    assert (rule("science"), rule("webshop"), rule("household")) == (5, 5, None)
+    assert (rule("household", 5), rule("household", 0), rule("science", None)) == (5, 0, None)
+
+    monkeypatch.setattr(pipeline, "run_phases", lambda cfg, out: {})
+    cfg = PipelineConfig(out=str(tmp_path), model="tiny", loop=LoopConfig(env="household"))
+    pipeline.run_pipeline(cfg)
+    run_json, config_json = tmp_path / "run.json", tmp_path / "pipeline_config.json"
+    recorded = json.loads(run_json.read_text())
+    del recorded["identity"]["loop"]["rejected_cut"]
+    recorded["identity"]["loop"]["rejected_extra_turns"] = 5  # as an older job wrote it
+    run_json.write_text(json.dumps(recorded))
+    written = json.loads(config_json.read_text())
+    written["loop"]["rejected_extra_turns"] = 5
+    config_json.write_text(json.dumps(written))
+    assert run_config(tmp_path).loop.rejected_extra_turns is None  # household kept its failed runs whole
+
+    with pytest.raises(RunError, match=r"loop\.rejected_cut: None then, 5 now"):
+        pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, rejected_extra_turns=5)))
+    pipeline.run_pipeline(cfg)  # the default: the rule it ran with
+    science = tmp_path / "science"
+    pipeline.run_pipeline(replace(cfg, out=str(science), loop=LoopConfig(env="science")))
+    recorded = json.loads((science / "run.json").read_text())
+    del recorded["identity"]["loop"]["rejected_cut"]
+    recorded["identity"]["loop"]["rejected_extra_turns"] = 5
+    (science / "run.json").write_text(json.dumps(recorded))
+    pipeline.run_pipeline(replace(cfg, out=str(science), loop=LoopConfig(env="science", rejected_extra_turns=5)))

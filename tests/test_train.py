@@ -104,9 +104,12 @@ def test_stage_all_flags_reach_the_nested_configs(monkeypatch, tiny_model):  # n
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: seen.append(cfg))
     cli.main(["--stage", "all", "--model", str(tiny_model), "--lr", "1e-3", "--sft-lr", "2e-3", "--epochs", "2",
               "--dpo-beta", "0.3", "--sft-examples", "16", "--iterations", "2", "--temperature", "0.5",
-              "--agent-batch-size", "3", "--no-progress", "--no-baselines"])
+              "--agent-batch-size", "3", "--no-progress", "--no-baselines", "--rejected-extra-turns", "3"])
     cli.main(["--stage", "all", "--model", str(tiny_model), "--no-progress"])
-    given, default = seen
+    cli.main(["--stage", "all", "--model", str(tiny_model), "--no-progress", "--rejected-extra-turns", "none"])
+    given, default, whole = seen
+    assert (given.loop.rejected_extra_turns, default.loop.rejected_extra_turns, whole.loop.rejected_extra_turns) \
+        == (3, "auto", None)
     assert (given.sft.lr, given.dpo.lr, given.sft.epochs, given.dpo.epochs) == (2e-3, 1e-3, 2, 2)
     assert (given.dpo.beta, given.sft_examples, given.loop.iterations, given.baselines) == (0.3, 16, 2, False)
     assert (given.loop.agent.sampling.temperature, given.loop.agent.batch_size) == (0.5, 3)
@@ -125,9 +128,13 @@ def test_stage_all_flags_reach_the_nested_configs(monkeypatch, tiny_model):  # n
     (["--stage", "eto", "--beta", "-0.5"], "--beta: must be > 0, got -0.5"),
     (["--stage", "sft", "--lr", "inf"], "--lr: must be a finite number, got inf"),
     (["--stage", "sft", "--lr", "nan"], "--lr: must be a finite number, got nan"),
+    (["--stage", "sft", "--lr", "fast"], "--lr: expected a number, got 'fast'"),
+    (["--stage", "sft", "--max-steps", "many"], "--max-steps: expected a whole number or none, got 'many'"),
     (["--stage", "all", "--explore-limit", "0"], "--explore-limit: must be >= 1, got 0"),
     (["--stage", "all", "--agent-batch-size", "0"], "--agent-batch-size: must be >= 1, got 0"),
     (["--stage", "sft", "--warmup-ratio", "1.5"], "--warmup-ratio: must be >= 0 and <= 1, got 1.5"),
+    (["--stage", "all", "--rejected-extra-turns", "-1"], "--rejected-extra-turns: must be >= 0, got -1"),
+    (["--stage", "eto", "--rejected-extra-turns", "five"], "--rejected-extra-turns: expected a whole number, none or auto, got 'five'"),
 ])
 def test_out_of_range_settings_are_one_line_errors(flags, message):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, capture_output=True,
