@@ -35,6 +35,7 @@ from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atom
 from eto_ref.pairs import self_play_pairs
 from eto_ref.pipeline import PipelineConfig, legacy_rejected_setting
 from eto_ref.results import paired_difference, per_task_rewards, task_rewards
+from eto_ref.run_dir import RUN_FILE, read_json_file
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
 from eto_ref.sft import run_sft
 
@@ -46,8 +47,8 @@ def run_config(run: Path) -> PipelineConfig:
     from eto_ref.sampler import SamplingConfig
 
     d = json.loads((run / "pipeline_config.json").read_text())
-    identity = json.loads((run / "run.json").read_text()).get("identity", {}) if (run / "run.json").is_file() else {}
-    if "rejected_cut" not in identity.get("loop", {"rejected_cut": None}):  # a job made before run.json had it
+    recorded = read_json_file(run / RUN_FILE).get("identity", {}) if (run / RUN_FILE).is_file() else {}
+    if "rejected_extra_turns" in recorded.get("loop", {}):  # a job made before run.json recorded the rule applied
         loop = d["loop"]
         loop["rejected_extra_turns"] = legacy_rejected_setting(loop["rejected_extra_turns"], loop["env"])
     agent = d["loop"].pop("agent")

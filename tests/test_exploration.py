@@ -318,11 +318,8 @@ def test_a_run_made_in_float32_is_refused_with_a_bfloat16_policy_and_float32_rec
 def test_household_keeps_failed_runs_whole_unless_a_cut_is_given(tmp_path):
     """The official rule on household (auto) keeps a failed run whole; `extra_turns` given as a number cuts it
     there too (it used to be ignored); a rerun on the same directory explores nothing and rebuilds the pairs."""
-    from eto_ref.agent import AgentConfig
-    from eto_ref.exploration import ExploreConfig, expert_records
+    from eto_ref.exploration import expert_records
     from eto_ref.pairs import count_agent_turns
-    from eto_ref.sampler import SamplingConfig
-    from tests.helpers import scripted_agent
 
     model, tok = scripted_agent("Thought: look.\nAction: look", tmp_path / "tok")  # fails every task, 12 steps
     cfg = ExploreConfig(env="household", split="train", out_dir=str(tmp_path / "out"), limit=2,

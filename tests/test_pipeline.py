@@ -128,26 +128,25 @@ def test_the_rejected_side_rule_recorded_is_the_one_applied(tmp_path, monkeypatc
     assert (rule("science"), rule("webshop"), rule("household")) == (5, 5, None)
     assert (rule("household", 5), rule("household", 0), rule("science", None)) == (5, 0, None)
 
+    def as_an_older_job_wrote_it(out):  # run.json and pipeline_config.json with `rejected_extra_turns`: 5
+        for name, loop_of in (("run.json", lambda d: d["identity"]["loop"]),
+                              ("pipeline_config.json", lambda d: d["loop"])):
+            recorded = json.loads((out / name).read_text())
+            loop_of(recorded).pop("rejected_cut", None)
+            loop_of(recorded)["rejected_extra_turns"] = 5
+            (out / name).write_text(json.dumps(recorded))
+
     monkeypatch.setattr(pipeline, "run_phases", lambda cfg, out: {})
     cfg = PipelineConfig(out=str(tmp_path), model="tiny", loop=LoopConfig(env="household"))
     pipeline.run_pipeline(cfg)
-    run_json, config_json = tmp_path / "run.json", tmp_path / "pipeline_config.json"
-    recorded = json.loads(run_json.read_text())
-    del recorded["identity"]["loop"]["rejected_cut"]
-    recorded["identity"]["loop"]["rejected_extra_turns"] = 5  # as an older job wrote it
-    run_json.write_text(json.dumps(recorded))
-    written = json.loads(config_json.read_text())
-    written["loop"]["rejected_extra_turns"] = 5
-    config_json.write_text(json.dumps(written))
+    as_an_older_job_wrote_it(tmp_path)
     assert run_config(tmp_path).loop.rejected_extra_turns is None  # household kept its failed runs whole
 
     with pytest.raises(RunError, match=r"loop\.rejected_cut: None then, 5 now"):
         pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, rejected_extra_turns=5)))
     pipeline.run_pipeline(cfg)  # the default: the rule it ran with
-    science = tmp_path / "science"
-    pipeline.run_pipeline(replace(cfg, out=str(science), loop=LoopConfig(env="science")))
-    recorded = json.loads((science / "run.json").read_text())
-    del recorded["identity"]["loop"]["rejected_cut"]
-    recorded["identity"]["loop"]["rejected_extra_turns"] = 5
-    (science / "run.json").write_text(json.dumps(recorded))
-    pipeline.run_pipeline(replace(cfg, out=str(science), loop=LoopConfig(env="science", rejected_extra_turns=5)))
+    science = replace(cfg, out=str(tmp_path / "science"), loop=LoopConfig(env="science"))
+    pipeline.run_pipeline(science)
+    as_an_older_job_wrote_it(tmp_path / "science")
+    assert run_config(tmp_path / "science").loop.rejected_extra_turns == 5  # science cut at +5
+    pipeline.run_pipeline(replace(science, loop=LoopConfig(env="science", rejected_extra_turns=5)))

@@ -134,7 +134,8 @@ def test_stage_all_flags_reach_the_nested_configs(monkeypatch, tiny_model):  # n
     (["--stage", "all", "--agent-batch-size", "0"], "--agent-batch-size: must be >= 1, got 0"),
     (["--stage", "sft", "--warmup-ratio", "1.5"], "--warmup-ratio: must be >= 0 and <= 1, got 1.5"),
     (["--stage", "all", "--rejected-extra-turns", "-1"], "--rejected-extra-turns: must be >= 0, got -1"),
-    (["--stage", "eto", "--rejected-extra-turns", "five"], "--rejected-extra-turns: expected a whole number, none or auto, got 'five'"),
+    (["--stage", "eto", "--rejected-extra-turns", "five"],
+     "--rejected-extra-turns: expected a whole number, none or auto, got 'five'"),
 ])
 def test_out_of_range_settings_are_one_line_errors(flags, message):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, capture_output=True,
