@@ -7,6 +7,7 @@
     python -m eto_ref.results compare runs/valid-sft runs/valid-dpo --env webshop     # settings, on valid
     python -m eto_ref.results purchases runs/valid-sft runs/valid-dpo                 # webshop: what each buy missed
     python -m eto_ref.results pairs runs/explore-1/pairs.json                         # where failed sides part
+    python -m eto_ref.results seeds --base runs/sft-0 runs/sft-1 --other runs/dpo-0 runs/dpo-1  # over seeds
 
 A seeds report gives each method's per-seed averages and their mean, the share of
 agent replies without a parsable action, and each ETO iteration's difference from
@@ -298,6 +299,39 @@ def compare_runs(folders: list[Path], env: str) -> str:
     return "\n".join(lines)
 
 
+def compare_seeds(bases: list[Path], others: list[Path]) -> str:
+    """A setting against its baseline over seeds, by hand (explore.py --out folders, seed i's baseline
+    bases[i], its setting others[i]): one row per seed with its paired difference, then the pooled
+    difference as the seeds report computes it (each task's difference averaged over the seeds, the
+    standard error over the tasks)."""
+    if len(bases) != len(others):
+        raise ValueError(f"{len(bases)} baseline folders but {len(others)} others: give one of each per seed")
+    rewards = {f: task_rewards(f) for f in dict.fromkeys(bases + others)}
+    per_seed = {i: {"SFT": {"valid": rewards[b]}, "other": {"valid": rewards[o]}}
+                for i, (b, o) in enumerate(zip(bases, others))}
+    lines = ["| seed | baseline | other | baseline reward x100 | other reward x100 | difference (± SE) | tasks |",
+             "|---|---|---|---:|---:|---:|---:|"]
+
+    def mean(r: dict) -> float:
+        return 100 * sum(r.values()) / max(len(r), 1)
+
+    for i, (b, o) in enumerate(zip(bases, others)):
+        d = differences_from_sft({i: per_seed[i]}, ("valid",)).get("other", {}).get("valid")
+        diff = "-" if d is None else f"{d['mean']:+.1f} ± {d['se']:.1f}"
+        lines.append(f"| {i} | {b} | {o} | {mean(rewards[b]):.1f} | {mean(rewards[o]):.1f} | {diff} | "
+                     f"{0 if d is None else d['tasks']} |")
+    d = differences_from_sft(per_seed, ("valid",)).get("other", {}).get("valid")
+    beyond = d is not None and abs(d["mean"]) > 2 * d["se"]
+    pooled = "-" if d is None else f"**{d['mean']:+.1f} ± {d['se']:.1f}**" + (" *" if beyond else "")
+    base_mean = sum(mean(rewards[b]) for b in bases) / len(bases)
+    other_mean = sum(mean(rewards[o]) for o in others) / len(others)
+    lines.append(f"| mean of {len(bases)} | | | {base_mean:.1f} | {other_mean:.1f} | {pooled} | "
+                 f"{0 if d is None else d['tasks']} |")
+    lines += ["", "(paired over tasks; the mean's difference averages each task's over the seeds that ran it in "
+              "both folders; ± one standard error over the tasks; * beyond twice it)"]
+    return "\n".join(lines)
+
+
 SHORTFALLS = ("never bought", "price", "option", "attribute", "type")
 
 
@@ -403,7 +437,8 @@ def pairs_table(files: list[Path]) -> str:
 
 
 def main(argv=None) -> str:
-    """python -m eto_ref.results compare BASE OTHER... [--env science] | purchases FOLDER... | pairs FILE..."""
+    """python -m eto_ref.results compare BASE OTHER... [--env science] | purchases FOLDER... | pairs FILE...
+    | seeds --base BASE0 BASE1... --other OTHER0 OTHER1..."""
     p = argparse.ArgumentParser(description="Compare evaluation folders (explore.py --out) task by task.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="rows: reward, paired difference from the first folder, behaviour")
@@ -411,6 +446,9 @@ def main(argv=None) -> str:
     c.add_argument("--env", default="science")
     b = sub.add_parser("purchases", help="webshop: %% of episodes whose purchase missed the price, an option, ...")
     b.add_argument("folders", nargs="+", type=Path)
+    e = sub.add_parser("seeds", help="a setting against its baseline over seeds: per-seed and pooled paired difference")
+    e.add_argument("--base", nargs="+", type=Path, required=True, help="each seed's baseline folder, in seed order")
+    e.add_argument("--other", nargs="+", type=Path, required=True, help="each seed's setting folder, same order")
     q = sub.add_parser("pairs", help="preference pairs files: where the failed side parts from the expert's")
     q.add_argument("files", nargs="+", type=Path)
     args = p.parse_args(argv)
@@ -419,11 +457,14 @@ def main(argv=None) -> str:
         if missing:
             p.error(f"no such pairs file: {', '.join(missing)}")
     else:
+        if args.command == "seeds":
+            args.folders = args.base + args.other
         missing = [str(f) for f in args.folders if not (f / TRAJECTORIES).is_file()]
         if missing:
             p.error(f"no {TRAJECTORIES} in: {', '.join(missing)}")
     tables = {"compare": lambda: compare_runs(args.folders, args.env),
-              "purchases": lambda: purchases_table(args.folders), "pairs": lambda: pairs_table(args.files)}
+              "purchases": lambda: purchases_table(args.folders), "pairs": lambda: pairs_table(args.files),
+              "seeds": lambda: compare_seeds(args.base, args.other)}
     try:
         table = tables[args.command]()
     except ValueError as e:

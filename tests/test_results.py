@@ -268,3 +268,29 @@ def test_pairs_table_counts_where_the_sides_part(tmp_path):
         results.main(["pairs", str(broken)])
     with pytest.raises(SystemExit):
         results.main(["pairs", str(tmp_path / "missing.json")])
+
+
+def _eval_folder(path, rewards):
+    """An explore.py --out folder with one finished episode per task."""
+    path.mkdir(parents=True)
+    lines = [json.dumps({"id": t, "conversations": [], "reward": r}) for t, r in rewards.items()]
+    (path / "trajectories.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_seeds_pools_each_tasks_difference_over_the_seeds(tmp_path):
+    """Seed 0: differences (x100) +100, 0, 0 -> +33.3 ± 33.3. Seed 1: 0, -100, 0 (t3 run by its baseline
+    only, so not paired) -> -33.3 ± 33.3. Pooled per task: +50, -50, 0 -> mean 0, sd 50, se 50 / sqrt(3)."""
+    bases = [_eval_folder(tmp_path / "sft-0", {"t0": 0.0, "t1": 0.5, "t2": 1.0}),
+             _eval_folder(tmp_path / "sft-1", {"t0": 1.0, "t1": 1.0, "t2": 1.0, "t3": 0.0})]
+    others = [_eval_folder(tmp_path / "dpo-0", {"t0": 1.0, "t1": 0.5, "t2": 1.0}),
+              _eval_folder(tmp_path / "dpo-1", {"t0": 1.0, "t1": 0.0, "t2": 1.0})]
+    table = results.main(["seeds", "--base", *map(str, bases), "--other", *map(str, others)])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:5]]
+    assert [r[5:7] for r in rows[:2]] == [["+33.3 ± 33.3", "3"], ["-33.3 ± 33.3", "3"]]
+    assert rows[1][3:5] == ["75.0", "66.7"]  # each folder's own average, over all the tasks it ran
+    assert rows[2][5] == f"**+0.0 ± {50 / 3 ** 0.5:.1f}**" and rows[2][6] == "3"
+    with pytest.raises(SystemExit):  # one baseline per setting folder
+        results.main(["seeds", "--base", str(bases[0]), "--other", *map(str, others)])
+    with pytest.raises(SystemExit):
+        results.main(["seeds", "--base", str(bases[0]), "--other", str(tmp_path / "missing")])
