@@ -301,7 +301,8 @@ def compare_runs(folders: list[Path], env: str) -> str:
 
 def compare_seeds(bases: list[Path], others: list[Path]) -> str:
     """A setting against its baseline over seeds, by hand (explore.py --out folders, seed i's baseline
-    bases[i], its setting others[i]): one row per seed with its paired difference, then the pooled
+    bases[i], its setting others[i]): one row per pair of folders, numbered from 1 in the order given
+    (the folders' names say which seed each is), with its paired difference, then the pooled
     difference as the seeds report computes it (each task's difference averaged over the seeds, the
     standard error over the tasks)."""
     if len(bases) != len(others):
@@ -309,7 +310,7 @@ def compare_seeds(bases: list[Path], others: list[Path]) -> str:
     rewards = {f: task_rewards(f) for f in dict.fromkeys(bases + others)}
     per_seed = {i: {"SFT": {"valid": rewards[b]}, "other": {"valid": rewards[o]}}
                 for i, (b, o) in enumerate(zip(bases, others))}
-    lines = ["| seed | baseline | other | baseline reward x100 | other reward x100 | difference (± SE) | tasks |",
+    lines = ["| pair | baseline | other | baseline reward x100 | other reward x100 | difference (± SE) | tasks |",
              "|---|---|---|---:|---:|---:|---:|"]
 
     def mean(r: dict) -> float:
@@ -318,7 +319,7 @@ def compare_seeds(bases: list[Path], others: list[Path]) -> str:
     for i, (b, o) in enumerate(zip(bases, others)):
         d = differences_from_sft({i: per_seed[i]}, ("valid",)).get("other", {}).get("valid")
         diff = "-" if d is None else f"{d['mean']:+.1f} ± {d['se']:.1f}"
-        lines.append(f"| {i} | {b} | {o} | {mean(rewards[b]):.1f} | {mean(rewards[o]):.1f} | {diff} | "
+        lines.append(f"| {i + 1} | {b} | {o} | {mean(rewards[b]):.1f} | {mean(rewards[o]):.1f} | {diff} | "
                      f"{0 if d is None else d['tasks']} |")
     d = differences_from_sft(per_seed, ("valid",)).get("other", {}).get("valid")
     beyond = d is not None and abs(d["mean"]) > 2 * d["se"]

@@ -288,6 +288,7 @@ def test_seeds_pools_each_tasks_difference_over_the_seeds(tmp_path):
     table = results.main(["seeds", "--base", *map(str, bases), "--other", *map(str, others)])
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:5]]
     assert [r[5:7] for r in rows[:2]] == [["+33.3 ± 33.3", "3"], ["-33.3 ± 33.3", "3"]]
+    assert [r[:3] for r in rows[:2]] == [["1", str(bases[0]), str(others[0])], ["2", str(bases[1]), str(others[1])]]
     assert rows[1][3:5] == ["75.0", "66.7"]  # each folder's own average, over all the tasks it ran
     assert rows[2][5] == f"**+0.0 ± {50 / 3 ** 0.5:.1f}**" and rows[2][6] == "3"
     with pytest.raises(SystemExit):  # one baseline per setting folder
