@@ -6,6 +6,7 @@ LOCAL_RANK, WORLD_SIZE), and compares with a run in this process (one rank).
 Models are tiny (hidden 32-64, 1-2 layers); every process uses one thread.
 """
 
+import gc
 import json
 import os
 import socket
@@ -39,6 +40,9 @@ def _rank_main(rank: int, world: int, port: int, job, args):
     try:
         job(*args)
     finally:
+        # Free the job's FSDP modules (held in reference cycles) while the process group is alive;
+        # left to interpreter exit, gloo's teardown aborted the rank now and then (SIGABRT).
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
