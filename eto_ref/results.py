@@ -4,7 +4,7 @@
     table = results_table(rows, splits)                   # one run, the paper's shape
     report_seeds("runs/science", [0, 1, 2], splits, "science", "results/science-smollm2.md")
 
-    python -m eto_ref.results compare runs/valid-sft runs/valid-dpo --env webshop     # settings, on valid
+    python -m eto_ref.results compare runs/valid-sft runs/valid-dpo                   # settings, on valid
     python -m eto_ref.results purchases runs/valid-sft runs/valid-dpo                 # webshop: what each buy missed
     python -m eto_ref.results pairs runs/explore-1/pairs.json                         # where failed sides part
     python -m eto_ref.results seeds --base runs/sft-0 runs/sft-1 --other runs/dpo-0 runs/dpo-1  # over seeds
@@ -35,6 +35,7 @@ from eto_ref.agent import parse_action
 from eto_ref.exploration import (TRAJECTORIES, action_key, agent_replies, invalid_format_rate, summarize,
                                  unmatched_action_rate)
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
+from eto_ref.run_dir import read_json_file
 from eto_ref.svg import point_chart
 from eto_ref.trajectory import load_pairs
 
@@ -280,9 +281,41 @@ def write_reward_plot(rows: dict[str, dict], splits, path: Path) -> Path:
 # --------------------------------------------------------------------------- comparing evaluation folders
 
 
-def compare_runs(folders: list[Path], env: str) -> str:
+def recorded_env(folder: Path) -> str | None:
+    """The environment an evaluation folder ran, as its run.json records it (None: no run.json)."""
+    path = folder / "run.json"
+    if not path.is_file():
+        return None
+    env = read_json_file(path).get("identity", {}).get("env")
+    if not isinstance(env, str):
+        raise ValueError(f"{path}: no identity.env naming the environment the folder ran")
+    return env
+
+
+def folders_env(folders: list[Path], env: str | None) -> str:
+    """The one environment the folders ran: `env` when given (refused if a folder's run.json names another),
+    else the one their run.json files name. Its rules count the unmatched actions, so a guess would
+    print a wrong rate without a word."""
+    recorded = {folder: recorded_env(folder) for folder in folders}
+    if env is not None:
+        other = [f"{folder} ({e})" for folder, e in recorded.items() if e is not None and e != env]
+        if other:
+            raise ValueError(f"--env {env}, but these folders ran another environment: {', '.join(other)}")
+        return env
+    unknown = [str(folder) for folder, e in recorded.items() if e is None]
+    if unknown:
+        raise ValueError(f"no run.json names the environment of {', '.join(unknown)}: give --env")
+    named = sorted(set(recorded.values()))
+    if len(named) > 1:
+        raise ValueError(f"the folders ran different environments ({', '.join(named)}): compare one at a time")
+    return named[0]
+
+
+def compare_runs(folders: list[Path], env: str | None = None) -> str:
     """One row per evaluation folder (explore.py --out): reward, behaviour, and the paired difference
-    from the first folder over the tasks both ran (how settings are compared on the valid slice)."""
+    from the first folder over the tasks both ran (how settings are compared on the valid slice).
+    `env`: the environment they ran (None: the one their run.json files record)."""
+    env = folders_env(folders, env)
     runs = {folder: read_jsonl_records(folder / TRAJECTORIES) for folder in folders}  # each file read once
     rewards = {folder: {r["id"]: [float(r["reward"])] for r in records} for folder, records in runs.items()}
     lines = ["| run | tasks | reward x100 | difference from the first (± SE) | success % | no action % | "
@@ -438,13 +471,14 @@ def pairs_table(files: list[Path]) -> str:
 
 
 def main(argv=None) -> str:
-    """python -m eto_ref.results compare BASE OTHER... [--env science] | purchases FOLDER... | pairs FILE...
+    """python -m eto_ref.results compare BASE OTHER... [--env ENV] | purchases FOLDER... | pairs FILE...
     | seeds --base BASE0 BASE1... --other OTHER0 OTHER1..."""
     p = argparse.ArgumentParser(description="Compare evaluation folders (explore.py --out) task by task.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="rows: reward, paired difference from the first folder, behaviour")
     c.add_argument("folders", nargs="+", type=Path)
-    c.add_argument("--env", default="science")
+    c.add_argument("--env", default=None,
+                   help="the environment the folders ran (default: the one their run.json files record)")
     b = sub.add_parser("purchases", help="webshop: %% of episodes whose purchase missed the price, an option, ...")
     b.add_argument("folders", nargs="+", type=Path)
     e = sub.add_parser("seeds", help="a setting against its baseline over seeds: per-seed and pooled paired difference")

@@ -153,11 +153,56 @@ def test_compare_pairs_the_runs_task_by_task(tmp_path):
     a = folder("a", {"t0": 0.2, "t1": 0.5, "t2": 1.0})
     b = folder("b", {"t0": 0.4, "t1": 0.5, "t2": 0.6, "t3": 1.0})  # t3: not in the first run, not paired
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
-            results.main(["compare", str(a), str(b)]).splitlines()[2:]}
+            results.main(["compare", str(a), str(b), "--env", "science"]).splitlines()[2:]}
     # differences 20, 0, -40 (x100): mean -6.67, sd 30.55, se 17.64
     assert rows[str(b)][2:4] == ["62.5", "-6.7 ± 17.6"] and rows[str(a)][2:4] == ["56.7", "-"]
     with pytest.raises(SystemExit):
-        results.main(["compare", str(a), str(tmp_path / "missing")])
+        results.main(["compare", str(a), str(tmp_path / "missing"), "--env", "science"])
+
+
+def compare_folder(path, env, replies):
+    """An evaluation folder of one episode on task t0 (reward 0) whose agent turns are `replies`,
+    with the run.json explore.py writes (identity.env) unless env is None."""
+    path.mkdir()
+    turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "task"}]
+    for reply, observation in replies:
+        turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": f"Observation: {observation}"}]
+    record = {"id": "t0", "conversations": turns, "reward": 0.0, "steps": len(replies), "reason": "max_steps"}
+    (path / "trajectories.jsonl").write_text(json.dumps(record) + "\n")
+    if env is not None:
+        (path / "run.json").write_text(json.dumps({"identity": {"env": env}}))
+    return path
+
+
+def test_compare_counts_unmatched_actions_by_the_environment_its_folders_ran(tmp_path):
+    """Each environment words an unmatched action its own way: household's "Nothing happens." is
+    unmatched there and an ordinary observation to science's rules. Without --env the folders'
+    run.json decides; a household folder read by science's rules would print 0% without a word."""
+    import envs
+
+    household = envs.env_class("household").unmatched_action
+    replies = [("Action: go to shelf 9", household), ("Action: look", "You are in the middle of a room.")]
+    a = compare_folder(tmp_path / "a", "household", replies)
+    b = compare_folder(tmp_path / "b", "household", replies)
+
+    def unmatched(argv):  # the "unmatched actions %" column of folder a's row
+        return results.main(["compare", str(a), str(b), *argv]).splitlines()[2].split(" | ")[6]
+
+    assert unmatched([]) == unmatched(["--env", "household"]) == "50.0"  # 1 of its 2 actions
+    with pytest.raises(SystemExit):  # --env naming another environment than the folders ran: refused
+        results.main(["compare", str(a), str(b), "--env", "science"])
+
+
+def test_compare_refuses_to_guess_the_environment(tmp_path):
+    """Folders of two environments, or a folder without run.json and no --env: refused, naming them."""
+    a = compare_folder(tmp_path / "a", "household", [("Action: look", "x")])
+    b = compare_folder(tmp_path / "b", "science", [("Action: look", "x")])
+    c = compare_folder(tmp_path / "c", None, [("Action: look", "x")])
+    with pytest.raises(ValueError, match="different environments"):
+        results.compare_runs([a, b])
+    with pytest.raises(ValueError, match=f"{c}: give --env"):
+        results.compare_runs([a, c])
+    assert "| 1 |" in results.compare_runs([a, c], "household")  # a run.json-less folder, env given
 
 
 def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_path):
