@@ -4,7 +4,13 @@ Three layers, bottom-up:
 
 1. `logits_to_probs` + `sample_rows`: next-token choice from logits (greedy,
    temperature, top-k, top-p), each row with its own seeded `torch.Generator`, so
-   a row's tokens do not depend on which other rows share its batch.
+   a row's random draws do not depend on which other rows share its batch. Its
+   logits can, in their last bits: a forward's floating-point sums are not always
+   ordered the same way in another batch (a decode step of one row against two, for
+   one), so a near-tie between two tokens can go either way, most of all in
+   bfloat16 (8 bits of mantissa). An evaluation resumed after an interruption runs
+   its remaining episodes beside other rows than an uninterrupted one would, and can
+   part from it at such a tie (docs/results.md, household's test report).
 2. `Session`: a batch of conversations (rows) sharing one `KVCache`, in which each
    row keeps its own length. A turn is
        session.append(...)     queue each row's new tokens (prompt, or observation + assistant header)
