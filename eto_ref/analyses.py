@@ -35,7 +35,7 @@ from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atom
 from eto_ref.pairs import self_play_pairs
 from eto_ref.pipeline import PipelineConfig, legacy_rejected_setting
 from eto_ref.results import paired_difference, per_task_rewards, task_rewards
-from eto_ref.run_dir import RUN_FILE, read_json_file
+from eto_ref.run_dir import recorded_identity
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
 from eto_ref.sft import run_sft
 
@@ -47,7 +47,7 @@ def run_config(run: Path) -> PipelineConfig:
     from eto_ref.sampler import SamplingConfig
 
     d = json.loads((run / "pipeline_config.json").read_text())
-    recorded = read_json_file(run / RUN_FILE).get("identity", {}) if (run / RUN_FILE).is_file() else {}
+    recorded = recorded_identity(run) or {}
     if "rejected_extra_turns" in recorded.get("loop", {}):  # a job made before run.json recorded the rule applied
         loop = d["loop"]
         loop["rejected_extra_turns"] = legacy_rejected_setting(loop["rejected_extra_turns"], loop["env"])

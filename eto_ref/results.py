@@ -35,7 +35,7 @@ from eto_ref.agent import parse_action
 from eto_ref.exploration import (TRAJECTORIES, action_key, agent_replies, invalid_format_rate, summarize,
                                  unmatched_action_rate)
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
-from eto_ref.run_dir import read_json_file
+from eto_ref.run_dir import RUN_FILE, recorded_identity
 from eto_ref.svg import point_chart
 from eto_ref.trajectory import load_pairs
 
@@ -283,13 +283,12 @@ def write_reward_plot(rows: dict[str, dict], splits, path: Path) -> Path:
 
 def recorded_env(folder: Path) -> str | None:
     """The environment an evaluation folder ran, as its run.json records it (None: no run.json)."""
-    path = folder / "run.json"
-    if not path.is_file():
+    identity = recorded_identity(folder)
+    if identity is None:
         return None
-    env = read_json_file(path).get("identity", {}).get("env")
-    if not isinstance(env, str):
-        raise ValueError(f"{path}: no identity.env naming the environment the folder ran")
-    return env
+    if not isinstance(identity.get("env"), str):
+        raise ValueError(f"{folder / RUN_FILE}: no identity.env naming the environment the folder ran")
+    return identity["env"]
 
 
 def folders_env(folders: list[Path], env: str | None) -> str:

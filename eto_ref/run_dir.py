@@ -149,8 +149,9 @@ def claim_run(directory: str | Path, identity: dict, resume: bool = True, output
             for name in (RUN_FILE, *outputs):
                 target = directory / name
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        if path.is_file():
-            old, new = flatten(read_json_file(path).get("identity", {})), flatten(identity)
+        recorded = recorded_identity(directory)
+        if recorded is not None:
+            old, new = flatten(recorded), flatten(identity)
             old = upgrade(old) if upgrade else old
             old = {k: v for k, v in old.items() if k not in ignored}
             changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
@@ -179,6 +180,12 @@ def read_json_file(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"{path}: cannot read ({type(e).__name__}: {e}); is it truncated?") from None
+
+
+def recorded_identity(directory: str | Path) -> dict | None:
+    """The settings a run directory's run.json records as its identity (None: no run.json yet)."""
+    path = Path(directory) / RUN_FILE
+    return read_json_file(path).get("identity", {}) if path.is_file() else None
 
 
 def checkpoint_dirs(out: str | Path) -> list[Path]:

@@ -175,7 +175,7 @@ def compare_folder(path, env, replies):
 
 
 def test_compare_counts_unmatched_actions_by_the_environment_its_folders_ran(tmp_path):
-    """Each environment words an unmatched action its own way: household's "Nothing happens." is
+    """Each environment words an unmatched action its own way: household's "Nothing happened." is
     unmatched there and an ordinary observation to science's rules. Without --env the folders'
     run.json decides; a household folder read by science's rules would print 0% without a word."""
     import envs
