@@ -167,8 +167,8 @@ def explore_job(model_dir: str, out_dir: str, limit: int) -> None:
     from eto_ref.tokenizer import Tokenizer
 
     model, tok = load_model(model_dir).eval(), Tokenizer.from_dir(model_dir)
-    cfg = ExploreConfig(env="household", split="train", out_dir=out_dir, limit=limit,
-                        agent=AgentConfig(sampling=SamplingConfig(max_new_tokens=6), batch_size=2, max_len=4096, max_steps=2))
+    agent = AgentConfig(sampling=SamplingConfig(max_new_tokens=6), batch_size=2, max_len=4096, max_steps=2)
+    cfg = ExploreConfig(env="household", split="train", out_dir=out_dir, limit=limit, agent=agent)
     records = explore(model, tok, cfg, progress=False)
     (Path(out_dir) / f"returned-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(records))
 

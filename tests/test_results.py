@@ -68,8 +68,8 @@ def test_report_reads_only_finished_phases(tmp_path):
     assert finished_rows(partial, splits) == {"SFT": {"test_seen": 30.0}}
 
     replies = ["Thought: a\nAction: look around", "no action here", "Action: wait", "Action: wait"]
-    observations = ["Observation: o", "Observation: Invalid format.", "Observation: No known action matches that input.",
-                    "Observation: You wait."]
+    observations = ["Observation: o", "Observation: Invalid format.",
+                    "Observation: No known action matches that input.", "Observation: You wait."]
     turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "task"}]
     for reply, observation in zip(replies, observations):
         turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": observation}]
