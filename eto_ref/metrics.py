@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,27 +102,50 @@ class PhaseClock:
     """Wall time per phase of a resumable job, summed over all its invocations, kept in a JSON file.
 
     A rerun that finds a phase finished adds only the little time it took to see that,
-    so the recorded time of each phase stays the time its work took.
+    so the recorded time of each phase stays the time its work took. While a phase runs, a
+    background thread rewrites its time every `heartbeat_s` seconds: a process killed without
+    warning (SIGKILL, out of memory, a machine taken back) loses at most that much of it.
+    SIGTERM and Ctrl-C lose nothing (eto_ref/runtime.py `stop_on_terminate`).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, heartbeat_s: float = 30.0):
         self.path = Path(path)
+        self.heartbeat_s = heartbeat_s
+        self.lock = threading.Lock()  # the heartbeat and the main thread both write the file
         self.seconds: dict[str, float] = read_json_object(self.path)
         # beside it, <name>_peak_rss_mb.json: the most resident memory each phase reached (Linux only)
         self.memory_path = self.path.with_name(self.path.stem.replace("seconds", "peak_rss_mb") + ".json")
         self.peak_rss_mb: dict[str, float] = read_json_object(self.memory_path)
 
+    def record(self, name: str, seconds: float) -> None:
+        with self.lock:
+            self.seconds[name] = round(seconds, 1)
+            write_json_atomic(self.seconds, self.path)
+
+    def keep_recording(self, name: str, elapsed, done: threading.Event) -> None:
+        """The heartbeat: record the running phase's time every heartbeat_s seconds until it ends."""
+        while not done.wait(self.heartbeat_s):
+            self.record(name, elapsed())
+
     @contextmanager
     def phase(self, name: str):
-        start = time.perf_counter()
+        start, before = time.perf_counter(), self.seconds.get(name, 0.0)
+
+        def elapsed() -> float:  # this phase's time over all invocations, this one included
+            return before + time.perf_counter() - start
+
+        done = threading.Event()
+        heartbeat = threading.Thread(target=self.keep_recording, args=(name, elapsed, done), daemon=True)
         fold_peak_into_open_phases()  # the kernel's peak is about to be reset: keep it for the enclosing phases
         reset_peak_rss()
         open_phase_peaks.append(0.0)
+        heartbeat.start()
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 1)
-            write_json_atomic(self.seconds, self.path)
+            done.set()
+            heartbeat.join()
+            self.record(name, elapsed())
             peak = max(open_phase_peaks.pop(), fold_peak_into_open_phases())
             if peak > 0:
                 self.peak_rss_mb[name] = max(peak, self.peak_rss_mb.get(name, 0.0))

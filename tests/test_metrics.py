@@ -3,6 +3,7 @@
 import json
 import mmap
 import sys
+import time
 
 import pytest
 
@@ -29,6 +30,19 @@ def test_phase_seconds_add_up_over_invocations(tmp_path):
         pass
     seconds = json.loads(path.read_text())
     assert 10.0 <= seconds["sft"] < 11.0 and 0.0 <= seconds["explore"] < 1.0
+
+
+def test_a_running_phase_records_its_time_before_it_ends(tmp_path):
+    """The heartbeat rewrites the running phase's time, on top of the earlier invocations' 10 s."""
+    path = tmp_path / "phase_seconds.json"
+    path.write_text(json.dumps({"explore": 10.0}))
+    clock = PhaseClock(path, heartbeat_s=0.05)
+    with clock.phase("explore"):
+        deadline = time.perf_counter() + 30
+        while json.loads(path.read_text())["explore"] < 10.2 and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        assert json.loads(path.read_text())["explore"] >= 10.2  # written while the phase still runs
+    assert json.loads(path.read_text())["explore"] >= 10.2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc (Linux)")

@@ -143,3 +143,22 @@ def test_a_terminated_job_still_records_the_time_of_its_phase(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert json.loads(clock.read_text())["explore"] >= 0.5
+
+
+def test_a_killed_job_keeps_the_time_of_its_phase_up_to_the_last_heartbeat(tmp_path):
+    """SIGKILL runs no `finally`: the heartbeat's last write (every 0.2 s here) is what remains."""
+    clock = tmp_path / "phase_seconds.json"
+    started = tmp_path / "started"
+    script = ("import pathlib, time\n"
+              "from eto_ref.metrics import PhaseClock\n"
+              f"with PhaseClock({str(clock)!r}, heartbeat_s=0.2).phase('explore'):\n"
+              f"    pathlib.Path({str(started)!r}).touch()\n"
+              "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.time() + 120
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)
+    proc.kill()
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert json.loads(clock.read_text())["explore"] >= 1.0
