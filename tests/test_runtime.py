@@ -124,22 +124,28 @@ def test_the_policy_is_loaded_in_the_dtype_asked_for(monkeypatch, tiny_model):
     assert next(load_policy(tiny_model, "cpu")[0].parameters()).dtype == torch.bfloat16
 
 
-def test_a_terminated_job_still_records_the_time_of_its_phase(tmp_path):
-    """`kill` (SIGTERM) ends a command like Ctrl-C: the phase it stopped in adds its time to phase_seconds.json."""
-    clock = tmp_path / "phase_seconds.json"
-    started = tmp_path / "started"
+def run_a_phase_in_a_subprocess(tmp_path, clock_args: str, setup: str = "", seconds_in: float = 0.5):
+    """Start a process that runs the phase 'explore' for 60 s; return it `seconds_in` seconds into the phase."""
+    clock, started = tmp_path / "phase_seconds.json", tmp_path / "started"
     script = ("import pathlib, time\n"
               "from eto_ref.metrics import PhaseClock\n"
-              "from eto_ref.runtime import stop_on_terminate\n"
-              "stop_on_terminate()\n"
-              f"with PhaseClock({str(clock)!r}).phase('explore'):\n"
+              f"{setup}"
+              f"with PhaseClock({str(clock)!r}{clock_args}).phase('explore'):\n"
               f"    pathlib.Path({str(started)!r}).touch()\n"
               "    time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
     deadline = time.time() + 120
     while not started.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    time.sleep(0.5)
+    time.sleep(seconds_in)
+    return proc, clock
+
+
+def test_a_terminated_job_still_records_the_time_of_its_phase(tmp_path):
+    """`kill` (SIGTERM) ends a command like Ctrl-C: the phase it stopped in adds its time to phase_seconds.json
+    (the heartbeat, every 30 s, has not written yet: this is the `finally` block's write)."""
+    setup = "from eto_ref.runtime import stop_on_terminate\nstop_on_terminate()\n"
+    proc, clock = run_a_phase_in_a_subprocess(tmp_path, clock_args="", setup=setup, seconds_in=0.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert json.loads(clock.read_text())["explore"] >= 0.5
@@ -147,18 +153,7 @@ def test_a_terminated_job_still_records_the_time_of_its_phase(tmp_path):
 
 def test_a_killed_job_keeps_the_time_of_its_phase_up_to_the_last_heartbeat(tmp_path):
     """SIGKILL runs no `finally`: the heartbeat's last write (every 0.2 s here) is what remains."""
-    clock = tmp_path / "phase_seconds.json"
-    started = tmp_path / "started"
-    script = ("import pathlib, time\n"
-              "from eto_ref.metrics import PhaseClock\n"
-              f"with PhaseClock({str(clock)!r}, heartbeat_s=0.2).phase('explore'):\n"
-              f"    pathlib.Path({str(started)!r}).touch()\n"
-              "    time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    deadline = time.time() + 120
-    while not started.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.5)
+    proc, clock = run_a_phase_in_a_subprocess(tmp_path, clock_args=", heartbeat_s=0.2", seconds_in=1.5)
     proc.kill()
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert json.loads(clock.read_text())["explore"] >= 1.0
