@@ -16,6 +16,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class PhaseClock:
             self.seconds[name] = round(seconds, 1)
             write_json_atomic(self.seconds, self.path)
 
-    def keep_recording(self, name: str, elapsed, done: threading.Event) -> None:
+    def keep_recording(self, name: str, elapsed: Callable[[], float], done: threading.Event) -> None:
         """The heartbeat: record the running phase's time every heartbeat_s seconds until it ends."""
         while not done.wait(self.heartbeat_s):
             self.record(name, elapsed())
