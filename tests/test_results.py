@@ -44,6 +44,15 @@ def test_seeds_table_lists_each_seed_and_the_mean():
     assert lines[3] == "| ETO-iter-1 | 30.0 | 50.0 | **40.0** | - | - | - |"  # no mean over missing seeds
 
 
+def conversation(steps, task: str = "task") -> list[dict]:
+    """An episode's turns as explore.py writes them: the opening exchange, the task, then each
+    (reply, observation) step."""
+    turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": task}]
+    for reply, observation in steps:
+        turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": observation}]
+    return turns
+
+
 def _summary(path, reward, **extra):
     path.mkdir(parents=True, exist_ok=True)
     (path / "summary.json").write_text(json.dumps({"average_reward": reward, **extra}))
@@ -70,9 +79,7 @@ def test_report_reads_only_finished_phases(tmp_path):
     replies = ["Thought: a\nAction: look around", "no action here", "Action: wait", "Action: wait"]
     observations = ["Observation: o", "Observation: Invalid format.",
                     "Observation: No known action matches that input.", "Observation: You wait."]
-    turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "task"}]
-    for reply, observation in zip(replies, observations):
-        turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": observation}]
+    turns = conversation(zip(replies, observations))
     with open(full / "sft" / "eval-test_seen" / "trajectories.jsonl", "w") as f:
         f.write(json.dumps({"id": "science/test_seen/0", "conversations": turns, "reward": 0.4}) + "\n")
 
@@ -143,8 +150,7 @@ def test_a_seed_without_the_method_adds_nothing_to_the_sft_side():
 def test_compare_pairs_the_runs_task_by_task(tmp_path):
     def folder(name, rewards):
         (tmp_path / name).mkdir()
-        turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "task"},
-                 {"from": "gpt", "value": "Action: wait"}, {"from": "human", "value": "Observation: You wait."}]
+        turns = conversation([("Action: wait", "Observation: You wait.")])
         lines = [json.dumps({"id": t, "conversations": turns, "reward": r, "steps": 1, "reason": "done"})
                  for t, r in rewards.items()]
         (tmp_path / name / "trajectories.jsonl").write_text("\n".join(lines) + "\n")
@@ -164,9 +170,7 @@ def compare_folder(path, env, replies):
     """An evaluation folder of one episode on task t0 (reward 0) whose agent turns are `replies`,
     with the run.json explore.py writes (identity.env) unless env is None."""
     path.mkdir()
-    turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "task"}]
-    for reply, observation in replies:
-        turns += [{"from": "gpt", "value": reply}, {"from": "human", "value": f"Observation: {observation}"}]
+    turns = conversation([(reply, f"Observation: {observation}") for reply, observation in replies])
     record = {"id": "t0", "conversations": turns, "reward": 0.0, "steps": len(replies), "reason": "max_steps"}
     (path / "trajectories.jsonl").write_text(json.dumps(record) + "\n")
     if env is not None:
@@ -215,9 +219,7 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
     env = envs.make_env("webshop")
 
     def record(task, actions):
-        turns = [{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}, {"from": "human", "value": "t"}]
-        for a in actions:
-            turns += [{"from": "gpt", "value": a}, {"from": "human", "value": "Observation:\n..."}]
+        turns = conversation([(a, "Observation:\n...") for a in actions], task="t")
         return {"id": task, "conversations": turns, "reward": 0.0, "steps": len(actions), "reason": "done"}
 
     def hasty(task):
