@@ -133,26 +133,22 @@ PRESETS = {
         "sampling": dict(max_new_tokens=96),
     },
     "small": {
-        # SmolLM2-135M on 2 CPU cores: full fine-tuning, batches of 8 (a step is ~30 s). The SFT lr was
-        # chosen on the validation slice (docs/results.md): 1e-4 -> 24.8, 2e-4 -> 35.0, 4e-4 -> 36.2 after one
-        # epoch; two epochs at 2e-4 score 90.3 there (one epoch leaves the policy under-trained).
-        # Activation checkpointing: without it a DPO micro-batch of 4 pairs peaks at 16.6 GB resident, with it 7.0 GB.
-        # Checkpoints every 10 SFT steps and every 4 DPO steps (a few minutes of work each), so an interrupted
-        # stage loses little: the job's stages are 10-30 steps long.
+        # SmolLM2-135M on 2 CPU cores: full fine-tuning in batches of 8. SFT lr and epochs chosen on the
+        # validation slice (docs/results.md). Activation checkpointing keeps a step under 3 GB.
+        # Checkpoints every few minutes of work, so an interrupted stage loses little.
         "sft": dict(lr=2e-4, epochs=2, batch_size=8, micro_batch_size=8, max_len=2048, gradient_checkpointing=True,
                     save_every=10),
-        # One epoch (a DPO step of 8 pairs is ~90 s here); the paper's lr 1e-6, tried on valid (docs/results.md).
-        # Micro-batches of 4 pairs: with training's freed memory returned (runtime.training_memory) a step
-        # peaks at 2.7 GB against 3.1 GB with one pair, in 39 s against 55 (bench/train_memory.py, equal-length
-        # sides; on real pairs micro-batches of 4 were the slower, docs/throughput.md).
-        "dpo": dict(lr=1e-6, epochs=1, batch_size=8, micro_batch_size=4, max_len=2048, gradient_checkpointing=True,
+        # The main job's DPO: the paper's lr 1e-6 and beta 0.1, three epochs (docs/results.md, the settings
+        # searched on valid). Micro-batches of 4 pairs peak at 2.7 GB with training's freed memory returned.
+        "dpo": dict(lr=1e-6, epochs=3, batch_size=8, micro_batch_size=4, max_len=2048, gradient_checkpointing=True,
                     save_every=4),
-        "loop": dict(explore_limit=96, eval_limit=50),
+        # Explore the 96 SFT tasks and 96 more: the SFT policy ties the expert on nearly every task it was
+        # trained on, so the unseen half gives the failures to pair. Later iterations: the official schedule.
+        "loop": dict(explore_limit=192, eval_limit=100, beta_schedule=(0.1, 0.5), lr_schedule=(1e-6, 5e-7)),
         # fine-tuned 0-shot, SmolLM2 follows an in-context example's task instead of its own (2.0 vs 47.3)
         "agent": dict(icl=False, batch_size=16),
         "sampling": dict(max_new_tokens=128),
-        # Best-of-N samples every test task 4 times, the longest phase on a CPU: --best-of-n 4 adds it
-        "pipeline": dict(sft_examples=96, best_of_n=0),
+        "pipeline": dict(sft_examples=96),
     },
     "7b": {
         "sft": dict(gradient_checkpointing=True),

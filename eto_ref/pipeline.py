@@ -32,7 +32,8 @@ from eto_ref.metrics import PhaseClock, duration
 from eto_ref.models import default_model, resolve_model
 from eto_ref.pairs import rejected_turns
 from eto_ref.report import build_report
-from eto_ref.results import report_seeds, results_table, write_reward_plot
+from eto_ref.results import (differences_from_sft, differences_table, per_task_rewards, report_seeds, results_table,
+                             verdict, write_reward_plot)
 from eto_ref.run_dir import RunLock, claim_run
 from eto_ref.sft import run_sft
 from eto_ref.tiny import ensure_tiny_model
@@ -51,7 +52,7 @@ class PipelineConfig:
     rft_lr_scale: float = setting(0.25, "RFT: its learning rate as a fraction of the SFT one")
     best_of_n: int = setting(4, "N of the Best-of-N baseline (0 = skip it)")
     bon_temperature: float = setting(0.7, "Best-of-N sampling temperature")
-    baselines: bool = setting(True, "run the RFT and Best-of-N baselines")
+    baselines: bool = setting(False, "also run the RFT and Best-of-N baselines")
     resume: bool = setting(True, "continue a job in `out` made with the same settings (False: start over)")
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -212,12 +213,16 @@ def run_phases(cfg: PipelineConfig, out: Path) -> dict:
     splits = cfg.loop.eval_splits
     for it in iterations:
         rows[f"ETO-iter-{it['iteration']}"] = {s: it[s] for s in splits if s in it}
+    diffs = differences_from_sft({cfg.seed: per_task_rewards(out, splits)}, splits)
     seconds = {**clock.seconds, "total": round(sum(clock.seconds.values()), 1)}
     log("time per phase: " + ", ".join(f"{name} {duration(t)}" for name, t in seconds.items()))
     results = {"env": cfg.loop.env, "seed": cfg.seed, "model": cfg.model, "rows": rows, "iterations": iterations,
-               "seconds": seconds}
+               "difference_from_sft": diffs, "seconds": seconds}
     write_json_atomic(results, out / "results.json")
     table = results_table(rows, splits, title=f"{cfg.loop.env}, {cfg.model}, seed {cfg.seed}: average reward x100")
+    if diffs:
+        table += "\n\n" + differences_table(diffs, splits, title="difference from SFT, paired over tasks") + \
+                 "\n\n" + verdict(diffs, splits)
     (out / "results.md").write_text(table + "\n")
     write_reward_plot(rows, splits, out / "reward_per_iteration.svg")
     log(f"report: {build_report(out)}")

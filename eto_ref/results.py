@@ -146,6 +146,25 @@ def differences_table(diffs: dict[str, dict[str, dict]], splits, title: str = ""
     return "\n".join(lines)
 
 
+def verdict(diffs: dict[str, dict[str, dict]], splits) -> str:
+    """One plain line per method: is its paired difference from SFT beyond two standard errors, per split?"""
+    lines = []
+    for method, by_split in diffs.items():
+        parts = []
+        for split in splits:
+            d = by_split.get(split)
+            if d is None:
+                continue
+            if abs(d["mean"]) > 2 * d["se"]:
+                said = f"{'above' if d['mean'] > 0 else 'below'} SFT by more than two standard errors"
+            else:
+                said = "within two standard errors of SFT (no clear difference)"
+            parts.append(f"{split} {d['mean']:+.1f} ± {d['se']:.1f}, {said}")
+        if parts:
+            lines.append(f"{method}: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
 def write_seeds_results(per_seed: dict[int, dict], splits, env: str, results_path: str | Path | None,
                         config: dict | None, rates: dict[int, dict] | None = None,
                         diffs: dict[str, dict] | None = None, unmatched: dict[int, dict] | None = None) -> str:
