@@ -55,7 +55,10 @@ DEFAULT_SIZES = {"train": 3000, "test_seen": 200, "test_unseen": 200}
 MAX_ECHO = 60  # an invalid action is quoted back at most this long
 
 
-def observation_turn(observation: str, prefix: str = "Observation: ") -> str:
+OBSERVATION_PREFIX = "Observation: "
+
+
+def observation_turn(observation: str, prefix: str = OBSERVATION_PREFIX) -> str:
     """The human turn that carries an observation in a trajectory."""
     return f"{prefix}{observation}"
 
@@ -101,7 +104,7 @@ class TextEnv:
     instruction: str = ""
     max_steps: int = 20
     # How the official ETO code words the turns of the benchmark this environment mirrors:
-    observation_prefix: str = "Observation: "  # WebShop: "Observation:\n"
+    observation_prefix: str = OBSERVATION_PREFIX  # WebShop: "Observation:\n"
     invalid_format: str = "Observation: Invalid format. The input must contains 'Action: '"  # ALFWorld: "Error Input"
     unmatched_action: str = ""  # what the environment answers to a well-formed action it cannot carry out
     truncate_rejected: bool = True  # the pair rule cuts a failed run's tail (the official code: not for ALFWorld)

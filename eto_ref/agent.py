@@ -38,6 +38,7 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
+from envs.base import OBSERVATION_PREFIX, observation_turn
 from eto_ref.config import setting
 from eto_ref.sampler import SamplingConfig, Session
 
@@ -58,11 +59,6 @@ def parse_action(reply: str) -> str | None:
         return None
     action = match.group(1).strip().split("\n")[0].strip()
     return action or None
-
-
-def observation_turn(env, observation: str) -> str:
-    """The user turn that carries an environment observation, worded as the environment words it."""
-    return f"{getattr(env, 'observation_prefix', 'Observation: ')}{observation}"
 
 
 def invalid_format_turn(env) -> str:
@@ -130,7 +126,7 @@ def step_episode(env, episode: Episode, reply: str, max_steps: int) -> str | Non
         except Exception as e:  # noqa: BLE001 - a faulty environment must not stop the run
             episode.done, episode.reason = True, f"env_error: {type(e).__name__}: {e}"
             return None
-        observation = observation_turn(env, obs)
+        observation = observation_turn(obs, getattr(env, "observation_prefix", OBSERVATION_PREFIX))
         if done:
             episode.reason = (info or {}).get("reason", "done")
     episode.turns.append({"from": "human", "value": observation})

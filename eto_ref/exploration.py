@@ -31,7 +31,7 @@ from eto_ref.checkpoint import load_model, model_fingerprint
 from eto_ref.config import setting
 from eto_ref.distributed import barrier, init_distributed, is_main, rank, shard, world_size
 from eto_ref.jsonl import JsonlWriter, read_jsonl_records, write_json_atomic
-from eto_ref.pairs import AUTO, build_pairs, rejected_turns
+from eto_ref.pairs import AUTO, PROMPT_TURNS, build_pairs, rejected_turns
 from eto_ref.run_dir import RunLock, claim_run
 from eto_ref.runtime import compute_dtype, dtype_name, resolve_device
 from eto_ref.tokenizer import Tokenizer
@@ -177,13 +177,13 @@ def forced_replies(cfg: ExploreConfig, task_ids: list[str]) -> dict[str, list[st
     """The expert's first `cfg.forced_steps` replies of each task (None without teacher forcing)."""
     if not cfg.forced_steps:
         return None
-    return {r["id"]: [t["value"] for t in r["conversations"][3:] if t["from"] == "gpt"][: cfg.forced_steps]
+    return {r["id"]: [t["value"] for t in r["conversations"][PROMPT_TURNS:] if t["from"] == "gpt"][: cfg.forced_steps]
             for r in expert_records(cfg.env, task_ids, cfg.env_seed)}
 
 
 def agent_replies(record: dict) -> list[str]:
     """The policy's replies of one episode (the turns after the task; not the "OK" to the instruction)."""
-    return [t["value"] for t in record["conversations"][3:] if t["from"] == "gpt"]
+    return [t["value"] for t in record["conversations"][PROMPT_TURNS:] if t["from"] == "gpt"]
 
 
 def invalid_format_rate(records: list[dict]) -> float:
@@ -198,7 +198,7 @@ def invalid_format_rate(records: list[dict]) -> float:
 
 def action_outcomes(record: dict) -> list[tuple[str, str]]:
     """(action, the observation it got) for each parsable reply of one episode."""
-    turns = record["conversations"][3:]
+    turns = record["conversations"][PROMPT_TURNS:]
     return [(action, turns[i + 1]["value"]) for i, t in enumerate(turns[:-1])
             if t["from"] == "gpt" and (action := parse_action(t["value"])) is not None]
 

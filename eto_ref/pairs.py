@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 INSTRUCTION_TURNS = 2  # human instruction + gpt "OK"
+PROMPT_TURNS = INSTRUCTION_TURNS + 1  # ... + the task: the agent's turns start after these
 EXTRA_REJECTED_TURNS = 5  # the official code allows 5 more agent turns than the expert
 AUTO = "auto"  # the rejected-side rule of the environment: EXTRA_REJECTED_TURNS, or None where it keeps runs whole
 

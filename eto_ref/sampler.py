@@ -10,7 +10,7 @@ Three layers, bottom-up:
    one), so a near-tie between two tokens can go either way, most of all in
    bfloat16 (8 bits of mantissa). An evaluation resumed after an interruption runs
    its remaining episodes beside other rows than an uninterrupted one would, and can
-   part from it at such a tie (docs/results.md, household's test report).
+   part from it at such a tie.
 2. `Session`: a batch of conversations (rows) sharing one `KVCache`, in which each
    row keeps its own length. A turn is
        session.append(...)     queue each row's new tokens (prompt, or observation + assistant header)

@@ -402,7 +402,7 @@ def encode_pair(pair: PreferencePair, tokenizer, max_len: int) -> PairExample:
 
     The prompt (instruction, its "OK" assistant turn, the task) is the first
     prompt_len tokens of both renderings; its mask is forced False there, so
-    log pi(e) sums only the agent turns after the prompt (DESIGN: trajectory log-prob).
+    log pi(e) sums only the agent turns after the prompt (losses.sequence_logprobs).
     """
     prompt_ids, _ = tokenizer.render(pair.prompt)
     prompt_len = len(prompt_ids)

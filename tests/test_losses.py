@@ -1,4 +1,4 @@
-"""The loss math of DESIGN.md ("The math that must be exactly right").
+"""The loss math: the label shift, the BC loss (Eq. 5), trajectory log-probs and the DPO loss (Eq. 7).
 
 Every expected value is computed by hand (arithmetic in the docstrings) or by an
 independent implementation: torch's cross_entropy with ignore_index, Hugging
