@@ -10,8 +10,8 @@
 --stage eto   the ETO loop (paper Algorithm 1, eto_ref/eto.py) from --model: per iteration, explore
               the training tasks, pair failures with the expert, DPO (paper Eq. 7, eto_ref/dpo.py) with
               the reference reset to the current policy, evaluate. With --pairs: one DPO stage.
---stage all   the main job (eto_ref/pipeline.py): SFT, its evaluation, the ETO iterations, the RFT and
-              Best-of-N baselines, the results table.
+--stage all   the main job (eto_ref/pipeline.py): SFT, its evaluation, the ETO iterations, the results
+              table with the paired difference from SFT (--baselines adds RFT and Best-of-N).
 
 Each stage's flags: python train.py --stage STAGE --help. Every flag is a config field
 (eto_ref/config.py, eto_ref/eto.py, eto_ref/agent.py, eto_ref/pipeline.py); an unset flag

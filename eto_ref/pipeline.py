@@ -1,4 +1,4 @@
-"""The whole main job in one call: SFT, the ETO iterations, the paper's baselines, the results table.
+"""The whole main job in one call: SFT, the ETO iterations, the paper's baselines (with `baselines`), the table.
 
     python train.py --stage all                      # SmolLM2 on science, seed 0, into runs/main
 
@@ -7,7 +7,8 @@
     OUT/eto/iter-k/           explore/ (trajectories, pairs), dpo/ (final/ = pi_k), eval-<split>/
     OUT/rft/                  RFT: pi_0 fine-tuned on expert + its successful explorations of iteration 1
     OUT/best-of-n/<split>/    N sampled runs of pi_0 per test task, best reward kept
-    OUT/results.json, results.md, reward_per_iteration.svg   (results.json: also the seconds per phase)
+    OUT/results.json, results.md, reward_per_iteration.svg   (results.md: the paired differences from SFT;
+                                                              results.json: also the seconds per phase)
     OUT/report.html           what happened, to look at (eto_ref/report.py)
 
 Every phase resumes on its own, so rerunning the same command after an
@@ -175,7 +176,7 @@ def resolved(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """SFT -> evaluate -> ETO iterations (each evaluated) -> RFT, Best-of-N -> results table."""
+    """SFT -> evaluate -> ETO iterations (each evaluated) -> RFT, Best-of-N (with cfg.baselines) -> results table."""
     cfg = resolved(cfg)
     check_valid(cfg)
     out = Path(cfg.out)

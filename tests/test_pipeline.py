@@ -26,7 +26,7 @@ def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
     results = train.main(["--stage", "all", "--model", "tiny", "--env", "science", "--out", str(out),
                           "--sft-examples", "32", "--sft-epochs", "3",
                           "--explore-limit", "8", "--eval-limit", "4", "--iterations", "2", "--best-of-n", "2",
-                          "--max-new-tokens", "24", "--valid", "3", "--no-progress"])
+                          "--max-new-tokens", "24", "--valid", "3", "--baselines", "--no-progress"])
     assert set(results["rows"]) == {"SFT", "RFT", "Best-of-2", "ETO-iter-1", "ETO-iter-2"} or \
         "note" in results["iterations"][-1]
     for name, row in results["rows"].items():
@@ -36,6 +36,9 @@ def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
     assert valid == ["science/train/1000", "science/train/1001", "science/train/1002"]
     assert (out / "results.md").read_text().startswith("**science, tiny, seed 0")
     assert "| method | valid | test_seen | test_unseen |" in (out / "results.md").read_text()
+    assert "| method - SFT | valid | test_seen | test_unseen |" in (out / "results.md").read_text()
+    assert "ETO-iter-1: valid " in (out / "results.md").read_text()  # the plain line on two standard errors
+    assert set(results["difference_from_sft"]) <= {"RFT", "Best-of-2", "ETO-iter-1", "ETO-iter-2"}
     assert (out / "reward_per_iteration.svg").is_file()
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     seconds = results["seconds"]
@@ -43,6 +46,20 @@ def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
     assert seconds["total"] == pytest.approx(sum(t for name, t in seconds.items() if name != "total"), abs=0.1)
 
 
+
+
+def test_the_default_main_job_is_the_setting_that_showed_the_effect():
+    """`python train.py --stage all` with SmolLM2: SFT on 96 tasks, explore train[:192], three DPO epochs at
+    lr 1e-6 and beta 0.1, 100 tasks per test split, no baselines; `--iterations 2` the official schedule."""
+    import train
+
+    cfg = train.pipeline_config(train.parse_args(["--stage", "all", "--model", "smollm2"]))
+    assert (cfg.sft_examples, cfg.sft.epochs, cfg.sft.lr) == (96, 2, 2e-4)
+    assert (cfg.loop.explore_limit, cfg.loop.eval_limit, cfg.loop.iterations) == (192, 100, 1)
+    assert (cfg.dpo.epochs, cfg.dpo.lr, cfg.dpo.beta) == (3, 1e-6, 0.1)
+    assert (cfg.loop.beta_schedule, cfg.loop.lr_schedule) == ((0.1, 0.5), (1e-6, 5e-7))
+    assert cfg.baselines is False
+    assert train.pipeline_config(train.parse_args(["--stage", "all", "--model", "smollm2", "--baselines"])).baselines
 
 
 def test_a_rerun_with_other_settings_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from eto_ref.results import (
     report_seeds,
     results_table,
     seeds_table,
+    verdict,
     write_reward_plot,
 )
 
@@ -342,3 +343,15 @@ def test_seeds_pools_each_tasks_difference_over_the_seeds(tmp_path):
         results.main(["seeds", "--base", str(bases[0]), "--other", *map(str, others)])
     with pytest.raises(SystemExit):
         results.main(["seeds", "--base", str(bases[0]), "--other", str(tmp_path / "missing")])
+
+
+def test_verdict_says_in_words_whether_each_difference_is_beyond_two_standard_errors():
+    diffs = {"ETO-iter-1": {"test_seen": {"mean": 0.4, "se": 1.3}, "test_unseen": {"mean": 6.7, "se": 2.0}},
+             "RFT": {"test_seen": {"mean": -5.0, "se": 2.0}, "test_unseen": {"mean": 4.0, "se": 2.0}}}
+    lines = verdict(diffs, ("test_seen", "test_unseen")).splitlines()
+    assert lines == [
+        "ETO-iter-1: test_seen +0.4 ± 1.3, within two standard errors of SFT (no clear difference); "
+        "test_unseen +6.7 ± 2.0, above SFT by more than two standard errors.",
+        "RFT: test_seen -5.0 ± 2.0, below SFT by more than two standard errors; "
+        "test_unseen +4.0 ± 2.0, within two standard errors of SFT (no clear difference).",  # 4.0 = 2 SE: not beyond
+    ]
