@@ -13,7 +13,7 @@ MODULES = [  # python -m MODULE --help, and its subcommands
     ["eto_ref.analyses"], ["eto_ref.analyses", "step-level"], ["eto_ref.analyses", "self-play"],
     ["eto_ref.analyses", "efficiency"], ["eto_ref.analyses", "iterations"],
     ["eto_ref.diagnose"], ["eto_ref.report"], ["eto_ref.gguf"], ["eto_ref.convert_data"],
-    ["eto_ref.tiny"], ["envs.write_expert_data"],
+    ["eto_ref.tiny"], ["eto_ref.minimal"], ["envs.write_expert_data"],
 ]
 SCRIPTS = ["train.py", "explore.py", "bench/precision.py", "bench/envs.py", "bench/train_memory.py",
            "bench/memory.py", "bench/throughput.py", "bench/train_step.py", "bench/gpu.py"]
