@@ -158,7 +158,11 @@ def run_sft_stage(args):
     data = getattr(args, "data", None) or str(ensure_sft_data(args.env, Path(f"data/{args.env}_sft.json")))
     preset = model_preset(model, args)
     cfg = stage_config(SFTConfig, args, preset, model=model, data=data)
-    return train_one(cfg, preset, run_sft)
+    announce(cfg, preset)
+    final = run_sft(cfg)
+    if is_main():
+        print(f"final model: {final}")
+    return final
 
 
 def run_eto_stage(args):
@@ -173,8 +177,12 @@ def run_eto_stage(args):
         if loop_flags:
             raise SystemExit(f"{', '.join(loop_flags)}: loop settings, but --pairs runs one DPO stage on fixed "
                              "pairs; leave out --pairs to explore and pair at every iteration")
-        return train_one(stage_config(DPOConfig, args, preset, model=model, pairs=args.pairs, out=args.out),
-                         preset, run_dpo)
+        cfg = stage_config(DPOConfig, args, preset, model=model, pairs=args.pairs, out=args.out)
+        announce(cfg, preset)
+        final = run_dpo(cfg)
+        if is_main():
+            print(f"final model: {final}")
+        return final
     rows = run_eto(loop_config(args, preset, model=model, out=args.out),
                    stage_config(DPOConfig, args, preset, skip=("model", "out", "pairs")))
     for row in rows:
@@ -182,14 +190,11 @@ def run_eto_stage(args):
     return rows
 
 
-def train_one(cfg, preset: str, run):
-    if is_main():  # under torchrun only rank 0 prints
+def announce(cfg, preset: str) -> None:
+    """The stage's settings, on stderr (under torchrun rank 0 alone prints)."""
+    if is_main():
         print(f"stage {cfg.STAGE}, preset {preset}: " + ", ".join(
             f"{k}={v}" for k, v in asdict(cfg).items() if k != "progress"), file=sys.stderr)
-    final = run(cfg)
-    if is_main():
-        print(f"final model: {final}")
-    return final
 
 
 def pipeline_config(args):

@@ -3,8 +3,8 @@
     python bench/train_memory.py [--stage dpo|sft] [--threads 2] [--model DIR] [--pairs FILE] [--batch N]
                                  [--only micro]
 
-Two optimizer steps of the trainer's own loss (eto_ref/dpo.py `dpo_micro_loss` or
-eto_ref/sft.py `sft_micro_loss`, accumulated by eto_ref/trainer.py), each setting in a
+Two optimizer steps of the trainer's own loss (eto_ref/dpo.py `DPOStage.loss` or
+eto_ref/sft.py `SFTStage.loss`, accumulated as eto_ref/trainer.py does), each setting in a
 fresh process so that every high-water mark is its own. The resident set is sampled
 every 5 ms and its peak reported for each part of the steps:
 
@@ -38,6 +38,7 @@ import ctypes
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,32 +82,34 @@ def synthetic_pairs(n: int) -> list:
 # --------------------------------------------------------------------------- one setting, in its own process
 
 
-def micro_loss_of(stage: str, model_dir: str, pairs_file: str | None, batch: int, micro: int, device):
-    """The trainer's micro-batch loss for `batch` examples, the reference pass it needs first (DPO), and
-    each example's length in tokens (the trainer's sort key)."""
-    from eto_ref.config import DPOConfig
-    from eto_ref.dpo import dpo_micro_loss, encode_pair_data, pair_length, reference_logprobs
-    from eto_ref.sft import encode_sft_data, scored_targets, sft_micro_loss
+def stage_of(stage: str, model_dir: str, pairs_file: str | None, batch: int, micro: int, device):
+    """The trainer's stage for `batch` examples (eto_ref/sft.py SFTStage or, once given the reference
+    log-probs, eto_ref/dpo.py DPOStage) and the reference pass DPO needs first."""
+    from eto_ref.config import DPOConfig, SFTConfig
+    from eto_ref.dpo import DPOStage, encode_pair_data, reference_logprobs
+    from eto_ref.sft import SFTStage
     from eto_ref.tokenizer import Tokenizer
     from eto_ref.trajectory import load_pairs
 
     tok = Tokenizer.from_dir(model_dir)
     if stage == "sft":
-        examples, _ = encode_sft_data(science_trajectories(batch), tok, 2048)
-        counts = [scored_targets(ex.loss_mask) for ex in examples]
-        return sft_micro_loss(examples, counts, tok.pad_id, device), None, lambda i: len(examples[i].input_ids)
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "sft.json"
+            env = envs.make_env("science")
+            data.write_text(json.dumps([env.expert_trajectory(t) for t in env.task_ids("train")[:batch]]))
+            sft_stage = SFTStage(SFTConfig(model=model_dir, data=str(data), max_len=2048, eval_fraction=0.0), tok,
+                                 device)
+        return (lambda ref: sft_stage), None
     pairs = load_pairs(pairs_file)[:batch] if pairs_file else synthetic_pairs(batch)
-    _, examples, _ = encode_pair_data(pairs, tok, 2048)
+    _, examples, stats = encode_pair_data(pairs, tok, 2048)
     if len(examples) < batch:
         sys.exit(f"{pairs_file}: {len(examples)} trainable pairs, fewer than --batch {batch}")
-    counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]
-    cfg = DPOConfig(model=model_dir, micro_batch_size=micro, beta=0.1, sft_weight=0.0)
+    cfg = DPOConfig(model=model_dir, micro_batch_size=micro, beta=0.1, sft_weight=0.0, eval_fraction=0.0)
 
     def reference(model):
         return reference_logprobs(model, examples, tok.pad_id, micro, device, torch.float32)
 
-    return ((lambda ref: dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)), reference,
-            lambda i: pair_length(examples[i]))
+    return (lambda ref: DPOStage(cfg, examples, ref, tok.pad_id, device, stats)), reference
 
 
 def whole_head_logprobs(model, batch: dict) -> torch.Tensor:
@@ -125,7 +128,7 @@ def measure_one(args) -> dict:
     import eto_ref.dpo
     import eto_ref.sft
     from eto_ref.checkpoint import load_model
-    from eto_ref.trainer import accumulate_gradients
+    from eto_ref.trainer import chunks
 
     set_threads(args.threads)
     if not args.glibc_default:
@@ -134,25 +137,30 @@ def measure_one(args) -> dict:
         eto_ref.dpo.scored_logprobs = eto_ref.sft.scored_logprobs = whole_head_logprobs
     device = torch.device("cpu")
     marks = {"start": rss_mb()}
-    loss_of, reference, lengths = micro_loss_of(args.stage, args.model, args.pairs, args.batch, args.micro, device)
+    make_stage, reference = stage_of(args.stage, args.model, args.pairs, args.batch, args.micro, device)
     with PeakMemory() as m:
         model = load_model(args.model, torch.float32, device).train()
         model.gradient_checkpointing = args.checkpointing
     marks["loaded"] = m.peak
-    micro_loss = loss_of
-    if reference is not None:
+    if reference is None:
+        stage = make_stage(None)
+    else:
         with PeakMemory() as m:
-            micro_loss = loss_of(reference(model).clone())
+            stage = make_stage(reference(model).clone())
         model.train()
         marks["reference"] = m.peak
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=args.fused or None)
-    batch = sorted(range(args.batch), key=lengths)  # as the trainer does (eto_ref/trainer.py Fit.train_step)
+    batch = sorted(range(args.batch), key=lambda i: stage.lengths[i])  # as eto_ref/trainer.py Fit.train_step does
     for step in (1, 2):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with PeakMemory() as m:
-            metrics = accumulate_gradients(model, batch, args.micro, micro_loss, torch.autocast("cpu", enabled=False))
+            metrics = {"loss": 0.0}
+            for micro in chunks(batch, args.micro):  # Fit.train_step's loop in one process
+                loss, shares = stage.loss(model, micro, batch)
+                loss.backward()
+                metrics["loss"] += float(shares["loss"])
         marks["fwd+bwd" if step == 1 else "step 2"] = m.peak
         with PeakMemory() as m:
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -18,7 +18,6 @@ gradient and AdamW state, and gathers a layer's weights just before using it).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import TypeVar
 
@@ -129,19 +128,16 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def gradient_sync(model: torch.nn.Module, sync: bool):
-    """Context for one micro-batch's backward: communicate gradients only when `sync` (the last one).
+def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """Whether the next backward exchanges gradients: only after a global batch's last micro-batch.
 
-    DDP: `no_sync()` keeps the gradients local; FSDP: skip the reduce-scatter. A plain
-    module: nothing to do.
+    DDP: its `require_backward_grad_sync` flag (what `no_sync()` toggles), read in the
+    forward; FSDP: skip the reduce-scatter.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel) and not sync:
-        return model.no_sync()
     if is_fsdp(model):
         model.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
+    else:
+        model.require_backward_grad_sync = sync
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -149,6 +145,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded DTensor; others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,11 @@ from eto_ref.distributed import all_gather_dicts, is_main, shard
 from eto_ref.jsonl import write_json_atomic
 from eto_ref.lora import disable_adapter, lora_modules
 from eto_ref.losses import bc_loss, dpo_loss, scored_positions, sequence_logprobs
-from eto_ref.run_dir import restore_weights
+from eto_ref.run_dir import RunLock, find_resume_checkpoint, finished_run, restore_weights
 from eto_ref.runtime import autocast
 from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.trainer import (Stage, chunks, fit, load_trainable_model, run_stage, scored_logprobs, split_train_eval,
+from eto_ref.trainer import (chunks, fit, load_trainable_model, scored_logprobs, setup_runtime, split_train_eval,
                              to_device)
 from eto_ref.trajectory import collate_pairs, encode_pair, load_pairs, split_chosen_rejected
 
@@ -136,25 +136,36 @@ def pair_length(example) -> int:
     return max(len(example.chosen.input_ids), len(example.rejected.input_ids))
 
 
-def dpo_micro_loss(examples: list, ref: torch.Tensor, chosen_counts: list[int], cfg: DPOConfig, pad_id: int,
-                   device: torch.device) -> Callable:
-    """The DPO loss share of a micro-batch (its mean over pairs, weighted by b / B), plus the
-    optional NLL of the chosen side (token mean over the global batch's chosen tokens)."""
+class DPOStage:
+    """The pairs, their reference log-probs and the loss (paper Eq. 7), as the training loop calls them."""
 
-    def micro_loss(model, micro: list[int], batch: list[int]):
-        b = to_device(collate_pairs([examples[i] for i in micro], pad_id), device)
+    name = "dpo"
+
+    def __init__(self, cfg: DPOConfig, examples: list, ref: torch.Tensor, pad_id: int, device: torch.device,
+                 data_stats: dict):
+        self.examples, self.ref, self.cfg, self.pad_id, self.device = examples, ref, cfg, pad_id, device  # ref (N, 2)
+        self.chosen_counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]  # for the chosen-side NLL
+        self.lengths = [pair_length(ex) for ex in examples]
+        self.train_indices, self.eval_indices = split_train_eval(len(examples), cfg.eval_fraction, cfg.seed)
+        self.data_stats = {**data_stats, "train_pairs": len(self.train_indices), "eval_pairs": len(self.eval_indices),
+                           "ref_chosen_logp": ref[:, 0].mean().item(), "ref_rejected_logp": ref[:, 1].mean().item()}
+
+    def loss(self, model, micro: list[int], batch: list[int]) -> tuple[torch.Tensor, dict]:
+        """The micro-batch's share of the batch loss (its mean over pairs, weighted by b / B), plus the
+        optional NLL of the chosen side (a token mean over the whole batch's chosen tokens)."""
+        b = to_device(collate_pairs([self.examples[i] for i in micro], self.pad_id), self.device)
         policy_chosen, policy_rejected, token_logps = pair_logprobs(model, b)  # (b,), (b,), (N,)
-        ref_chosen, ref_rejected = ref[micro, 0].to(device), ref[micro, 1].to(device)  # (b,)
-        out = dpo_loss(policy_chosen.float(), policy_rejected.float(), ref_chosen, ref_rejected, cfg.beta)
+        ref_chosen, ref_rejected = self.ref[micro, 0].to(self.device), self.ref[micro, 1].to(self.device)  # (b,)
+        out = dpo_loss(policy_chosen.float(), policy_rejected.float(), ref_chosen, ref_rejected, self.cfg.beta)
         share = len(micro) / len(batch)
         loss = out.loss * share
         metrics = {"dpo_loss": loss.detach()}
-        if cfg.sft_weight:
+        if self.cfg.sft_weight:
             n = len(micro)
             chosen_logps = token_logps[: int(scored_positions(b["loss_mask"][:n]).sum())]  # chosen rows come first
             nll = bc_loss(chosen_logps, b["input_ids"][:n], b["loss_mask"][:n],
-                          num_tokens=sum(chosen_counts[i] for i in batch))
-            loss = loss + cfg.sft_weight * nll
+                          num_tokens=sum(self.chosen_counts[i] for i in batch))
+            loss = loss + self.cfg.sft_weight * nll
             metrics["sft_loss"] = nll.detach()
         metrics.update({
             "loss": loss.detach(),
@@ -166,48 +177,38 @@ def dpo_micro_loss(examples: list, ref: torch.Tensor, chosen_counts: list[int], 
         })
         return loss, metrics
 
-    return micro_loss
-
-
-def dpo_evaluate(examples, ref, chosen_counts, indices, cfg: DPOConfig, pad_id, device) -> Callable:
-    """Held-out DPO loss, rewards, margin and pair accuracy (means over the held-out pairs)."""
-    micro_loss = dpo_micro_loss(examples, ref, chosen_counts, cfg, pad_id, device)
-
-    def evaluate(model) -> dict:
+    def evaluate(self, model) -> dict:
+        """Held-out DPO loss, rewards, margin and pair accuracy (means over the held-out pairs)."""
         totals: dict[str, float] = {}
-        for micro in chunks(indices, cfg.micro_batch_size):
-            for k, v in micro_loss(model, micro, indices)[1].items():
+        for micro in chunks(self.eval_indices, self.cfg.micro_batch_size):
+            for k, v in self.loss(model, micro, self.eval_indices)[1].items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return {f"eval_{k}": v for k, v in totals.items() if k != "tokens"}
-
-    return evaluate
 
 
 # --------------------------------------------------------------------------- the stage
 
 
 def run_dpo(cfg: DPOConfig, callback: Callable | None = None) -> Path:
-    """One DPO stage of ETO (paper Eq. 7): pi_ref = cfg.model, trained on cfg.pairs; returns the final dir."""
-    return run_stage(cfg, train_dpo, callback)
+    """One DPO stage of ETO (paper Eq. 7): pi_ref = cfg.model, trained on cfg.pairs; returns the final dir.
 
-
-def train_dpo(cfg: DPOConfig, device, dtype, resume_from: Path | None, callback: Callable | None) -> Path:
-    tok = Tokenizer.from_dir(cfg.model)
-    pairs, examples, stats = encode_pair_data(load_pairs(cfg.pairs, on_error="skip")[:cfg.max_examples], tok,
-                                              cfg.max_len)
-    if not examples:
-        raise ValueError(f"{cfg.pairs}: no preference pair with trainable tokens on both sides")
-    chosen_counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]
-    train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, cfg.seed)
-
-    model = load_trainable_model(cfg, device, dtype)  # = pi_ref until it is trained
-    ref = cached_reference_logprobs(model, pairs, examples, cfg, tok.pad_id, device, dtype)  # (N, 2)
-    if resume_from is not None:
-        restore_weights(model, resume_from, bool(cfg.lora_rank))
-    evaluate = dpo_evaluate(examples, ref, chosen_counts, eval_idx, cfg, tok.pad_id, device) if eval_idx else None
-    stats.update(train_pairs=len(train_idx), eval_pairs=len(eval_idx),
-                 ref_chosen_logp=ref[:, 0].mean().item(), ref_rejected_logp=ref[:, 1].mean().item())
-    stage = Stage("dpo", train_idx, dpo_micro_loss(examples, ref, chosen_counts, cfg, tok.pad_id, device),
-                  evaluate, lengths=[pair_length(ex) for ex in examples],
-                  data_stats=stats)
-    return fit(model, cfg, stage, resume_from, device, dtype, callback)
+    The run directory is locked; a finished run with these settings returns its final/ at
+    once, an interrupted one resumes from its newest usable checkpoint (eto_ref/run_dir.py).
+    """
+    with RunLock(cfg.out):
+        done = finished_run(cfg)
+        if done is not None:
+            return done
+        device, dtype = setup_runtime(cfg)
+        resume_from = find_resume_checkpoint(cfg, dtype)
+        tok = Tokenizer.from_dir(cfg.model)
+        pairs, examples, stats = encode_pair_data(load_pairs(cfg.pairs, on_error="skip")[:cfg.max_examples], tok,
+                                                  cfg.max_len)
+        if not examples:
+            raise ValueError(f"{cfg.pairs}: no preference pair with trainable tokens on both sides")
+        model = load_trainable_model(cfg, device, dtype)  # = pi_ref until it is trained
+        ref = cached_reference_logprobs(model, pairs, examples, cfg, tok.pad_id, device, dtype)  # (N, 2)
+        if resume_from is not None:
+            restore_weights(model, resume_from, bool(cfg.lora_rank))
+        stage = DPOStage(cfg, examples, ref, tok.pad_id, device, stats)
+        return fit(model, cfg, stage, resume_from, device, dtype, callback)

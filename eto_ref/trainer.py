@@ -1,7 +1,7 @@
-"""The training loop both stages share: batches, gradient accumulation, the optimizer step, `fit`.
+"""The training loop both stages share: `fit`, and one optimizer step in `Fit.train_step`.
 
-A stage (eto_ref/sft.py, eto_ref/dpo.py) hands `fit` a `Stage`: the indices of its
-training examples and a `micro_loss`, its loss on a micro-batch. `fit` does the rest:
+A stage (eto_ref/sft.py `SFTStage`, eto_ref/dpo.py `DPOStage`) hands `fit` the indices
+of its training examples and its `loss` on a micro-batch. `fit` does the rest:
 AdamW, a learning-rate schedule that is a pure function of the step
 (eto_ref/schedule.py), gradient accumulation over micro-batches, gradient clipping,
 a held-out evaluation, atomic checkpoints and exact resume (eto_ref/run_dir.py).
@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from eto_ref.checkpoint import load_model
 from eto_ref.config import TrainConfig
-from eto_ref.distributed import (all_reduce_sum, full_tensor, gradient_sync, init_distributed, is_main, shard,
-                                 world_size, wrap_ddp, wrap_fsdp)
+from eto_ref.distributed import (all_reduce_sum, full_tensor, init_distributed, is_main, local_tensor,
+                                 set_gradient_sync, shard, world_size, wrap_ddp, wrap_fsdp)
 from eto_ref.lora import inject_lora, lora_modules
 from eto_ref.losses import next_token_targets, scored_positions
 from eto_ref.metrics import MetricsLog, progress_bar, show
-from eto_ref.run_dir import (RunLock, config_dict, find_resume_checkpoint, finished_run, load_optimizer_state,
-                             restore_weights, save_checkpoint, save_final)
+from eto_ref.run_dir import config_dict, load_optimizer_state, restore_weights, save_checkpoint, save_final
 from eto_ref.runtime import autocast, compute_dtype, dtype_name, resolve_device, training_memory
 from eto_ref.schedule import lr_at
 
@@ -75,12 +73,12 @@ def load_trainable_model(cfg: TrainConfig, device: torch.device, dtype: torch.dt
     return model
 
 
-def parallelize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, ranks: int) -> torch.nn.Module:
     """The module the training loop calls: `model` itself in one process; under torchrun a DDP
     replica per rank, or with cfg.fsdp the model sharded in place (FSDP2). cfg.compile:
     torch.compile the model in place (parameter names, hence checkpoints, unchanged)."""
     train_model = model
-    if world_size() > 1:
+    if ranks > 1:
         train_model = wrap_fsdp(model) if cfg.fsdp else wrap_ddp(model, device)
     if cfg.compile:
         model.compile()
@@ -158,20 +156,24 @@ def check_finite(loss: float, grad_norm: float, step: int | None) -> None:
                              "rate or check the data, then start a new run from the last checkpoint")
 
 
-def check_finite_update(params, step: int) -> None:
-    """Stop when an update made a weight NaN or inf (e.g. an overflowing learning rate)."""
-    if not all(bool(torch.isfinite(full_tensor(p.detach())).all()) for p in params):
+def check_finite_update(params, step: int, distributed: bool) -> None:
+    """Stop when an update made a weight NaN or inf (e.g. an overflowing learning rate). Under torchrun
+    each rank checks its own shard and the ranks add up their counts, so all of them stop together."""
+    bad = sum(not bool(torch.isfinite(local_tensor(p.detach()) if distributed else p.detach()).all())
+              for p in params)
+    if distributed:
+        bad = all_reduce_sum({"bad": bad}, params[0].device)["bad"]
+    if bad:
         raise NonFiniteLossError(f"step {step}: the update made weights NaN or inf; nothing of this step is "
                                  "saved. Lower the learning rate and start a new run from the last checkpoint")
 
 
 def rank_micro_batches(batch: list[int], micro_batch_size: int) -> list[tuple[list[int], float]]:
-    """This rank's micro-batches of a global batch, each with a weight: 1 (real) or 0 (padding).
+    """Under torchrun: this rank's micro-batches of a global batch, each with a weight: 1 (real) or 0 (padding).
 
     Every rank cuts the same global batch into the same micro-batches; micro-batch j
     goes to rank j % N. All ranks get the same number of micro-batches, so their
     collectives line up: a rank short of one repeats micro-batch 0 with weight 0.
-    In one process: all micro-batches, weight 1.
     """
     micros = chunks(batch, micro_batch_size)
     mine = [(micro, 1.0) for micro in shard(micros)]
@@ -179,61 +181,22 @@ def rank_micro_batches(batch: list[int], micro_batch_size: int) -> list[tuple[li
     return mine + [(micros[0], 0.0)] * (per_rank - len(mine))
 
 
-def rank_loss(loss: torch.Tensor, weight: float) -> torch.Tensor:
-    """The loss a rank backpropagates. DDP and FSDP average gradients over the N ranks, but the
-    micro-batch shares of all ranks already add up to the global loss: scale by N to undo the average."""
-    scale = world_size() * weight
-    return loss if scale == 1 else loss * scale
-
-
-def accumulate_gradients(model, batch: list[int], micro_batch_size: int, micro_loss: Callable, amp) -> dict:
-    """Backpropagate the loss of a global batch, one micro-batch at a time.
-
-    `micro_loss(model, micro, batch) -> (loss, metrics)` returns the micro-batch's
-    share of the global-batch loss, so the gradients add up to the gradient of the
-    loss of the whole batch. Under torchrun each rank runs its share of the
-    micro-batches (rank_micro_batches); gradients are exchanged after the last one
-    only. Returns the summed metrics of all ranks (= the global-batch values).
-    """
-    totals: dict[str, float] = {}
-    mine = rank_micro_batches(batch, micro_batch_size)
-    for j, (micro, weight) in enumerate(mine):
-        with gradient_sync(model, sync=j == len(mine) - 1):
-            with amp:
-                loss, metrics = micro_loss(model, micro, batch)
-            rank_loss(loss, weight).backward()
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * weight
-    return all_reduce_sum(totals, next(model.parameters()).device)
-
-
-def optimizer_step(model, optimizer, params, batch, micro_batch_size, micro_loss, lr, clip, amp,
-                   step: int | None = None) -> dict:
-    """One AdamW update on a global batch: accumulate, clip the global grad norm, check it is finite, step."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    metrics = accumulate_gradients(model, batch, micro_batch_size, micro_loss, amp)
-    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
-    check_finite(float(metrics["loss"]), grad_norm.item(), step)
-    optimizer.step()
-    check_finite_update(params, step)
-    return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
-
-
 # --------------------------------------------------------------------------- the shared training loop
 
 
-@dataclass
-class Stage:
-    """What a training stage hands the shared loop."""
+class Stage(Protocol):
+    """What a training stage gives the loop: eto_ref/sft.py `SFTStage`, eto_ref/dpo.py `DPOStage`."""
 
     name: str  # "sft" | "dpo": the metrics log's stage field
     train_indices: list[int]  # the examples trained on
-    micro_loss: Callable  # (model, micro, batch) -> (loss share, metric shares); see accumulate_gradients
-    evaluate: Callable | None = None  # (model) -> held-out metrics (model in eval mode, under no_grad)
-    lengths: list[int] | None = None  # tokens per example: a batch is sorted by length before it is cut
-    data_stats: dict = field(default_factory=dict)  # logged with the start record
+    lengths: list[int]  # tokens per example: a batch is sorted by length before it is cut
+    data_stats: dict  # logged with the start record
+
+    def loss(self, model, micro: list[int], batch: list[int]) -> tuple[torch.Tensor, dict]:
+        """The micro-batch's share of the global batch's loss, and its shares of the logged metrics."""
+
+    def evaluate(self, model) -> dict:
+        """Held-out metrics, {} when nothing is held out (the model in eval mode, under no_grad)."""
 
 
 class NoLog:
@@ -261,8 +224,9 @@ class Fit:
     """The state of one training run: model, optimizer, step counter, metrics log."""
 
     def __init__(self, model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device, dtype):
-        self.model, self.cfg, self.stage, self.dtype = model, cfg, stage, dtype
-        self.train_model = parallelize(model, cfg, device)  # = model in one process
+        self.model, self.cfg, self.stage, self.device, self.dtype = model, cfg, stage, device, dtype
+        self.ranks = world_size()  # 1 without torchrun
+        self.train_model = parallelize(model, cfg, device, self.ranks)  # = model in one process
         self.named = trainable_parameters(model)  # after parallelize: FSDP replaces the parameters by shards
         self.params = [p for _, p in self.named]
         self.optimizer = make_optimizer(cfg, self.named)
@@ -286,30 +250,56 @@ class Fit:
 
     def evaluate(self) -> dict:
         """Held-out metrics (every rank evaluates the whole held-out set: FSDP forwards are collectives)."""
-        if self.stage.evaluate is None:
-            return {}
         self.train_model.eval()
         with torch.no_grad(), self.amp:
             result = self.stage.evaluate(self.train_model)
         self.train_model.train()
-        self.log.log(step=self.step, epoch=self.step / self.steps_per_epoch, **result)
+        if result:
+            self.log.log(step=self.step, epoch=self.step / self.steps_per_epoch, **result)
         return result
 
     def train_step(self) -> dict:
-        """The next optimizer step: its global batch, sorted by length, at its scheduled learning rate."""
-        cfg = self.cfg
+        """One optimizer step: the global batch, its micro-batches -> loss -> backward, clip, AdamW.
+
+        Each micro-batch's loss is its share of the global batch's loss, so the summed
+        gradients are those of the whole batch. Under torchrun (ranks > 1) each rank runs
+        its share of the micro-batches and gradients are exchanged after the last one.
+        """
+        cfg, stage, step = self.cfg, self.stage, self.step + 1
         epoch, k = divmod(self.step, self.steps_per_epoch)
-        batch = epoch_batches(self.stage.train_indices, cfg.seed, epoch, cfg.batch_size)[k]
-        if self.stage.lengths is not None:
-            batch = sorted(batch, key=lambda i: self.stage.lengths[i])
-        torch.manual_seed(step_seed(cfg.seed, self.step))
-        t0 = time.perf_counter()
+        batch = epoch_batches(stage.train_indices, cfg.seed, epoch, cfg.batch_size)[k]
+        batch = sorted(batch, key=lambda i: stage.lengths[i])  # similar lengths share a micro-batch
         lr = lr_at(self.step, cfg.lr, self.total, cfg.warmup_ratio, cfg.schedule)
-        metrics = optimizer_step(self.train_model, self.optimizer, self.params, batch, cfg.micro_batch_size,
-                                 self.stage.micro_loss, lr, cfg.clip, self.amp, step=self.step + 1)
-        self.step += 1
-        metrics["step_time"] = time.perf_counter() - t0
-        self.log.log(step=self.step, epoch=self.step / self.steps_per_epoch, **metrics)
+        torch.manual_seed(step_seed(cfg.seed, self.step))  # LoRA dropout
+        t0 = time.perf_counter()
+        if self.ranks == 1:
+            micro_batches = [(micro, 1.0) for micro in chunks(batch, cfg.micro_batch_size)]
+        else:
+            micro_batches = rank_micro_batches(batch, cfg.micro_batch_size)  # weight 0: padding
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        for j, (micro, weight) in enumerate(micro_batches):
+            if self.ranks > 1:
+                set_gradient_sync(self.train_model, j == len(micro_batches) - 1)
+            with self.amp:
+                loss, shares = stage.loss(self.train_model, micro, batch)  # () and the metrics' shares
+            if self.ranks > 1:
+                loss = loss * (weight * self.ranks)  # DDP/FSDP average over ranks; the shares already add up
+            loss.backward()
+            for name, value in shares.items():
+                metrics[name] = metrics.get(name, 0.0) + float(value) * weight
+        if self.ranks > 1:
+            metrics = all_reduce_sum(metrics, self.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else math.inf)
+        grad_norm = (full_tensor(grad_norm) if self.ranks > 1 else grad_norm).item()
+        check_finite(metrics["loss"], grad_norm, step)
+        self.optimizer.step()
+        check_finite_update(self.params, step, distributed=self.ranks > 1)
+        self.step = step
+        metrics.update(grad_norm=grad_norm, lr=lr, step_time=time.perf_counter() - t0)
+        self.log.log(step=step, epoch=step / self.steps_per_epoch, **metrics)
         return metrics
 
 
@@ -320,7 +310,7 @@ def fit(model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device:
 
     callback(step, metrics) is called after every optimizer step (and its checkpoint).
     Under torchrun every rank runs this loop on the same global batches (each its share of
-    the micro-batches, see accumulate_gradients); only rank 0 logs and writes files.
+    the micro-batches, see Fit.train_step); only rank 0 logs and writes files.
     """
     run = Fit(model, cfg, stage, resume_from, device, dtype)
     bar = progress_bar(run.total, run.step, desc=stage.name) if cfg.progress and is_main() else None
@@ -347,18 +337,6 @@ def fit(model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device:
             bar.close()
         run.log.close()
     return final
-
-
-def run_stage(cfg: TrainConfig, train: Callable, callback: Callable | None = None) -> Path:
-    """What both stages do around their training: lock the run directory; if this exact run has
-    finished, return its final/ at once; else `train(cfg, device, dtype, resume_from, callback)`,
-    resuming from the newest usable checkpoint."""
-    with RunLock(cfg.out):
-        done = finished_run(cfg)
-        if done is not None:
-            return done
-        device, dtype = setup_runtime(cfg)
-        return train(cfg, device, dtype, find_resume_checkpoint(cfg, dtype), callback)
 
 
 def start_model(cfg: TrainConfig, device, dtype, resume_from: Path | None):

@@ -226,4 +226,4 @@ def test_compile_and_fsdp_are_config_flags():
     assert cfg.fsdp is False and cfg.compile is False
     model = Transformer(ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1))
-    assert trainer.parallelize(model, config.SFTConfig(fsdp=True), torch.device("cpu")) is model  # 1 rank: as is
+    assert trainer.parallelize(model, config.SFTConfig(fsdp=True), torch.device("cpu"), ranks=1) is model  # 1 rank: as is

@@ -1,5 +1,6 @@
 """eto_ref/dpo.py: one DPO stage of ETO (paper Eq. 7), its reference log-prob cache, LoRA as the reference."""
 
+import dataclasses
 import json
 import math
 
@@ -18,25 +19,26 @@ from tests.helpers import Interrupt, dpo_config, interrupt_at
 def test_dpo_micro_batches_of_one_pair_accumulate_to_the_whole_batch(tiny_model, data_files, tmp_path, sft_weight):
     """The `small` preset trains DPO one pair at a time: the accumulated loss and gradients must be those
     of the whole batch in one micro-batch (Eq. 7's mean over pairs; the chosen NLL's global token mean)."""
-    from eto_ref.sft import scored_targets
     from eto_ref.tokenizer import Tokenizer
     from eto_ref.trajectory import load_pairs
 
-    cfg = dpo_config(tiny_model, data_files, tmp_path, sft_weight=sft_weight)
-    device, amp = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    cfg = dpo_config(tiny_model, data_files, tmp_path, sft_weight=sft_weight, eval_fraction=0.0, clip=0.0)
+    device = torch.device("cpu")
     tok = Tokenizer.from_dir(tiny_model)
-    _, examples, _ = dpo.encode_pair_data(load_pairs(data_files["pairs"]), tok, cfg.max_len)
-    counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]
-    assert len(examples) > 1 and len(set(counts)) > 1
+    _, examples, stats = dpo.encode_pair_data(load_pairs(data_files["pairs"]), tok, cfg.max_len)
     model = trainer.load_trainable_model(cfg, device, torch.float32)
     ref = dpo.reference_logprobs(model, examples, tok.pad_id, 4, device, torch.float32)  # (N, 2)
     ref = ref + torch.tensor([-2.0, 3.0])  # pi != ref: nonzero margins and a loss away from log 2
-    loss_fn = dpo.dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)
-    batch = list(range(len(examples)))
     results = []
-    for micro in (len(batch), 1):
-        model.zero_grad(set_to_none=True)
-        metrics = trainer.accumulate_gradients(model, batch, micro, loss_fn, amp)
+    for micro in (len(examples), 1):
+        cfg_micro = dataclasses.replace(cfg, batch_size=len(examples), micro_batch_size=micro,
+                                        out=str(tmp_path / f"micro-{micro}"))
+        stage = dpo.DPOStage(cfg_micro, examples, ref, tok.pad_id, device, stats)
+        assert len(examples) > 1 and len(set(stage.chosen_counts)) > 1
+        model = trainer.load_trainable_model(cfg_micro, device, torch.float32)
+        run = trainer.Fit(model, cfg_micro, stage, None, device, torch.float32)
+        metrics = run.train_step()
+        run.log.close()
         results.append((metrics, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (whole, g_whole), (ones, g_ones) = results
     for key in ("loss", "margin", "accuracy"):
@@ -50,22 +52,22 @@ def test_dpo_step_raises_margin(tiny_model, data_files, tmp_path):
     from eto_ref.tokenizer import Tokenizer
     from eto_ref.trajectory import load_pairs
 
-    cfg = dpo_config(tiny_model, data_files, tmp_path, lr=1e-3)
+    cfg = dpo_config(tiny_model, data_files, tmp_path, lr=1e-3, eval_fraction=0.0)
     device = torch.device("cpu")
     tok = Tokenizer.from_dir(tiny_model)
-    pairs, examples, _ = dpo.encode_pair_data(load_pairs(data_files["pairs"]), tok, cfg.max_len)
+    pairs, examples, stats = dpo.encode_pair_data(load_pairs(data_files["pairs"]), tok, cfg.max_len)
+    cfg = dataclasses.replace(cfg, batch_size=len(examples))
     model = trainer.load_trainable_model(cfg, device, torch.float32)
     ref = dpo.reference_logprobs(model, examples, tok.pad_id, 4, device, torch.float32)  # (N, 2)
-    counts = [1] * len(examples)
-    loss_fn = dpo.dpo_micro_loss(examples, ref, counts, cfg, tok.pad_id, device)
-    batch = list(range(len(examples)))
-    named = trainer.trainable_parameters(model)
-    opt = trainer.make_optimizer(cfg, named)
-    before = trainer.optimizer_step(model, opt, [p for _, p in named], batch, 2, loss_fn, cfg.lr, 1.0,
-                                    torch.autocast("cpu", enabled=False))
+    stage = dpo.DPOStage(cfg, examples, ref, tok.pad_id, device, stats)
+    run = trainer.Fit(model, cfg, stage, None, device, torch.float32)
+    before = run.train_step()
+    run.log.close()
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert before["margin"] == pytest.approx(0.0, abs=1e-4)
-    after = trainer.accumulate_gradients(model, batch, 2, loss_fn, torch.autocast("cpu", enabled=False))
+    batch = list(range(len(examples)))
+    with torch.no_grad():
+        after = stage.loss(model, batch, batch)[1]
     assert after["margin"] > 1e-3
     assert after["loss"] < math.log(2)
 

@@ -1,6 +1,7 @@
 """eto_ref/minimal.py, ETO in one file: its losses, reference log-probs, pairs and episodes are the library's."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -9,12 +10,12 @@ import envs
 from eto_ref import minimal
 from eto_ref.agent import AgentConfig, run_episodes
 from eto_ref.checkpoint import load_model, save_model
-from eto_ref.config import DPOConfig
-from eto_ref.dpo import dpo_micro_loss, reference_logprobs
+from eto_ref.config import DPOConfig, SFTConfig
+from eto_ref.dpo import DPOStage, reference_logprobs
 from eto_ref.model import ModelConfig, Transformer
 from eto_ref.pairs import build_pairs
 from eto_ref.sampler import SamplingConfig
-from eto_ref.sft import scored_targets, sft_micro_loss
+from eto_ref.sft import SFTStage
 from eto_ref.tiny import environment_texts
 from eto_ref.tokenizer import Tokenizer, train_bpe_tokenizer
 from eto_ref.trajectory import collate_pairs, collate_sft, encode_pair, encode_sft, parse_pair, parse_trajectory
@@ -38,12 +39,13 @@ def experts(n: int, env: str = "science") -> list[dict]:
     return [e.expert_trajectory(t) for t in e.task_ids("train")[:n]]
 
 
-def test_bc_loss_equals_the_sft_stage_loss_on_the_same_batch(science_model):
+def test_bc_loss_equals_the_sft_stage_loss_on_the_same_batch(science_model, tmp_path):
     model, tok = load_model(science_model), Tokenizer.from_dir(science_model)
+    (tmp_path / "sft.json").write_text(json.dumps(experts(4)))
+    stage = SFTStage(SFTConfig(data=str(tmp_path / "sft.json"), max_len=1024, eval_fraction=0.0), tok, CPU)
     examples = [encode_sft(parse_trajectory(r), tok, 1024) for r in experts(4)]
-    counts = [scored_targets(ex.loss_mask) for ex in examples]
     batch = list(range(len(examples)))
-    library, _ = sft_micro_loss(examples, counts, tok.pad_id, CPU)(model, batch, batch)
+    library, _ = stage.loss(model, batch, batch)
     ours = minimal.sft_loss(model, collate_sft(examples, tok.pad_id))
     assert len({len(ex.input_ids) for ex in examples}) > 1  # padding is exercised
     torch.testing.assert_close(ours, library, atol=1e-6, rtol=1e-6)
@@ -66,8 +68,7 @@ def test_dpo_loss_and_reference_equal_the_dpo_stage_on_the_same_batch(science_mo
             p.add_(0.01 * torch.randn_like(p))
     cfg = DPOConfig(beta=0.1)
     batch = list(range(len(examples)))
-    chosen_counts = [scored_targets(ex.chosen.loss_mask) for ex in examples]
-    library, metrics = dpo_micro_loss(examples, ref, chosen_counts, cfg, tok.pad_id, CPU)(policy, batch, batch)
+    library, metrics = DPOStage(cfg, examples, ref, tok.pad_id, CPU, {}).loss(policy, batch, batch)
     ours = minimal.dpo_batch_loss(policy, collate_pairs(examples, tok.pad_id), ref, beta=0.1)
     assert abs(ours.loss.item() - torch.log(torch.tensor(2.0)).item()) > 1e-4
     torch.testing.assert_close(ours.loss, library, atol=1e-6, rtol=1e-6)

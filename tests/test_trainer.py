@@ -26,7 +26,7 @@ from tests.helpers import (
 # --------------------------------------------------------------------------- gradient accumulation
 
 
-def test_gradient_accumulation_equals_full_batch(tiny_model, data_files):
+def test_gradient_accumulation_equals_full_batch(tiny_model, data_files, tmp_path):
     """Micro-batches of 1 accumulate to exactly the gradient (and AdamW step) of the whole batch.
 
     (AdamW's first update is lr * g / (|g| + eps): for gradients near eps, float rounding
@@ -36,27 +36,22 @@ def test_gradient_accumulation_equals_full_batch(tiny_model, data_files):
     would give a different gradient: the BC loss must divide by the global token count.
     """
     from eto_ref.tokenizer import Tokenizer
-    from eto_ref.trajectory import load_trajectories
 
-    cfg = SFTConfig(model=str(tiny_model), max_len=256, lr=1e-3, weight_decay=0.1)
     tok = Tokenizer.from_dir(tiny_model)
-    examples, _ = sft.encode_sft_data(load_trajectories(data_files["sft"]), tok, cfg.max_len)
-    counts = [sft.scored_targets(ex.loss_mask) for ex in examples]
-    assert len(set(counts)) > 1
-    loss_fn = sft.sft_micro_loss(examples, counts, tok.pad_id, torch.device("cpu"))
-    batch = list(range(len(examples)))
-
     results = []
-    for micro in (len(batch), 1):
+    for micro in (None, 1):
+        cfg = SFTConfig(model=str(tiny_model), data=str(data_files["sft"]), out=str(tmp_path / f"m{micro}"),
+                        max_len=256, lr=1e-3, weight_decay=0.1, eval_fraction=0.0, progress=False)
+        stage = sft.SFTStage(cfg, tok, torch.device("cpu"))
+        assert len(set(stage.counts)) > 1
+        cfg = dataclasses.replace(cfg, batch_size=len(stage.examples), micro_batch_size=micro or len(stage.examples))
         model = trainer.load_trainable_model(cfg, torch.device("cpu"), torch.float32)
+        run = trainer.Fit(model, cfg, stage, None, torch.device("cpu"), torch.float32)
+        metrics = run.train_step()
+        run.log.close()
         named = trainer.trainable_parameters(model)
-        opt = trainer.make_optimizer(cfg, named)
-        opt.zero_grad()
-        metrics = trainer.accumulate_gradients(model, batch, micro, loss_fn, torch.autocast("cpu", enabled=False))
-        grads = {n: p.grad.clone() for n, p in named}
-        trainer.optimizer_step(model, opt, [p for _, p in named], batch, micro, loss_fn, cfg.lr, 1.0,
-                               torch.autocast("cpu", enabled=False))
-        results.append((metrics["loss"], grads, {n: p.detach().clone() for n, p in named}))
+        results.append((metrics["loss"], {n: p.grad.clone() for n, p in named}, {n: p.detach().clone() for n, p in named}))
+    examples, batch = stage.examples, list(range(len(stage.examples)))
 
     (loss_full, g_full, p_full), (loss_acc, g_acc, p_acc) = results
     assert loss_acc == pytest.approx(loss_full, rel=1e-6)
@@ -82,31 +77,27 @@ def test_gradient_accumulation_equals_full_batch(tiny_model, data_files):
 # --------------------------------------------------------------------------- resume and checkpoints
 
 
-def poison_loss_from_step(monkeypatch, module, factory: str, first_bad_step: int, value: float, calls_per_step: int):
+def poison_loss_from_step(monkeypatch, stage_class, first_bad_step: int, value: float, calls_per_step: int):
     """Make the micro-batch loss (and its reported value) `value` from `first_bad_step` on."""
-    real = getattr(module, factory)
+    real, calls = stage_class.loss, [0]
 
-    def poisoned_factory(*args, **kw):
-        micro_loss, calls = real(*args, **kw), [0]
+    def poisoned(self, model, micro, batch):
+        calls[0] += 1
+        loss, metrics = real(self, model, micro, batch)
+        if calls[0] > (first_bad_step - 1) * calls_per_step:
+            loss = loss * value
+            metrics = {**metrics, "loss": loss.detach()}
+        return loss, metrics
 
-        def poisoned(model, micro, batch):
-            calls[0] += 1
-            loss, metrics = micro_loss(model, micro, batch)
-            if calls[0] > (first_bad_step - 1) * calls_per_step:
-                loss = loss * value
-                metrics = {**metrics, "loss": loss.detach()}
-            return loss, metrics
-        return poisoned
-
-    monkeypatch.setattr(module, factory, poisoned_factory)
+    monkeypatch.setattr(stage_class, "loss", poisoned)
 
 
 @pytest.mark.parametrize("stage, bad", [("sft", math.nan), ("sft", math.inf), ("dpo", math.nan)])
 def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
         stage, bad, tiny_model, data_files, tmp_path, monkeypatch):
-    run, make, module, factory, calls = ((run_sft, sft_config, sft, "sft_micro_loss", 2) if stage == "sft"
-                                         else (run_dpo, dpo_config, dpo, "dpo_micro_loss", 1))
-    poison_loss_from_step(monkeypatch, module, factory, first_bad_step=3, value=bad, calls_per_step=calls)
+    run, make, stage_class, calls = ((run_sft, sft_config, sft.SFTStage, 2) if stage == "sft"
+                                     else (run_dpo, dpo_config, dpo.DPOStage, 1))
+    poison_loss_from_step(monkeypatch, stage_class, first_bad_step=3, value=bad, calls_per_step=calls)
     with pytest.raises(NonFiniteLossError, match=r"^step 3: non-finite training signal \(loss (nan|inf)"
                                                  r".*Every saved checkpoint is finite"):
         run(make(tiny_model, data_files, tmp_path, epochs=2, save_every=2))
