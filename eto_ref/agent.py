@@ -236,8 +236,8 @@ def agent_turn(session: Session, tokenizer, row: int, run: Running, reply: str, 
     return False
 
 
-class EpisodeBatch:
-    """The rows of one Session, each running an episode; a row whose episode ends takes the next task."""
+class EpisodeRows:
+    """The tasks waiting, the episode running in each row of the session, and the episodes ended."""
 
     def __init__(self, model, tokenizer, make_env, task_ids: list[str], config: AgentConfig, on_episode_end=None,
                  forced: dict[str, list[str]] | None = None):
@@ -286,39 +286,40 @@ class EpisodeBatch:
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": observation}]
         return True
 
-    def on_reply(self, row: int, completion) -> bool:
-        """A row's reply is complete: step its episode; queue the next turn, or the next task. False: row idle."""
-        run = self.running[row]
-        if not agent_turn(self.session, self.tokenizer, row, run, completion.text.strip(), completion.reason):
-            return True  # the episode goes on; its observation is queued
-        run = self.running.pop(row)
-        self.end(run.episode, run.env)
-        return self.start(row)
-
-    def run(self) -> None:
-        """Start an episode in every row, then generate until every task has run."""
-        for row in range(self.size):
-            if not self.start(row):
-                break
-        if self.session is None:
-            return  # no task could start
-        idle = [row for row in self.session.rows if row not in self.running]
-        if idle:
-            self.session.drop(idle)
-        self.session.run(self.config.sampling, self.on_reply, stop_ids=self.tokenizer.stop_ids,
-                         stop_strings=STOP_STRINGS, decode=self.tokenizer.decode, drop_done=True)
-
 
 def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentConfig | None = None,
                  on_episode_end=None, forced: dict[str, list[str]] | None = None) -> list[Episode]:
     """Run one episode per task, `config.batch_size` at a time; returns them in task order.
 
-    `make_env()` returns a fresh environment (one per episode, since an
-    environment holds one episode's state). `on_episode_end(episode)` is called as
-    soon as an episode ends (exploration writes it to disk there). `forced[task]`:
-    replies played first, as if the agent had written them (the step-level contrast).
+    The loop: every row of the session holds a running episode. Each `session.step`
+    feeds the rows one token and returns the replies that ended; each such reply is
+    parsed and its action stepped in the environment (`agent_turn`), and the
+    observation queued for the row's next turn. When an episode ends, its row takes the
+    next task (continuous batching), or leaves the batch when no task is left.
+
+    `make_env()` returns a fresh environment (one per episode, since an environment
+    holds one episode's state). `on_episode_end(episode)` is called as soon as an
+    episode ends (exploration writes it to disk there). `forced[task]`: replies played
+    first, as if the agent had written them (the step-level contrast).
     """
-    batch = EpisodeBatch(model, tokenizer, make_env, list(task_ids), config or AgentConfig(), on_episode_end,
-                         forced)
-    batch.run()
-    return [batch.ended[t] for t in task_ids]
+    config = config or AgentConfig()
+    rows = EpisodeRows(model, tokenizer, make_env, list(task_ids), config, on_episode_end, forced)
+    for row in range(rows.size):
+        if not rows.start(row):
+            break
+    session = rows.session  # None: no task could start
+    if session is not None and len(rows.running) < len(session.rows):
+        session.drop([row for row in session.rows if row not in rows.running])
+    while rows.running:
+        idle = []
+        for row, completion in session.step(config.sampling, tokenizer.stop_ids, STOP_STRINGS, tokenizer.decode):
+            run = rows.running[row]
+            if not agent_turn(session, tokenizer, row, run, completion.text.strip(), completion.reason):
+                continue  # the episode goes on: its observation is queued
+            del rows.running[row]
+            rows.end(run.episode, run.env)
+            if not rows.start(row):  # the row takes the next task, or has nothing left to do
+                idle.append(row)
+        if idle:
+            session.drop(idle)
+    return [rows.ended[t] for t in task_ids]

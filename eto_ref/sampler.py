@@ -16,6 +16,10 @@ Three layers, bottom-up:
        session.append(...)     queue each row's new tokens (prompt, or observation + assistant header)
        session.generate(...)   prefill: the queued tokens of all rows in ONE right-padded forward,
                                then decode one token per step for every running row until each stops.
+   `generate` is a loop over `step`: one token for every replying row, and a
+   prefill for the rows whose next turn is queued. The agent (eto_ref/agent.py
+   `run_episodes`) calls `step` itself, so that a row whose reply ended gets its
+   observation, or its next task, while the other rows go on.
    The generated tokens stay in the cache, so the next turn only prefills the new
    observation. `start(row, tokens)` begins a new conversation in a row while the
    others go on (continuous batching: a finished episode's row takes the next task),
@@ -152,6 +156,9 @@ class Session:
         self._history: dict[int, list[int]] = {r: [] for r in self.rows}  # conversation tokens per row
         self._pending: dict[int, list[int]] = {r: [] for r in self.rows}  # not yet fed to the model
         self._generators: dict[int, torch.Generator | None] = {r: None for r in self.rows}
+        self._replies: dict[int, list[int]] = {}  # replying row -> tokens generated so far in its reply
+        self._fed: dict[int, int] = {}  # replying row -> how many of them are in the cache
+        self._logits: dict[int, torch.Tensor] = {}  # replying row -> its next-token logits (V,)
         self.prefix = [int(t) for t in prefix]
         self._prefix_kv: SharedPrefixKV | None = None  # computed on first use
 
@@ -220,7 +227,8 @@ class Session:
         self.cache.keep_rows(torch.tensor(keep, dtype=torch.long))
         self.rows = [self.rows[i] for i in keep]
         for row in gone:
-            self._pending.pop(row, None)
+            for state in (self._pending, self._replies, self._fed, self._logits):
+                state.pop(row, None)
 
     def rewind(self, row: int, n: int) -> None:
         """Take back the last `n` tokens of a row's conversation (queued ones first, then cached ones).
@@ -268,12 +276,51 @@ class Session:
         self.cache.select(None)
         return logits[:, -1]  # (b, V)
 
-    def _decode_step(self, tokens: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
-        """Feed one token per cache row (B,), real where `feed` (B,); returns next-token logits (B, V)."""
-        last = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
-        return self.model(tokens[:, None], attention_mask=feed[:, None], kv_cache=self.cache, logits_at=last)[:, -1]
+    def _decode(self, replying: list[int]) -> None:
+        """Feed the token each replying row sampled last, one per cache row, in one forward."""
+        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)  # (B,)
+        feed = torch.zeros(len(self.rows), dtype=torch.bool, device=self.device)  # (B,) False: row not replying
+        for row in replying:
+            tokens[self.rows.index(row)], feed[self.rows.index(row)] = self._replies[row][-1], True
+            self._fed[row] += 1
+        last = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)  # (B,)
+        step_logits = self.model(tokens[:, None], attention_mask=feed[:, None], kv_cache=self.cache,
+                                 logits_at=last)[:, -1]  # (B, V)
+        for row in replying:
+            self._logits[row] = step_logits[self.rows.index(row)]
 
     # ----------------------------------------------------------------- generation
+
+    @torch.inference_mode()
+    def step(self, sampling: SamplingConfig, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+             decode: Callable[[list[int]], str] | None = None,
+             rows: Sequence[int] | None = None) -> list[tuple[int, Completion]]:
+        """One token for every replying row; returns the (row, Completion) of the replies that ended.
+
+        1. The token each replying row sampled at the previous step is fed (one decode forward).
+        2. The rows of `rows` (default: every live row) that have tokens queued and are not
+           replying start a reply: their queued tokens are prefilled in one forward. A row
+           whose queued tokens do not fit in the cache ends at once ("cache_full").
+        3. Every replying row samples its next token; a reply that stops is returned.
+
+        Before the next step the caller queues an ended row's next turn (`append`, or
+        `start` for a new conversation), or `drop`s the row. A row whose reply ended has
+        its next tokens prefilled at the next step while the other rows go on decoding:
+        no row waits for the slowest reply of the batch (continuous batching).
+        """
+        replying = [r for r in self.rows if r in self._replies]
+        if replying:
+            self._decode(replying)
+        starting = [r for r in self.rows if (rows is None or r in rows) and r not in self._replies
+                    and self._pending[r]]
+        ended = [(r, Completion([], "", "cache_full")) for r in starting if not self._fits(r, 0)]
+        starting = [r for r in starting if self._fits(r, 0)]
+        if starting:
+            for row, row_logits in zip(starting, self._prefill(starting)):
+                self._replies[row], self._fed[row], self._logits[row] = [], 0, row_logits
+        if not self._replies and not ended:
+            raise ValueError("step: no row is replying or has tokens queued: append a turn first")
+        return ended + self._sample_step(sampling, stop_ids, stop_strings, decode)
 
     @torch.inference_mode()
     def generate(self, sampling: SamplingConfig, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
@@ -281,91 +328,34 @@ class Session:
                  rows: Sequence[int] | None = None) -> list[Completion]:
         """Continue each selected row's conversation by one reply; one `Completion` per row, in `rows` order.
 
-        Prefill the queued tokens, then decode one token per step for the rows still
-        running (see the module docstring for the stop rules and what the cache keeps).
-        `decode` (token ids -> text) is needed for `stop_strings` and fills `Completion.text`.
+        `step` until every selected row's reply has ended (see the module docstring for
+        the stop rules and what the cache keeps). `decode` (token ids -> text) is needed
+        for `stop_strings` and fills `Completion.text`.
         """
         rows = self._check_generate(sampling, stop_strings, decode, rows)
         done: dict[int, Completion] = {}
-
-        def record(row: int, completion: Completion) -> bool:
-            done[row] = completion
-            return False  # one reply per row
-
-        self.run(sampling, record, stop_ids, stop_strings, decode, rows=rows)
+        while len(done) < len(rows):
+            waiting = [r for r in rows if r not in done]
+            done.update(self.step(sampling, stop_ids, stop_strings, decode, rows=waiting))
         return [done[row] for row in rows]
 
-    @torch.inference_mode()
-    def run(self, sampling: SamplingConfig, on_reply: Callable[[int, Completion], bool],
-            stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-            decode: Callable[[list[int]], str] | None = None, rows: Sequence[int] | None = None,
-            drop_done: bool = False) -> None:
-        """Generate replies for `rows` (default: every live row) until none has work left.
-
-        As soon as a row's reply ends, `on_reply(row, completion)` is called; it queues the
-        row's next turn (`append`, or `start` for a new conversation) and returns True, or
-        returns False when the row has nothing more to do (with `drop_done`, the row is then
-        dropped from the batch). A row whose reply ended has its next tokens prefilled at
-        the next step while the other rows go on decoding: no row waits for the slowest
-        reply of the batch, and the batch stays full.
-        """
-        working = set(self._select(rows))
-        replies: dict[int, list[int]] = {}  # row -> tokens generated so far in its current reply
-        fed: dict[int, int] = {}  # row -> how many of them are in the cache
-        logits: dict[int, torch.Tensor] = {}  # row -> next-token logits (V,)
-        while True:
-            self._start_replies(working, replies, fed, logits, sampling, on_reply)
-            if not replies:
-                return
-            ended = self._sample_step(replies, fed, logits, sampling, stop_ids, stop_strings, decode)
-            for row, completion in ended:
-                if not on_reply(row, completion):
-                    working.discard(row)
-            if drop_done:
-                idle = [r for r in self.rows if r not in working]
-                if idle:
-                    self.drop(idle)
-            running = [r for r in self.rows if r in replies]
-            if running:
-                tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)  # (B,)
-                feed = torch.zeros(len(self.rows), dtype=torch.bool, device=self.device)  # (B,)
-                for row in running:
-                    tokens[self.rows.index(row)], feed[self.rows.index(row)] = replies[row][-1], True
-                    fed[row] += 1
-                step_logits = self._decode_step(tokens, feed)  # (B, V)
-                for row in running:
-                    logits[row] = step_logits[self.rows.index(row)]
-
-    def _start_replies(self, working, replies, fed, logits, sampling, on_reply) -> None:
-        """Prefill the rows that have new tokens queued and are not replying yet; they start a reply.
-
-        A row whose queued tokens do not fit in the cache gets a "cache_full" reply at once.
-        """
-        starting = [r for r in self.rows if r in working and r not in replies and self._pending[r]]
-        while starting:
-            full = [r for r in starting if not self._fits(r, 0)]
-            for row in full:
-                if not on_reply(row, Completion([], "", "cache_full")):
-                    working.discard(row)
-            starting = [r for r in starting if r not in full]
-            if starting:
-                for row, row_logits in zip(starting, self._prefill(starting)):
-                    replies[row], fed[row], logits[row] = [], 0, row_logits
-            starting = [r for r in full if r in working and self._pending[r] and self._fits(r, 0)]
-
-    def _sample_step(self, replies, fed, logits, sampling, stop_ids, stop_strings, decode) -> list:
+    def _sample_step(self, sampling, stop_ids, stop_strings, decode) -> list[tuple[int, Completion]]:
         """Sample the next token of every replying row; return the (row, Completion) of the replies that ended."""
-        rows = sorted(replies)
-        picked = sample_rows(torch.stack([logits[r] for r in rows]), sampling, [self._generators[r] for r in rows])
+        rows = sorted(self._replies)
+        if not rows:
+            return []
+        picked = sample_rows(torch.stack([self._logits[r] for r in rows]), sampling,
+                             [self._generators[r] for r in rows])
         ended = []
         for row, token in zip(rows, picked.tolist()):
-            replies[row].append(token)
-            completion = self._check_stop(replies[row], sampling.max_new_tokens, stop_ids, stop_strings, decode)
+            reply = self._replies[row]
+            reply.append(token)
+            completion = self._check_stop(reply, sampling.max_new_tokens, stop_ids, stop_strings, decode)
             if completion is None and not self._fits(row, 1):  # the sampled token could not be fed
-                completion = Completion(replies[row], self._text(replies[row], decode), "cache_full")
+                completion = Completion(reply, self._text(reply, decode), "cache_full")
             if completion is not None:
-                self._keep(row, completion, fed.pop(row))
-                del replies[row], logits[row]
+                self._keep(row, completion, self._fed.pop(row))
+                del self._replies[row], self._logits[row]
                 ended.append((row, completion))
         return ended
 
