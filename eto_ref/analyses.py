@@ -33,7 +33,7 @@ from eto_ref.eto import TEST_SPLITS, VALID, LoopConfig, eval_config
 from eto_ref.exploration import TRAJECTORIES, ExploreConfig, evaluate, explore, explore_and_pair, load_policy
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
 from eto_ref.pairs import self_play_pairs
-from eto_ref.pipeline import PipelineConfig, legacy_rejected_setting
+from eto_ref.pipeline import PipelineConfig
 from eto_ref.results import paired_difference, per_task_rewards, task_rewards
 from eto_ref.run_dir import recorded_identity
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
@@ -46,11 +46,8 @@ def run_config(run: Path) -> PipelineConfig:
     from eto_ref.config import DPOConfig, SFTConfig
     from eto_ref.sampler import SamplingConfig
 
+    recorded_identity(run)  # refuses a job folder written by an earlier version
     d = json.loads((run / "pipeline_config.json").read_text())
-    recorded = recorded_identity(run) or {}
-    if "rejected_extra_turns" in recorded.get("loop", {}):  # a job made before run.json recorded the rule applied
-        loop = d["loop"]
-        loop["rejected_extra_turns"] = legacy_rejected_setting(loop["rejected_extra_turns"], loop["env"])
     agent = d["loop"].pop("agent")
     agent = AgentConfig(sampling=SamplingConfig(**agent.pop("sampling")), **agent)
     loop = LoopConfig(agent=agent, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("loop").items()})

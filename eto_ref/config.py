@@ -21,7 +21,7 @@ what the caller gave. Command-line flags are generated from these fields (eto_re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PRESET_KEY = "eto_ref_preset"  # config.json key naming a model's preset (written by eto_ref/tiny.py)
@@ -75,10 +75,15 @@ class TrainConfig:
     resume: bool = setting(True, "continue the run in `out` from its last checkpoint (False: start over)")
     progress: bool = setting(True, "progress bar on stderr")
 
-    # Fields whose change makes an old checkpoint of `out` unusable for resuming.
-    RESUME_KEYS = ("model", "lr", "weight_decay", "epochs", "batch_size", "max_len", "schedule", "warmup_ratio",
-                   "lora_rank", "lora_alpha", "lora_targets", "eval_fraction", "seed", "max_examples", "max_steps")
+    # Where and how a run computes, not what it computes: left out of its identity. (micro_batch_size:
+    # gradients accumulate to the same update; dtype: the identity records what `auto` resolved to.)
+    RUNNING = ("out", "resume", "progress", "device", "dtype", "micro_batch_size", "gradient_checkpointing", "fsdp",
+               "compile", "save_every", "keep_checkpoints", "eval_every")
     STAGE = "sft"
+
+    def identity(self) -> dict:
+        """The settings that determine the trained model: every field but those of RUNNING."""
+        return {k: v for k, v in json.loads(json.dumps(asdict(self))).items() if k not in self.RUNNING}
 
     @classmethod
     def for_model(cls, model: str | Path, preset: str = "auto", **given):
@@ -96,8 +101,6 @@ class SFTConfig(TrainConfig):
 
     data: str = setting("data/science_sft.json", "ETO-format SFT data (JSON list or JSONL)")
 
-    RESUME_KEYS = TrainConfig.RESUME_KEYS + ("data",)
-
 
 @dataclass
 class DPOConfig(TrainConfig):
@@ -113,8 +116,6 @@ class DPOConfig(TrainConfig):
     schedule: str = setting("constant", "lr schedule after warmup: cosine | constant")
     warmup_ratio: float = setting(0.1, "fraction of the steps spent warming the lr up from 0")
     eval_fraction: float = setting(0.0, "held-out fraction of the pairs (the paper trains on all)")
-
-    RESUME_KEYS = TrainConfig.RESUME_KEYS + ("pairs", "beta", "sft_weight")
     STAGE = "dpo"
 
 

@@ -8,7 +8,7 @@ log pi(e) is the SUM of the log-probs of every agent token after the shared prom
 (eto_ref/losses.py). The reference pi_ref is the policy at the start of the stage
 (paper Algorithm 1); its log-probs never change, so they are computed once, before
 training, and cached in `out/reference_logps.json`, keyed by pair id and a digest of
-its tokens, under a fingerprint of the starting checkpoint and the encoding settings.
+its tokens (the folder's run.json holds the starting checkpoint and encoding settings).
 With LoRA the reference is the same model with its adapters disabled.
 """
 
@@ -22,13 +22,12 @@ from typing import Callable
 
 import torch
 
-from eto_ref.checkpoint import model_fingerprint
 from eto_ref.config import DPOConfig
 from eto_ref.distributed import all_gather_dicts, is_main, shard
 from eto_ref.jsonl import write_json_atomic
 from eto_ref.lora import disable_adapter, lora_modules
 from eto_ref.losses import bc_loss, dpo_loss, scored_positions, sequence_logprobs
-from eto_ref.run_dir import RunLock, find_resume_checkpoint, finished_run, restore_weights
+from eto_ref.run_dir import RunLock, claim_training_run, find_resume_checkpoint, finished_run, restore_weights
 from eto_ref.runtime import autocast
 from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
@@ -81,28 +80,25 @@ def reference_logprobs(model, examples: list, pad_id: int, micro_batch_size: int
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
-def read_reference_cache(path: Path, fingerprint: dict) -> dict:
-    """The cached log-probs of `path` if they were made for `fingerprint`, else {} (recomputed)."""
+def read_reference_cache(path: Path) -> dict:
+    """The cached log-probs of `path` ({} when there is none, or it is damaged: it is recomputed)."""
     if not path.is_file():
         return {}
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return json.loads(path.read_text())["logps"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return {}  # a damaged cache is only a cache: recompute it
-    return doc.get("logps", {}) if doc.get("fingerprint") == fingerprint else {}
 
 
 def cached_reference_logprobs(model, pairs: list, examples: list, cfg: DPOConfig, pad_id: int,
                               device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Reference log-probs (N, 2) from out/reference_logps.json, computing only the missing pairs.
 
-    The file is valid for one starting checkpoint and encoding: a different
-    fingerprint (model, max_len, dtype) discards it.
+    The folder's run.json vouches for the starting model, max_len and dtype the cache
+    was made with; a pair whose tokens changed has another key and is recomputed.
     """
     path = Path(cfg.out) / REFERENCE_FILE
-    fingerprint = {"model": str(cfg.model), "checkpoint": model_fingerprint(cfg.model), "max_len": cfg.max_len,
-                   "dtype": str(dtype).replace("torch.", "")}
-    cache = read_reference_cache(path, fingerprint)
+    cache = read_reference_cache(path)
     keys = [pair_key(p.id, collate_pairs([ex], pad_id)) for p, ex in zip(pairs, examples)]
     missing = [i for i, k in enumerate(keys) if k not in cache]
     if missing:
@@ -110,7 +106,7 @@ def cached_reference_logprobs(model, pairs: list, examples: list, cfg: DPOConfig
         ref = reference_logprobs(model, [examples[i] for i in mine], pad_id, cfg.micro_batch_size, device, dtype)
         cache.update(all_gather_dicts({keys[i]: ref[j].tolist() for j, i in enumerate(mine)}))
         if is_main():
-            write_json_atomic({"fingerprint": fingerprint, "logps": cache}, path, indent=None)
+            write_json_atomic({"logps": cache}, path, indent=None)
     return torch.tensor([cache[k] for k in keys], dtype=torch.float32)  # (N, 2)
 
 
@@ -192,15 +188,17 @@ class DPOStage:
 def run_dpo(cfg: DPOConfig, callback: Callable | None = None) -> Path:
     """One DPO stage of ETO (paper Eq. 7): pi_ref = cfg.model, trained on cfg.pairs; returns the final dir.
 
-    The run directory is locked; a finished run with these settings returns its final/ at
-    once, an interrupted one resumes from its newest usable checkpoint (eto_ref/run_dir.py).
+    The run directory is locked and its run.json compared with these settings; a finished
+    run returns its final/ at once, an interrupted one resumes from its newest usable
+    checkpoint (eto_ref/run_dir.py).
     """
     with RunLock(cfg.out):
+        device, dtype = setup_runtime(cfg)
+        claim_training_run(cfg, dtype)  # run.json: refuses a folder made with other settings
         done = finished_run(cfg)
         if done is not None:
             return done
-        device, dtype = setup_runtime(cfg)
-        resume_from = find_resume_checkpoint(cfg, dtype)
+        resume_from = find_resume_checkpoint(cfg)
         tok = Tokenizer.from_dir(cfg.model)
         pairs, examples, stats = encode_pair_data(load_pairs(cfg.pairs, on_error="skip")[:cfg.max_examples], tok,
                                                   cfg.max_len)

@@ -65,17 +65,15 @@ def run_identity(cfg: ExploreConfig, dtype: torch.dtype = torch.float32) -> dict
 
     Not in it: the task slice (tasks are recorded by id, so a larger limit extends a run)
     and the batch size (continuous batching gives every episode its one-at-a-time result).
-    The policy's dtype is in it unless float32 (greedy replies differ between precisions;
-    runs made before the dtype was recorded were float32 runs and still resume).
+    The policy's dtype is in it: greedy replies differ between precisions.
     """
     agent = asdict(cfg.agent)
     agent.pop("batch_size")
     model = Path(cfg.model)
     fingerprint = model_fingerprint(model) if (model / "config.json").is_file() else None
     identity = {"model": str(cfg.model), "model_fingerprint": fingerprint, "env": cfg.env, "env_seed": cfg.env_seed,
-                "split": cfg.split, "forced_steps": cfg.forced_steps, "agent": json.loads(json.dumps(agent))}
-    if dtype != torch.float32:
-        identity["dtype"] = dtype_name(dtype)
+                "split": cfg.split, "forced_steps": cfg.forced_steps, "agent": json.loads(json.dumps(agent)),
+                "dtype": dtype_name(dtype)}
     options = envs.env_options(cfg.env, seed=cfg.env_seed)
     if options:  # e.g. the real ScienceWorld's task types
         identity["env_options"] = options

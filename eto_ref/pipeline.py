@@ -60,16 +60,14 @@ class PipelineConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def identity(self) -> dict:
-        """The settings that determine the job's results (run.json): all but where and how verbosely it runs,
-        the micro-batch sizes (memory only: gradient accumulation sums to the same update, as a
-        training stage's own resume allows) and how often checkpoints are kept (STAGE_RUNNING);
-        and the environment's options (`TextEnv.options`)."""
+        """The settings that determine the job's results (run.json): all but where it runs and whether it
+        resumes; of the stages, their own identities (`TrainConfig.identity`); of the agent, all but its batch
+        size (continuous batching gives each episode its one-at-a-time result); the pair rule applied; and the
+        environment's options (`TextEnv.options`)."""
         d = json.loads(json.dumps(asdict(self)))
         for key in ("out", "resume"):
             d.pop(key)
-        for stage in ("sft", "dpo"):
-            for key in ("out", "progress", "resume", "device", "micro_batch_size", *STAGE_RUNNING):
-                d[stage].pop(key)
+        d["sft"], d["dpo"] = self.sft.identity(), self.dpo.identity()
         d["loop"].pop("out")
         d["loop"]["agent"].pop("batch_size")
         d["loop"]["rejected_cut"] = rejected_turns(d["loop"].pop("rejected_extra_turns"),  # the rule applied
@@ -80,25 +78,7 @@ class PipelineConfig:
         return d
 
 
-STAGE_RUNNING = ("save_every", "keep_checkpoints")  # training settings that do not change the trained model
-IGNORED = tuple(f"{stage}.{key}" for stage in ("sft", "dpo") for key in STAGE_RUNNING)  # recorded by older jobs
 GROWABLE = ("loop.eval_limit",)  # a rerun may evaluate more test tasks: each evaluation extends, keeping its episodes
-
-
-def legacy_rejected_setting(value, env: str):
-    """What `loop.rejected_extra_turns` did in a job made before run.json recorded `loop.rejected_cut`: an
-    environment that keeps failed runs whole (household) ignored it, whatever number it held."""
-    return value if envs.env_class(env).truncate_rejected else None
-
-
-def upgraded_identity(old: dict) -> dict:
-    """An older run.json (flattened) in today's terms: `loop.rejected_extra_turns` becomes the rule it applied."""
-    if "loop.rejected_extra_turns" not in old or "loop.rejected_cut" in old:
-        return old
-    old = dict(old)
-    old["loop.rejected_cut"] = legacy_rejected_setting(old.pop("loop.rejected_extra_turns"),
-                                                       old.get("loop.env", LoopConfig.env))
-    return old
 
 
 def log(message: str) -> None:
@@ -184,7 +164,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         claim_run(out, cfg.identity(), cfg.resume,
                   outputs=("data", "sft", "eto", "rft", "best-of-n", "results.json", "results.md",
                            "phase_seconds.json", "phase_peak_rss_mb.json", "reward_per_iteration.svg",
-                           "report.html"), growable=GROWABLE, ignored=IGNORED, upgrade=upgraded_identity)
+                           "report.html"), growable=GROWABLE)
         write_json_atomic(asdict(cfg), out / "pipeline_config.json")
         return run_phases(cfg, out)
 

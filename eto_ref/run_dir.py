@@ -2,6 +2,7 @@
 
     out/
       .lock                          held while a process runs in `out` (pid inside; see RunLock)
+      run.json                       what determines the run's results (claim_run), compared on every rerun
       metrics.jsonl                  one JSON record per step / evaluation
       checkpoints/step-000050/       config.json + model.safetensors (or the LoRA adapter files),
                                      tokenizer files, optimizer.safetensors, trainer_state.json
@@ -9,29 +10,29 @@
                                      tokenizer files, trainer_state.json ("done": true)
 
 Every file is written into a temporary directory that is then renamed, so a
-checkpoint directory exists only complete. Resume takes the newest checkpoint
-that was made with the same settings and that reads back whole and finite; a
-damaged newer one is reported and skipped. A rerun of a finished run returns
-`final/` at once; a rerun with other settings is refused, naming them.
+checkpoint directory exists only complete. A rerun with other settings than run.json
+records is refused, naming them. Resume takes the newest checkpoint that reads back
+whole and finite; a damaged newer one is reported and skipped. A rerun of a finished
+run returns `final/` at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from eto_ref.checkpoint import (TOKENIZER_FILES, CheckpointError, check_state_dict, our_name, read_state_dict,
-                                replace_dir, save_model)
+from eto_ref.checkpoint import (TOKENIZER_FILES, CheckpointError, check_state_dict, model_fingerprint, our_name,
+                                read_state_dict, replace_dir, save_model)
 from eto_ref.config import TrainConfig
 from eto_ref.distributed import barrier, full_tensor, is_fsdp, is_main, shard_like
 from eto_ref.jsonl import write_json_atomic
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 LOCK_FILE = ".lock"
+RUN_FILE = "run.json"
+RUN_FORMAT = 2  # run.json's layout and identities; a folder of another format is refused
+TRAINING_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "reference_logps.json")
 
 
 class RunError(ValueError):
@@ -107,9 +111,6 @@ class RunLock:
             self.held = False
 
 
-RUN_FILE = "run.json"
-
-
 def flatten(d: dict, prefix: str = "") -> dict:
     """{"dpo": {"beta": 0.1}} -> {"dpo.beta": 0.1}: one entry per setting, for messages that name it."""
     out = {}
@@ -129,19 +130,18 @@ def grows(then, now) -> bool:
 
 
 def claim_run(directory: str | Path, identity: dict, resume: bool = True, outputs: tuple[str, ...] = (),
-              growable: tuple[str, ...] = (), ignored: tuple[str, ...] = (),
-              upgrade: Callable[[dict], dict] | None = None) -> None:
+              growable: tuple[str, ...] = ()) -> None:
     """Record in `directory/run.json` what determines its results; a rerun with other settings is refused.
 
-    `identity` holds the settings that change what the run produces (model, environment,
-    sampling, ...). A directory made with other settings raises RunError naming each
-    difference; with resume=False its `outputs` (and run.json) are deleted and the run
-    starts over. `growable` names task counts (flattened keys, e.g. "loop.eval_limit") that a
-    rerun may raise: what was done is kept and extended, and run.json records the new count.
-    `ignored` names settings that older run.json files recorded but that do not change the
-    results (e.g. how often checkpoints are saved): they are left out of the comparison.
-    `upgrade` rewrites an older run.json's settings (flattened) in today's terms first.
-    Only rank 0 reads and writes the file.
+    This is the one check that a folder holds the run asked for: training stages,
+    explorations and the main job each record their identity here, and compare it on
+    every rerun. `identity` holds the settings that change what the run produces (model,
+    data, environment, sampling, ...). A directory made with other settings raises
+    RunError naming each difference; with resume=False its `outputs` (and run.json) are
+    deleted first and the run starts over. `growable` names task counts (flattened keys,
+    e.g. "loop.eval_limit") that a rerun may raise: what was done is kept and extended.
+    A directory holding `outputs` but no run.json of this format (RUN_FORMAT) was made by
+    an earlier version of eto_ref and is refused. Only rank 0 reads and writes the file.
     """
     directory, path = Path(directory), Path(directory) / RUN_FILE
     if is_main():
@@ -150,10 +150,14 @@ def claim_run(directory: str | Path, identity: dict, resume: bool = True, output
                 target = directory / name
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         recorded = recorded_identity(directory)
-        if recorded is not None:
+        if recorded is None:
+            found = [name for name in outputs if (directory / name).exists()]
+            if found:
+                raise RunError(f"{directory}: holds {', '.join(found)} but no {RUN_FILE}: made by an earlier "
+                               "version of eto_ref. Rerun it into another folder, or pass --no-resume to start over")
+            write_json_atomic({"format": RUN_FORMAT, "identity": identity}, path)
+        else:
             old, new = flatten(recorded), flatten(identity)
-            old = upgrade(old) if upgrade else old
-            old = {k: v for k, v in old.items() if k not in ignored}
             changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
             extended = {k: v for k, v in changed.items() if k in growable and grows(*v)}
             if len(extended) < len(changed):
@@ -165,9 +169,7 @@ def claim_run(directory: str | Path, identity: dict, resume: bool = True, output
             if extended:
                 log.warning("%s: extending the run: %s (what was done is kept)", directory,
                             ", ".join(f"{k} from {a!r} to {b!r}" for k, (a, b) in extended.items()))
-                write_json_atomic({"identity": identity}, path)
-        else:
-            write_json_atomic({"identity": identity}, path)
+                write_json_atomic({"format": RUN_FORMAT, "identity": identity}, path)
     barrier()
 
 
@@ -183,9 +185,16 @@ def read_json_file(path: Path) -> dict:
 
 
 def recorded_identity(directory: str | Path) -> dict | None:
-    """The settings a run directory's run.json records as its identity (None: no run.json yet)."""
+    """The settings a run directory's run.json records as its identity (None: no run.json yet).
+    A run.json of another format than RUN_FORMAT was written by an earlier version of eto_ref: RunError."""
     path = Path(directory) / RUN_FILE
-    return read_json_file(path).get("identity", {}) if path.is_file() else None
+    if not path.is_file():
+        return None
+    doc = read_json_file(path)
+    if doc.get("format") != RUN_FORMAT:
+        raise RunError(f"{path}: written by an earlier version of eto_ref (format {doc.get('format')}, now "
+                       f"{RUN_FORMAT}). Rerun it into another folder, or pass --no-resume to start over")
+    return doc["identity"]
 
 
 def checkpoint_dirs(out: str | Path) -> list[Path]:
@@ -202,23 +211,24 @@ def config_dict(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def resume_key(cfg: TrainConfig) -> dict:
-    d = config_dict(cfg)
-    return {k: d[k] for k in cfg.RESUME_KEYS}
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def check_same_run(saved_state: dict, cfg: TrainConfig, where: Path, dtype: torch.dtype | None = None) -> None:
-    """Refuse to continue a run made with other settings, or trained so far in another compute dtype
-    (`--dtype auto` resolves per machine; checkpoints that predate the record are not checked)."""
-    old = {k: saved_state.get("config", {}).get(k) for k in cfg.RESUME_KEYS}
-    changed = {k: (old[k], v) for k, v in resume_key(cfg).items() if old[k] != v}
-    if changed:
-        raise RunError(f"{where}: the run in {cfg.out} was made with other settings {changed} (old, new); "
-                       "use another --out, or --no-resume to start over")
-    then, now = saved_state.get("compute_dtype"), dtype_name(dtype) if dtype is not None else None
-    if then is not None and now is not None and then != now:
-        raise RunError(f"{where}: the run in {cfg.out} was trained in {then} so far and would continue in {now} "
-                       f"(--dtype {cfg.dtype} here); pass --dtype {then} to continue it, or --no-resume to start over")
+def training_identity(cfg: TrainConfig, dtype: torch.dtype) -> dict:
+    """What determines a training run's model (its run.json): the settings (`TrainConfig.identity`),
+    the compute dtype `--dtype auto` resolved to, the starting model's fingerprint and the data's digest."""
+    identity = {**cfg.identity(), "compute_dtype": dtype_name(dtype)}
+    if (Path(cfg.model) / "config.json").is_file():
+        identity["model_fingerprint"] = model_fingerprint(cfg.model)
+    for key in ("data", "pairs"):
+        if key in identity and Path(identity[key]).is_file():  # a missing file is reported when it is read
+            identity[f"{key}_sha256"] = file_sha256(identity[key])
+    return identity
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
@@ -238,38 +248,31 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def find_resume_checkpoint(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Path | None:
-    """The run's newest usable checkpoint when resuming; raises if the run was made with other settings
-    or trained so far in a compute dtype other than `dtype`.
+def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The run's newest usable checkpoint (the folder's run.json has vouched for its settings).
 
     A newer checkpoint that does not read back whole, or holds NaN/inf, is skipped
     with a warning naming the file (resume falls back to the one before it).
     """
-    if not cfg.resume:
-        if is_main():
-            shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
-            shutil.rmtree(Path(cfg.out) / "final", ignore_errors=True)
-        barrier()
-        return None
     for ckpt in reversed(checkpoint_dirs(cfg.out)):
         problem = checkpoint_problem(ckpt)
         if problem is None:
-            check_same_run(read_json_file(ckpt / STATE_FILE), cfg, ckpt, dtype)
             return ckpt
         log.warning("%s: not resumable (%s); falling back to the checkpoint before it", ckpt, problem)
     return None
 
 
 def finished_run(cfg: TrainConfig) -> Path | None:
-    """out/final if this exact run has already completed (then a rerun has nothing to do)."""
+    """out/final if this run has already completed (then a rerun has nothing to do)."""
     final = Path(cfg.out) / "final"
-    if not cfg.resume or not (final / STATE_FILE).is_file():
+    if not (final / STATE_FILE).is_file():
         return None
-    saved = read_json_file(final / STATE_FILE)
-    if not saved.get("done"):
-        return None
-    check_same_run(saved, cfg, final)
-    return final
+    return final if read_json_file(final / STATE_FILE).get("done") else None
+
+
+def claim_training_run(cfg: TrainConfig, dtype: torch.dtype) -> None:
+    """claim_run for a training stage: its identity, and what --no-resume deletes."""
+    claim_run(cfg.out, training_identity(cfg, dtype), cfg.resume, outputs=TRAINING_OUTPUTS)
 
 
 # --------------------------------------------------------------------------- optimizer state

@@ -187,6 +187,7 @@ def test_exploration_two_ranks_writes_the_single_process_records(tmp_path, one_t
 
     out = tmp_path / "dist"
     out.mkdir()
+    (out / "run.json").write_text((tmp_path / "single" / "run.json").read_text())  # the same settings
     (out / "trajectories.jsonl").write_text(single[3] + "\n")  # finished by an earlier (merged) run
     (out / "trajectories.rank-1.jsonl").write_text(single[0] + "\n")  # finished, not merged: killed
     run_ranks(explore_job, str(model_dir), str(out), 5)

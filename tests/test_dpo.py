@@ -136,7 +136,10 @@ def test_reference_cache_reused_on_resume_and_recomputed_for_another_checkpoint(
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)
     save_model(model, other, tokenizer_dir=tiny_model)
+    with pytest.raises(run_dir.RunError, match=r"made with other settings: .*model_fingerprint: "):
+        run_dpo(dpo_config(other, data_files, out, epochs=2))  # the folder's run.json names the old model
+    assert calls == [6]
     run_dpo(dpo_config(other, data_files, out, epochs=2, resume=False))
     assert calls == [6, 6]
-    doc = json.loads((out / dpo.REFERENCE_FILE).read_text())
-    assert doc["fingerprint"]["checkpoint"] == checkpoint.model_fingerprint(other)
+    identity = json.loads((out / "run.json").read_text())["identity"]
+    assert identity["model_fingerprint"] == checkpoint.model_fingerprint(other)

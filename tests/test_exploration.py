@@ -1,6 +1,7 @@
 """eto_ref/exploration.py: runs resume after being killed (nothing lost or repeated), refuse other settings and
 locked directories, keep every ended episode; explore.py refuses settings out of range."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -294,25 +295,43 @@ def test_forced_steps_play_the_experts_first_steps_and_pair_what_follows(agent, 
     assert pairs and all(p["prompt"] == experts[p["id"]]["conversations"][:5] for p in pairs)
 
 
-def test_a_run_made_in_float32_is_refused_with_a_bfloat16_policy_and_float32_records_no_dtype(agent, tmp_path):
-    """Greedy replies differ between precisions: one trajectory file never mixes them. Runs made before the
-    dtype was recorded (all float32) have no dtype in run.json and still resume with a float32 policy."""
+def test_a_run_made_in_float32_is_refused_with_a_bfloat16_policy(agent, tmp_path):
+    """Greedy replies differ between precisions: one trajectory file never mixes them."""
     import copy
 
     from eto_ref.run_dir import RunError
 
     model, tok = agent
     explore(model, tok, config(tmp_path, limit=1), progress=False)
-    identity = json.loads((tmp_path / "run.json").read_text())["identity"]
-    assert "dtype" not in identity
+    assert json.loads((tmp_path / "run.json").read_text())["identity"]["dtype"] == "float32"
     half = copy.deepcopy(model).to(torch.bfloat16)
-    with pytest.raises(RunError, match=r"dtype: None then, 'bfloat16' now"):
+    with pytest.raises(RunError, match=r"dtype: 'float32' then, 'bfloat16' now"):
         explore(half, tok, config(tmp_path, limit=2), progress=False)
     bf16_run = explore(half, tok, config(tmp_path / "bf16", limit=2), progress=False)  # a bfloat16 agent runs
     assert len(bf16_run) == 2
     assert json.loads((tmp_path / "bf16" / "run.json").read_text())["identity"]["dtype"] == "bfloat16"
-    with pytest.raises(RunError, match=r"dtype: 'bfloat16' then, None now"):
+    with pytest.raises(RunError, match=r"dtype: 'bfloat16' then, 'float32' now"):
         explore(model, tok, config(tmp_path / "bf16", limit=2), progress=False)
+
+
+def test_a_folder_from_an_earlier_version_is_refused_saying_to_rerun(agent, tmp_path):
+    """No migration: a run.json of another format, or outputs without run.json, are refused."""
+    from eto_ref.run_dir import RunError
+
+    model, tok = agent
+    explore(model, tok, config(tmp_path / "old-format", limit=1), progress=False)
+    (tmp_path / "old-format" / "run.json").write_text(json.dumps({"identity": {}}))
+    with pytest.raises(RunError, match=r"old-format/run.json: written by an earlier version of eto_ref "
+                                       r"\(format None, now 2\)\. Rerun it into another folder, or pass --no-resume"):
+        explore(model, tok, config(tmp_path / "old-format", limit=1), progress=False)
+    explore(model, tok, config(tmp_path / "no-run-json", limit=1), progress=False)
+    (tmp_path / "no-run-json" / "run.json").unlink()
+    with pytest.raises(RunError, match=r"no-run-json: holds trajectories.jsonl but no run.json: "
+                                       r"made by an earlier version"):
+        explore(model, tok, config(tmp_path / "no-run-json", limit=1), progress=False)
+    rerun = explore(model, tok, dataclasses.replace(config(tmp_path / "no-run-json", limit=1), resume=False),
+                    progress=False)
+    assert len(rerun) == 1
 
 
 def test_household_keeps_failed_runs_whole_unless_a_cut_is_given(tmp_path):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from eto_ref import results
+from eto_ref.run_dir import RUN_FORMAT
 
 from eto_ref.results import (
     differences_from_sft,
@@ -175,7 +176,7 @@ def compare_folder(path, env, replies):
     record = {"id": "t0", "conversations": turns, "reward": 0.0, "steps": len(replies), "reason": "max_steps"}
     (path / "trajectories.jsonl").write_text(json.dumps(record) + "\n")
     if env is not None:
-        (path / "run.json").write_text(json.dumps({"identity": {"env": env}}))
+        (path / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "identity": {"env": env}}))
     return path
 
 
