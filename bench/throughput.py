@@ -42,8 +42,8 @@ import envs  # noqa: E402
 from eto_ref.agent import (STOP_STRINGS, AgentConfig, Running, agent_turn, first_prompt, run_episodes,  # noqa: E402
                            start_episode, step_limit)
 from eto_ref.checkpoint import load_model, save_model  # noqa: E402
-from eto_ref.losses import bc_loss, scored_positions  # noqa: E402
-from eto_ref.model import ModelConfig, Transformer  # noqa: E402
+from eto_ref.losses import agent_token_logprobs, bc_loss, next_token_targets, scored_positions  # noqa: E402
+from eto_ref.model import ModelConfig, Transformer, target_logprobs  # noqa: E402
 from eto_ref.runtime import set_threads  # noqa: E402
 from eto_ref.sampler import SamplingConfig, Session  # noqa: E402
 from eto_ref.tokenizer import Tokenizer  # noqa: E402
@@ -133,10 +133,17 @@ def science_batch(tok: Tokenizer, n: int) -> dict:
 def our_step(model, optimizer, batch: dict, shared: bool, scored_only: bool):
     def step():
         optimizer.zero_grad(set_to_none=True)
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_at=scored_positions(batch["loss_mask"]) if scored_only else None,
-                       shared_prefix=batch["shared_prefix"] if shared else 0)
-        loss = bc_loss(logits, batch["input_ids"], batch["loss_mask"])
+        ids, mask = batch["input_ids"], batch["loss_mask"]
+        prefix = batch["shared_prefix"] if shared else 0
+        if scored_only:  # the LM head at the scored positions alone: (N, V)
+            targets, scored = next_token_targets(ids, mask)
+            logits = model(ids, attention_mask=batch["attention_mask"], logits_at=scored_positions(mask),
+                           shared_prefix=prefix)
+            logps = target_logprobs(logits, targets[scored])
+        else:  # (B, T, V)
+            logps = agent_token_logprobs(model(ids, attention_mask=batch["attention_mask"], shared_prefix=prefix),
+                                         ids, mask)
+        loss = bc_loss(logps)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -147,7 +154,7 @@ def hf_step(model, optimizer, batch: dict):
     def step():
         optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
-        loss = bc_loss(logits, batch["input_ids"], batch["loss_mask"])  # the same masked token mean
+        loss = bc_loss(agent_token_logprobs(logits, batch["input_ids"], batch["loss_mask"]))  # the same token mean
         loss.backward()
         optimizer.step()
         return loss.item()

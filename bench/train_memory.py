@@ -114,8 +114,9 @@ def stage_of(stage: str, model_dir: str, pairs_file: str | None, batch: int, mic
 
 def whole_head_logprobs(model, batch: dict) -> torch.Tensor:
     """The scored targets' log-probs through (N, V) logits made at once and kept for the backward
-    (what the trainer did before `losses.head_logprobs`): the baseline of the LM head's chunking."""
-    from eto_ref.losses import next_token_targets, scored_positions, target_logprobs
+    (what the trainer did before `model.head_logprobs`): the baseline of the LM head's chunking."""
+    from eto_ref.losses import next_token_targets, scored_positions
+    from eto_ref.model import target_logprobs
 
     targets, scored = next_token_targets(batch["input_ids"], batch["loss_mask"])
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],

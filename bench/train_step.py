@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from eto_ref.losses import bc_loss  # noqa: E402
+from eto_ref.losses import agent_token_logprobs, bc_loss  # noqa: E402
 from eto_ref.model import ModelConfig, Transformer, count_parameters, padded_causal_mask  # noqa: E402
 from eto_ref.tiny import TINY  # noqa: E402
 
@@ -48,7 +48,7 @@ def full_step(model, ids: torch.Tensor, mask: torch.Tensor):
     def step():
         model.zero_grad(set_to_none=True)
         logits = model(ids, attention_mask=mask)  # (B, T, V)
-        bc_loss(logits, ids, mask).backward()
+        bc_loss(agent_token_logprobs(logits, ids, mask)).backward()
     return step
 
 

@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from eto_ref.agent import prompt_messages
-from eto_ref.losses import sequence_logprobs
+from eto_ref.losses import agent_token_logprobs, sequence_logprobs
 
 
 def reply_logprob(model, tokenizer, messages: list[dict], reply: str) -> float:
@@ -30,7 +30,7 @@ def reply_logprob(model, tokenizer, messages: list[dict], reply: str) -> float:
     ids = torch.tensor([full], device=device)  # (1, T)
     in_reply = torch.tensor([[m and t >= len(prompt) for t, m in enumerate(mask)]], device=device)  # (1, T)
     with torch.no_grad():
-        return sequence_logprobs(model(ids), ids, in_reply).item()
+        return sequence_logprobs(agent_token_logprobs(model(ids), ids, in_reply), in_reply).item()
 
 
 def own_task_accuracy(scores: torch.Tensor) -> float:

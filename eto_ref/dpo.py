@@ -45,7 +45,7 @@ def pair_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch
     """One forward over chosen + rejected rows (2b, T); returns (chosen (b,), rejected (b,), token log-probs (N,)),
     the token log-probs those of the scored positions, chosen rows' first."""
     token_logps = scored_logprobs(model, batch)  # (N,)
-    logps = sequence_logprobs(token_logps, batch["input_ids"], batch["loss_mask"])  # (2b,) sums over agent tokens
+    logps = sequence_logprobs(token_logps, batch["loss_mask"])  # (2b,) sums over agent tokens
     chosen, rejected = split_chosen_rejected(logps)
     return chosen, rejected, token_logps
 
@@ -159,8 +159,7 @@ class DPOStage:
         if self.cfg.sft_weight:
             n = len(micro)
             chosen_logps = token_logps[: int(scored_positions(b["loss_mask"][:n]).sum())]  # chosen rows come first
-            nll = bc_loss(chosen_logps, b["input_ids"][:n], b["loss_mask"][:n],
-                          num_tokens=sum(self.chosen_counts[i] for i in batch))
+            nll = bc_loss(chosen_logps, num_tokens=sum(self.chosen_counts[i] for i in batch))
             loss = loss + self.cfg.sft_weight * nll
             metrics["sft_loss"] = nll.detach()
         metrics.update({

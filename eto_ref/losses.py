@@ -20,9 +20,10 @@ Conventions (one place for them, used everywhere):
   agent token, and the logits at the last agent token predict an observation
   token: not scored.
 - Log-probabilities are computed in float32, whatever the model's dtype.
-- The LM head need not run everywhere: the losses read logits only at the scored
-  positions (`scored_positions`), and accept the model's logits there alone, or
-  the scored targets' log-probs alone (`head_logprobs`: the head in checkpointed chunks).
+- The losses take the log-probs of the scored targets alone, (N,) in row-major order:
+  `agent_token_logprobs` makes them from logits; in training the model makes them
+  itself, running its LM head at the scored positions only (eto_ref/model.py
+  `head_logprobs`, the head in checkpointed chunks).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from eto_ref.model import target_logprobs
 
 
 def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,81 +56,52 @@ def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     return scored
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log softmax(logits)[target] per row, in float32: (N, V), (N,) -> (N,).
-
-    Written as logit[target] - logsumexp(logits) over chunks of rows, so a float32
-    copy of at most `chunk` x V values exists at a time (bf16 logits are upcast per chunk).
-    """
-    out = []
-    for i in range(0, len(targets), chunk):
-        rows = logits[i:i + chunk].float()  # (n, V)
-        picked = rows.gather(-1, targets[i:i + chunk, None]).squeeze(-1)  # (n,)
-        out.append(picked - torch.logsumexp(rows, dim=-1))
-    return torch.cat(out) if out else logits.float().sum(-1)  # no target: (0,), still part of the graph
-
-
-def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """log softmax(head(hidden))[target] per row, float32: (N, D), (N,) -> (N,), never N x V logits at once.
-
-    The LM head runs on `chunk` rows at a time. When gradients are recorded, each
-    chunk is checkpointed: its logits are freed after the forward pass and rebuilt in
-    the backward pass, so at most chunk x V logits (with their softmax and gradient)
-    exist at a time. The values and gradients are those of target_logprobs(head(hidden), targets).
-    """
-    def piece(h, t):  # (n, D), (n,) -> (n,)
-        return target_logprobs(head(h), t, chunk=max(len(t), 1))
-
-    recompute = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    out = []
-    for i in range(0, len(targets), chunk):
-        h, t = hidden[i:i + chunk], targets[i:i + chunk]
-        out.append(checkpoint(piece, h, t, use_reentrant=False) if recompute else piece(h, t))
-    return torch.cat(out) if out else head(hidden).float().sum(-1)  # no target: (0,), still part of the graph
-
-
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """log pi(token t+1 | tokens <= t) at scored positions, 0 elsewhere: (B, T-1), float32.
+    """log pi(token t+1 | tokens <= t) at scored positions, 0 elsewhere: (B, T, V), (B, T), (B, T) -> (B, T-1), float32.
 
-    `logits` are the model's at every position (B, T, V), or only at the scored
-    positions (N, V), as the model returns them with `logits_at=scored_positions(loss_mask)`,
-    or already the scored targets' log-probs (N,), as it returns them when also given
-    the targets (training: `eto_ref/trainer.py` `scored_logprobs`). All three give the
-    same result; the second never holds B x T x V values, the third never N x V.
+    The per-token view (e.g. to show which tokens a loss reads); the losses take the
+    scored ones alone, `agent_token_logprobs`.
     """
     targets, scored = next_token_targets(input_ids, loss_mask)  # (B, T-1) each
-    if logits.dim() == 3:
-        logits = logits[:, :-1][scored]  # (N, V): the scored positions, row-major
-    picked = logits.float() if logits.dim() == 1 else target_logprobs(logits, targets[scored])  # (N,)
-    out = torch.zeros(scored.shape, dtype=torch.float32, device=picked.device)  # (B, T-1)
-    return out.masked_scatter(scored, picked)
+    out = torch.zeros(scored.shape, dtype=torch.float32, device=logits.device)  # (B, T-1)
+    return out.masked_scatter(scored, target_logprobs(logits[:, :-1][scored], targets[scored]))
 
 
-def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def agent_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(a_t | history) of every agent token: (B, T, V), (B, T), (B, T) -> (N,), float32, row-major.
+
+    N is the number of scored positions (`scored_positions`). Training gets the same
+    values from the model without B x T x V logits: `model(..., logits_at=scored_positions(mask),
+    targets=...)` runs the LM head at those positions alone (eto_ref/trainer.py `scored_logprobs`).
+    """
+    targets, scored = next_token_targets(input_ids, loss_mask)  # (B, T-1) each
+    return target_logprobs(logits[:, :-1][scored], targets[scored])  # (N,)
+
+
+def sequence_logprobs(agent_logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Trajectory log-prob for DPO: log pi(e) = SUM (not mean) over all agent tokens of all turns.
 
-    logits (B, T, V), (N, V) or (N,) (see token_logprobs), input_ids (B, T), loss_mask (B, T) -> (B,), float32.
+    agent_logps (N,) (see agent_token_logprobs), loss_mask (B, T) -> (B,), float32: each row's sum.
     Padding (loss_mask False) contributes nothing.
     """
-    return token_logprobs(logits, input_ids, loss_mask).sum(-1)  # (B,)
+    scored = next_token_targets(loss_mask, loss_mask)[1]  # (B, T-1)
+    per_token = torch.zeros(scored.shape, dtype=torch.float32, device=agent_logps.device)  # (B, T-1)
+    return per_token.masked_scatter(scored, agent_logps.float()).sum(-1)  # (B,)
 
 
-def bc_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-            num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+def bc_loss(agent_logps: torch.Tensor, num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """Behavioral cloning, paper Eq. 5: L_SFT = -sum_t log pi(a_t | history), reported as a token mean.
 
-    logits (B, T, V), (N, V) or (N,) (see token_logprobs), input_ids (B, T), loss_mask (B, T) -> scalar.
+    agent_logps (N,): the log-probs of a batch's agent tokens (see agent_token_logprobs) -> scalar.
 
-    The sum of the agent-token NLLs is divided by `num_tokens`, the number of
-    scored targets; by default those of this batch. With gradient accumulation,
-    pass the count of the whole global batch to every micro-batch: the sum of the
-    micro-batch losses is then exactly the token mean of the global batch (a mean
-    of micro-batch means would weight short trajectories up).
+    The sum of the agent-token NLLs is divided by `num_tokens`, by default N, this
+    batch's own count. With gradient accumulation, pass the count of the whole global
+    batch to every micro-batch: the sum of the micro-batch losses is then exactly the
+    token mean of the global batch (a mean of micro-batch means would weight short
+    trajectories up).
     """
-    if num_tokens is None:
-        num_tokens = next_token_targets(input_ids, loss_mask)[1].sum()
-    nll = -token_logprobs(logits, input_ids, loss_mask).sum()  # scalar: summed over the batch
-    return nll / torch.as_tensor(num_tokens, dtype=torch.float32).clamp(min=1)
+    num_tokens = len(agent_logps) if num_tokens is None else num_tokens
+    return -agent_logps.float().sum() / torch.as_tensor(num_tokens, dtype=torch.float32).clamp(min=1)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import envs
 from envs.base import observation_turn
 from eto_ref.agent import STOP_STRINGS, invalid_format_turn, parse_action
 from eto_ref.checkpoint import load_model
-from eto_ref.losses import bc_loss, dpo_loss, sequence_logprobs
+from eto_ref.losses import agent_token_logprobs, bc_loss, dpo_loss, sequence_logprobs
 from eto_ref.models import resolve_model
 from eto_ref.pairs import INSTRUCTION_TURNS, count_agent_turns, strip_trailing_observation, truncate_agent_turns
 from eto_ref.results import paired_difference
@@ -46,7 +46,8 @@ from eto_ref.trajectory import (ROLES, collate_pairs, collate_sft, encode_pair, 
 def sft_loss(model, batch: dict) -> torch.Tensor:
     """L_SFT = -(1/N) sum log pi(a_t | history) over the N agent tokens of the batch (token mean)."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, T, V)
-    return bc_loss(logits, batch["input_ids"], batch["loss_mask"])  # the label shift happens inside, once
+    agent_logps = agent_token_logprobs(logits, batch["input_ids"], batch["loss_mask"])  # (N,): the label shift, once
+    return bc_loss(agent_logps)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float, schedule: str) -> float:
@@ -169,7 +170,8 @@ def make_pair(expert: dict, explored: dict, extra_turns: int | None = 5) -> dict
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(e) of both sides: the SUM over every agent token after the shared prompt -> (b,), (b,)."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (2b, T, V)
-    logps = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])  # (2b,): chosen rows, then rejected
+    agent_logps = agent_token_logprobs(logits, batch["input_ids"], batch["loss_mask"])  # (N,)
+    logps = sequence_logprobs(agent_logps, batch["loss_mask"])  # (2b,): chosen rows, then rejected
     return split_chosen_rejected(logps)
 
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from eto_ref.losses import head_logprobs
+from torch.utils.checkpoint import checkpoint
 
 
 # --------------------------------------------------------------------------- config
@@ -157,6 +156,44 @@ class AttendToPrefix:
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nkv, P + T, hs)
 
 
+# --------------------------------------------------------------------------- the LM head's log-probs
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log softmax(logits)[target] per row, in float32: (N, V), (N,) -> (N,).
+
+    Written as logit[target] - logsumexp(logits) over chunks of rows, so a float32
+    copy of at most `chunk` x V values exists at a time (bf16 logits are upcast per chunk).
+    """
+    out = []
+    for i in range(0, len(targets), chunk):
+        rows = logits[i:i + chunk].float()  # (n, V)
+        picked = rows.gather(-1, targets[i:i + chunk, None]).squeeze(-1)  # (n,)
+        out.append(picked - torch.logsumexp(rows, dim=-1))
+    return torch.cat(out) if out else logits.float().sum(-1)  # no target: (0,), still part of the graph
+
+
+def head_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """log softmax(head(hidden))[target] per row, float32: (N, D), (N,) -> (N,), never N x V logits at once.
+
+    The LM head runs on `chunk` rows at a time. When gradients are recorded, each
+    chunk is checkpointed: its logits are freed after the forward pass and rebuilt in
+    the backward pass, so at most chunk x V logits (with their softmax and gradient)
+    exist at a time. The values and gradients are those of target_logprobs(head(hidden), targets).
+    """
+    def piece(h, t):  # (n, D), (n,) -> (n,)
+        return target_logprobs(head(h), t, chunk=max(len(t), 1))
+
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    out = []
+    for i in range(0, len(targets), chunk):
+        h, t = hidden[i:i + chunk], targets[i:i + chunk]
+        out.append(checkpoint(piece, h, t, use_reentrant=False) if recompute else piece(h, t))
+    return torch.cat(out) if out else head(hidden).float().sum(-1)  # no target: (0,), still part of the graph
+
+
+# --------------------------------------------------------------------------- attention
+
 GROUPED_ATTENTION_MAX_T = 64  # longer inputs (prompt prefills) use SDPA, which never holds all T x S scores
 
 
@@ -270,7 +307,7 @@ class Transformer(nn.Module):
             logits_at (B,) long     one position per row    -> (B, 1, V)  (generation: each row's last token)
             logits_at (B, T) bool   the selected positions  -> (N, V)     (training: the scored positions)
             ... and targets (N,)    their targets' log-probs -> (N,)      float32, the head run in checkpointed
-                                                                          chunks (losses.head_logprobs)
+                                                                          chunks (head_logprobs)
         """
         B, T = input_ids.shape
         if attention_mask is None:

@@ -34,29 +34,14 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return min(math.ceil(warmup_ratio * total_steps), max(total_steps - 1, 0))
 
 
-def warmup_multiplier(step: int, warmup: int) -> float:
-    """Linear ramp 0 -> 1 over `warmup` steps (1 afterwards)."""
-    return step / max(1, warmup) if step < warmup else 1.0
-
-
-def cosine_multiplier(step: int, total_steps: int, warmup: int) -> float:
-    """Linear warmup, then half a cosine from 1 down to 0 at `total_steps`."""
-    if step < warmup:
-        return warmup_multiplier(step, warmup)
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def constant_multiplier(step: int, total_steps: int, warmup: int) -> float:
-    """Linear warmup, then 1."""
-    return warmup_multiplier(step, warmup)
-
-
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_ratio: float, schedule: str = "cosine") -> float:
     """The learning rate of optimizer update number `step` (0-based)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     warmup = warmup_steps(total_steps, warmup_ratio)
-    if schedule == "cosine":
-        return base_lr * cosine_multiplier(step, total_steps, warmup)
+    if step < warmup:
+        return base_lr * (step / warmup)  # linear warmup from 0
     if schedule == "constant":
-        return base_lr * constant_multiplier(step, total_steps, warmup)
-    raise ValueError(f"unknown lr schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+        return base_lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # half a cosine, from 1 down to 0

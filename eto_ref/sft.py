@@ -65,7 +65,7 @@ class SFTStage:
         """The micro-batch's share of the batch loss: its sum of token NLLs / scored tokens of the whole batch."""
         b = to_device(collate_sft([self.examples[i] for i in micro], self.pad_id), self.device)
         logps = scored_logprobs(model, b)  # (N,): only where the loss reads them
-        loss = bc_loss(logps, b["input_ids"], b["loss_mask"], num_tokens=sum(self.counts[i] for i in batch))
+        loss = bc_loss(logps, num_tokens=sum(self.counts[i] for i in batch))
         return loss, {"loss": loss.detach(), "tokens": sum(self.counts[i] for i in micro),
                       "truncated": sum(bool(self.examples[i].truncated) for i in micro)}
 

@@ -107,24 +107,16 @@ def split_train_eval(n: int, fraction: float, seed: int) -> tuple[list[int], lis
     return sorted(perm[n_eval:]), sorted(perm[:n_eval])
 
 
-def epoch_order(indices: list[int], seed: int, epoch: int) -> list[int]:
-    """The shuffled order of an epoch: a pure function of (seed, epoch), so resume sees the same batches."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
-
-
 def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def epoch_batches(indices: list[int], seed: int, epoch: int, batch_size: int) -> list[list[int]]:
-    """Global batches of one epoch (the last one may be smaller)."""
-    return chunks(epoch_order(indices, seed, epoch), batch_size)
-
-
-def step_seed(seed: int, step: int) -> int:
-    """RNG seed of one optimizer step (LoRA dropout): resume needs no saved RNG state."""
-    return seed * 1_000_003 + step + 1
+    """Global batches of one epoch (the last one may be smaller). The shuffled order is a pure function
+    of (seed, epoch), so a resumed run takes the same batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+    return chunks(order, batch_size)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -245,7 +237,7 @@ class Fit:
         """trainer_state.json: where the run is, and everything needed to check a resume."""
         return {"stage": self.stage.name, "step": self.step, "epoch": self.step / self.steps_per_epoch,
                 "total_steps": self.total, "steps_per_epoch": self.steps_per_epoch, "seed": self.cfg.seed,
-                "rng": "data order: randperm(seed, epoch); step RNG: manual_seed(step_seed(seed, step))",
+                "rng": "data order: randperm(seed, epoch); step RNG: manual_seed(seed * 1000003 + step + 1)",
                 "config": config_dict(self.cfg), "compute_dtype": dtype_name(self.dtype), "metrics": metrics}
 
     def evaluate(self) -> dict:
@@ -270,7 +262,7 @@ class Fit:
         batch = epoch_batches(stage.train_indices, cfg.seed, epoch, cfg.batch_size)[k]
         batch = sorted(batch, key=lambda i: stage.lengths[i])  # similar lengths share a micro-batch
         lr = lr_at(self.step, cfg.lr, self.total, cfg.warmup_ratio, cfg.schedule)
-        torch.manual_seed(step_seed(cfg.seed, self.step))  # LoRA dropout
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # LoRA dropout, by step: resume needs no RNG state
         t0 = time.perf_counter()
         if self.ranks == 1:
             micro_batches = [(micro, 1.0) for micro in chunks(batch, cfg.micro_batch_size)]

@@ -16,7 +16,8 @@ MODULES = [  # python -m MODULE --help, and its subcommands
     ["eto_ref.tiny"], ["eto_ref.minimal"], ["envs.write_expert_data"],
 ]
 SCRIPTS = ["train.py", "explore.py", "bench/precision.py", "bench/envs.py", "bench/train_memory.py",
-           "bench/memory.py", "bench/throughput.py", "bench/train_step.py", "bench/gpu.py", "bench/reading_path.py"]
+           "bench/memory.py", "bench/throughput.py", "bench/train_step.py", "bench/gpu.py", "bench/reading_path.py",
+           "bench/resume_soak.py"]
 
 
 def run_help(monkeypatch, capsys, run, name, subcommand):

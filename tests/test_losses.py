@@ -17,15 +17,26 @@ import torch.nn.functional as F
 
 from eto_ref.losses import (
     DPOOutput,
+    agent_token_logprobs,
     bc_loss,
     dpo_loss,
-    head_logprobs,
     next_token_targets,
     sequence_logprobs,
     token_logprobs,
 )
+from eto_ref.model import head_logprobs
 
 LN2, LN3 = math.log(2), math.log(3)
+
+
+def bc(logits, ids, mask, num_tokens=None):
+    """Eq. 5 from (B, T, V) logits: the agent tokens' log-probs, then the loss."""
+    return bc_loss(agent_token_logprobs(logits, ids, mask), num_tokens)
+
+
+def seq(logits, ids, mask):
+    """log pi(e) of each row from (B, T, V) logits."""
+    return sequence_logprobs(agent_token_logprobs(logits, ids, mask), mask)
 
 
 def probs_to_logits(*rows):
@@ -75,9 +86,9 @@ def hand_batch():
 
 def test_bc_loss_hand_computed():
     logits, ids, mask = hand_batch()
-    assert bc_loss(logits, ids, mask).item() == pytest.approx((5 * LN2 - LN3) / 3, abs=1e-6)
-    assert bc_loss(logits[:1], ids[:1], mask[:1]).item() == pytest.approx((4 * LN2 - LN3) / 2, abs=1e-6)
-    assert bc_loss(logits[1:], ids[1:], mask[1:]).item() == pytest.approx(LN2, abs=1e-6)
+    assert bc(logits, ids, mask).item() == pytest.approx((5 * LN2 - LN3) / 3, abs=1e-6)
+    assert bc(logits[:1], ids[:1], mask[:1]).item() == pytest.approx((4 * LN2 - LN3) / 2, abs=1e-6)
+    assert bc(logits[1:], ids[1:], mask[1:]).item() == pytest.approx(LN2, abs=1e-6)
     torch.testing.assert_close(token_logprobs(logits, ids, mask),
                                torch.tensor([[-LN2, LN3 - 3 * LN2, 0.0], [-LN2, 0.0, 0.0]]))
 
@@ -90,7 +101,7 @@ def test_bc_loss_matches_cross_entropy_with_ignore_index():
     mask = torch.rand(3, 11) > 0.5
     labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 17), labels.reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(bc_loss(logits, ids, mask), expected)
+    torch.testing.assert_close(bc(logits, ids, mask), expected)
 
 
 def test_bc_loss_matches_the_transformers_causal_lm_loss():
@@ -105,7 +116,7 @@ def test_bc_loss_matches_the_transformers_causal_lm_loss():
     mask = torch.rand(2, 12) > 0.5
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids.masked_fill(~mask, -100))
-    torch.testing.assert_close(bc_loss(out.logits, ids, mask), out.loss)
+    torch.testing.assert_close(bc(out.logits, ids, mask), out.loss)
 
 
 def test_gradient_flows_only_through_scored_positions():
@@ -113,7 +124,7 @@ def test_gradient_flows_only_through_scored_positions():
     logits = torch.randn(2, 6, 5, requires_grad=True)
     ids = torch.randint(0, 5, (2, 6))
     mask = torch.tensor([[0, 0, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0]]).bool()
-    bc_loss(logits, ids, mask).backward()
+    bc(logits, ids, mask).backward()
     has_grad = logits.grad.abs().sum(-1) > 0  # (B, T)
     assert has_grad.tolist() == [[False, True, True, False, True, False],  # = mask shifted left by one
                                  [True, True, False, False, False, False]]
@@ -126,11 +137,11 @@ def test_only_agent_targets_change_the_loss():
     logits = torch.randn(1, 8, 7)
     ids = torch.randint(0, 7, (1, 8))
     mask = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 1]]).bool()
-    base = bc_loss(logits, ids, mask)
+    base = bc(logits, ids, mask)
     for t in range(8):
         changed = ids.clone()
         changed[0, t] = (changed[0, t] + 1) % 7
-        assert torch.equal(bc_loss(logits, changed, mask), base) != bool(mask[0, t]), t
+        assert torch.equal(bc(logits, changed, mask), base) != bool(mask[0, t]), t
 
 
 def test_observation_tokens_are_never_trained_on_with_a_tiny_model(fake_tok):
@@ -147,7 +158,7 @@ def test_observation_tokens_are_never_trained_on_with_a_tiny_model(fake_tok):
     ids, mask = torch.tensor([ids]), torch.tensor([mask])
 
     def loss(x):
-        return bc_loss(model(x), x, mask)
+        return bc(model(x), x, mask)
 
     base = loss(ids)
     for t in range(obs, obs + 4):  # the 4 characters of "seen"
@@ -161,7 +172,7 @@ def test_observation_tokens_are_never_trained_on_with_a_tiny_model(fake_tok):
 
 
 def test_grad_accumulation_with_the_global_token_count_equals_the_full_batch():
-    """sum_i bc_loss(micro_i, num_tokens=N_global) == bc_loss(full batch), in value and in gradient."""
+    """sum_i bc(micro_i, num_tokens=N_global) == bc(full batch), in value and in gradient."""
     torch.manual_seed(0)
     logits = torch.randn(4, 9, 6, requires_grad=True)
     ids = torch.randint(0, 6, (4, 9))
@@ -170,24 +181,24 @@ def test_grad_accumulation_with_the_global_token_count_equals_the_full_batch():
     mask[3, 1:] = False
     mask[3, 2] = True
 
-    full = bc_loss(logits, ids, mask)
+    full = bc(logits, ids, mask)
     (full_grad,) = torch.autograd.grad(full, logits)
 
     n = int(next_token_targets(ids, mask)[1].sum())
     accumulated = 0.0
     for rows in (slice(0, 1), slice(1, 3), slice(3, 4)):  # uneven micro-batches
-        accumulated = accumulated + bc_loss(logits[rows], ids[rows], mask[rows], num_tokens=n)
+        accumulated = accumulated + bc(logits[rows], ids[rows], mask[rows], num_tokens=n)
     (acc_grad,) = torch.autograd.grad(accumulated, logits)
     torch.testing.assert_close(accumulated, full)
     torch.testing.assert_close(acc_grad, full_grad)
 
-    mean_of_means = sum(bc_loss(logits[i:i + 1], ids[i:i + 1], mask[i:i + 1]) for i in range(4)) / 4
+    mean_of_means = sum(bc(logits[i:i + 1], ids[i:i + 1], mask[i:i + 1]) for i in range(4)) / 4
     assert not torch.allclose(mean_of_means, full)  # the wrong convention gives another number
 
 
 def test_bc_loss_with_no_scored_token_is_zero_not_nan():
     logits = torch.randn(1, 4, 3, requires_grad=True)
-    loss = bc_loss(logits, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool))
+    loss = bc(logits, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool))
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
@@ -210,7 +221,7 @@ def test_log_probs_are_float32_for_low_precision_logits():
 def test_sequence_logprobs_is_the_sum_hand_computed():
     """Row 0 of `hand_batch`: log 1/2 + log 3/8 = ln 3 - 4 ln 2 (a mean would be half of that)."""
     logits, ids, mask = hand_batch()
-    torch.testing.assert_close(sequence_logprobs(logits, ids, mask), torch.tensor([LN3 - 4 * LN2, -LN2]))
+    torch.testing.assert_close(seq(logits, ids, mask), torch.tensor([LN3 - 4 * LN2, -LN2]))
 
 
 def test_sequence_logprobs_ignores_padding():
@@ -221,11 +232,11 @@ def test_sequence_logprobs_ignores_padding():
     mask = torch.tensor([[0, 1, 1, 1, 1]]).bool()  # ends with an agent token, as a trajectory does
     logp = torch.log_softmax(logits[0, :-1], -1)
     by_hand = sum(logp[t, ids[0, t + 1]] for t in range(4))
-    assert sequence_logprobs(logits, ids, mask).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert seq(logits, ids, mask).item() == pytest.approx(by_hand.item(), abs=1e-6)
     padded_logits = torch.cat([logits, 100 * torch.randn(1, 3, 4)], dim=1)
     padded_ids = torch.cat([ids, torch.full((1, 3), 3)], dim=1)
     padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)], dim=1)
-    assert sequence_logprobs(padded_logits, padded_ids, padded_mask).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert seq(padded_logits, padded_ids, padded_mask).item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
 # --------------------------------------------------------------------------- DPO (Eq. 7)
@@ -328,7 +339,7 @@ def test_sequence_logprobs_and_dpo_match_trl():
 
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attention.long()).logits  # (2B, T, V)
-    logps = sequence_logprobs(logits, ids, mask)  # (2B,)
+    logps = seq(logits, ids, mask)  # (2B,)
     ref = logps + 3 * torch.randn(2 * B)  # a reference that differs from the policy
     ours = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=beta)
 
@@ -378,13 +389,15 @@ def test_head_logprobs_in_checkpointed_chunks_equal_the_whole_head():
     assert head_logprobs(hidden[:0], head, targets[:0]).shape == (0,)
 
 
-def test_token_logprobs_accepts_the_scored_targets_log_probs():
-    """(N,) log-probs of the scored targets give what the (B, T, V) logits give."""
+def test_the_scored_positions_logits_give_the_agent_token_logprobs():
+    """The (N, V) logits of the scored positions (what the model returns with `logits_at`) give the
+    (N,) log-probs that the (B, T, V) logits give, and the same loss."""
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
     ids = torch.randint(0, 7, (2, 5))
     mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
     targets, scored = next_token_targets(ids, mask)
     picked = F.log_softmax(logits[:, :-1][scored], dim=-1).gather(-1, targets[scored][:, None]).squeeze(-1)  # (N,)
-    torch.testing.assert_close(token_logprobs(picked, ids, mask), token_logprobs(logits, ids, mask))
-    torch.testing.assert_close(bc_loss(picked, ids, mask), bc_loss(logits, ids, mask))
+    torch.testing.assert_close(agent_token_logprobs(logits, ids, mask), picked)
+    torch.testing.assert_close(token_logprobs(logits, ids, mask)[scored], picked)
+    torch.testing.assert_close(bc_loss(picked), bc(logits, ids, mask))

@@ -246,7 +246,9 @@ def _prefix_batch(B=4, P=12, rest=(9, 5, 11, 7), seed=0):
 def test_shared_prefix_gradients_equal_the_plain_forward_for_both_losses(checkpointing, head):
     """BC (Eq. 5) and DPO (Eq. 7) gradients through a prefix run once equal those of every row running it,
     with the scored positions' logits or (the trainer's path) only their targets' log-probs."""
-    from eto_ref.losses import bc_loss, dpo_loss, scored_positions, sequence_logprobs
+    from eto_ref.losses import (agent_token_logprobs, bc_loss, dpo_loss, next_token_targets, scored_positions,
+                                sequence_logprobs)
+    from eto_ref.model import target_logprobs
     from eto_ref.trainer import scored_logprobs
 
     torch.manual_seed(0)
@@ -257,17 +259,19 @@ def test_shared_prefix_gradients_equal_the_plain_forward_for_both_losses(checkpo
     def grads(shared: bool, loss_name: str):
         model.zero_grad()
         if shared and head == "logprobs":
-            logits = scored_logprobs(model, {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask,
-                                             "shared_prefix": 12})  # (N,)
-            assert logits.dim() == 1
+            agent_logps = scored_logprobs(model, {"input_ids": ids, "attention_mask": attention,
+                                                  "loss_mask": loss_mask, "shared_prefix": 12})  # (N,)
         elif shared:
             logits = model(ids, attention_mask=attention, logits_at=scored_positions(loss_mask), shared_prefix=12)
+            targets, scored = next_token_targets(ids, loss_mask)
+            agent_logps = target_logprobs(logits, targets[scored])  # from (N, V)
         else:
             logits = model(ids, attention_mask=attention)  # (B, T, V) every row runs everything
+            agent_logps = agent_token_logprobs(logits, ids, loss_mask)
         if loss_name == "bc":
-            loss = bc_loss(logits, ids, loss_mask)
+            loss = bc_loss(agent_logps)
         else:
-            logps = sequence_logprobs(logits, ids, loss_mask)  # rows 0, 1 chosen; 2, 3 rejected
+            logps = sequence_logprobs(agent_logps, loss_mask)  # rows 0, 1 chosen; 2, 3 rejected
             loss = dpo_loss(logps[:2], logps[2:], torch.tensor([-30.0, -25.0]), torch.tensor([-28.0, -31.0])).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -61,12 +61,12 @@ def test_gradient_accumulation_equals_full_batch(tiny_model, data_files, tmp_pat
 
     # The wrong way (mean of micro-batch means) is measurably different: the test can see the bug.
     model = trainer.load_trainable_model(cfg, torch.device("cpu"), torch.float32)
-    from eto_ref.losses import bc_loss
+    from eto_ref.losses import agent_token_logprobs, bc_loss
     from eto_ref.trajectory import collate_sft
     for i in batch:
         b = collate_sft([examples[i]], tok.pad_id)
-        (bc_loss(model(b["input_ids"], attention_mask=b["attention_mask"]), b["input_ids"], b["loss_mask"])
-         / len(batch)).backward()
+        logits = model(b["input_ids"], attention_mask=b["attention_mask"])  # (1, T, V)
+        (bc_loss(agent_token_logprobs(logits, b["input_ids"], b["loss_mask"])) / len(batch)).backward()
     wrong = dict(model.named_parameters())["lm_head.weight"].grad
     assert not torch.allclose(wrong, g_full["lm_head.weight"], atol=1e-6)
 

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from eto_ref.losses import next_token_targets, sequence_logprobs
+from eto_ref.losses import agent_token_logprobs, next_token_targets, sequence_logprobs
 from eto_ref.trajectory import (
     Example,
     PairExample,
@@ -378,8 +378,11 @@ def test_collate_pairs_puts_chosen_then_rejected_in_one_padded_batch(fake_tok, t
     logits = torch.randn(4, T, fake_tok.vocab_size)
     alone = collate_sft([rows[2]], fake_tok.pad_id)
     n = alone["input_ids"].shape[1]
-    torch.testing.assert_close(sequence_logprobs(logits[2:3, :n], alone["input_ids"], alone["loss_mask"]),
-                               sequence_logprobs(logits[2:3], batch["input_ids"][2:3], batch["loss_mask"][2:3]))
+    ids, mask = batch["input_ids"][2:3], batch["loss_mask"][2:3]
+    torch.testing.assert_close(
+        sequence_logprobs(agent_token_logprobs(logits[2:3, :n], alone["input_ids"], alone["loss_mask"]),
+                          alone["loss_mask"]),
+        sequence_logprobs(agent_token_logprobs(logits[2:3], ids, mask), mask))
 
 
 def test_an_empty_reply_is_allowed_only_on_the_rejected_side(tmp_path):
