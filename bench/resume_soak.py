@@ -32,8 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ["train.py", "--stage", "all", "--model", "tiny", "--dtype", "float32", "--sft-examples", "32",
-       "--explore-limit", "32", "--eval-limit", "16", "--sft-save-every", "2", "--dpo-save-every", "1",
-       "--no-progress"]
+       "--explore-limit", "16", "--eval-limit", "12", "--agent-max-steps", "4", "--max-new-tokens", "32",
+       "--sft-save-every", "2", "--dpo-save-every", "1", "--no-progress"]
 
 
 def start(out: Path, threads: int) -> subprocess.Popen:
