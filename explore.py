@@ -24,9 +24,10 @@ import argparse
 import json
 
 from eto_ref.agent import AgentConfig
-from eto_ref.cli import add_config_flags, given_values, value_parser
+from eto_ref.cli import add_config_flags, field_of, given_values, value_parser
 from eto_ref.config import PRESET_NAMES, PRESETS, preset_for, preset_values
 from eto_ref.distributed import init_distributed, is_main
+from eto_ref.eto import LoopConfig
 from eto_ref.exploration import ExploreConfig, evaluate, explore_and_pair, load_policy
 from eto_ref.models import resolve_model
 from eto_ref.pairs import AUTO, EXTRA_REJECTED_TURNS
@@ -39,7 +40,7 @@ def parse_args(argv=None):
     add_config_flags(p, ExploreConfig, skip=("out_dir",))
     p.add_argument("--out", default=None, help="output directory (default runs/explore-<env>-<split>)")
     p.add_argument("--template", default=None, help="chat template (default: detected from the tokenizer)")
-    p.add_argument("--rejected-extra-turns", type=value_parser("rejected_extra_turns", "int | str | None"),
+    p.add_argument("--rejected-extra-turns", type=value_parser(field_of(LoopConfig, "rejected_extra_turns")),
                    default=AUTO,
                    help="pairs (train split): the rejected side keeps at most expert length + N agent turns; "
                         f"none keeps the whole failed run (default {AUTO}: the environment's official rule, "

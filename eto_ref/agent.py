@@ -178,10 +178,10 @@ class AgentConfig:
     """How the agent runs episodes. Defaults: the official code's (one in-context example, greedy)."""
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # greedy by default, as the paper
-    seed: int | None = setting(None, "sampling seed: the episode of task t samples with its own seed (seed, t)")
-    batch_size: int = setting(16, "episodes run at once (a finished one's row takes the next task)")
-    max_len: int = setting(8192, "most tokens one conversation may hold (its KV cache grows by need up to this)")
-    max_steps: int | None = setting(None, "cap on an episode's steps (None: the environment's own limit)")
+    seed: int | None = setting(None, "sampling seed: the episode of task t samples with its own seed (seed, t)", low=0)
+    batch_size: int = setting(16, "episodes run at once (a finished one's row takes the next task)", low=1)
+    max_len: int = setting(8192, "most tokens one conversation may hold (its KV cache grows by need up to this)", low=1)
+    max_steps: int | None = setting(None, "cap on an episode's steps (None: the environment's own limit)", low=1)
     icl: bool = setting(True, "one in-context example in the prompt, as the official code (False: 0-shot)")
 
 

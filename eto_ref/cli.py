@@ -8,29 +8,15 @@
 A flag that is not given is absent from the parsed namespace (its argparse default
 is SUPPRESS), so the value comes from the dataclass field or a preset, never from a
 second copy of the default here. The help text is the field's, plus its default and
-the presets that change it. Every numeric value is checked at parse time (a count
-must be >= 1, a rate finite and in range): a setting out of range is a one-line error.
+the presets that change it. Every numeric value is checked at parse time against the
+range its field declares (`setting(..., low=1)`): a setting out of range is a one-line error.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import MISSING, fields, is_dataclass
-
-# Ranges checked at parse time, by field name: (low, high, whether low itself is allowed). Counts are >= 1.
-POSITIVE = ("epochs", "batch_size", "micro_batch_size", "max_len", "keep_checkpoints", "iterations",
-            "max_new_tokens", "sft_examples", "rft_epochs", "threads", "top_k")
-AT_LEAST_ONE_OR_NONE = ("max_steps", "max_examples", "explore_limit", "eval_limit", "limit")
-NON_NEGATIVE = ("weight_decay", "clip", "lora_rank", "lora_dropout", "eval_every", "save_every", "seed", "env_seed",
-                "valid", "valid_start", "start", "best_of_n", "temperature", "bon_temperature", "sft_weight",
-                "rejected_extra_turns", "adam_eps")
-RANGES = {"lr": (0.0, math.inf, False), "beta": (0.0, math.inf, False), "warmup_ratio": (0.0, 1.0, True),
-          "eval_fraction": (0.0, 1.0, True), "top_p": (0.0, 1.0, False), "lora_alpha": (0.0, math.inf, False),
-          "rft_lr_scale": (0.0, math.inf, False)}
-CHOICES = {"schedule": ("cosine", "constant"), "device": ("auto", "cpu", "cuda"),
-           "dtype": ("auto", "float32", "bfloat16", "float16")}
-
+from dataclasses import MISSING, Field, fields, is_dataclass
 
 def flag(name: str, prefix: str = "") -> str:
     return "--" + prefix + name.replace("_", "-")
@@ -40,29 +26,24 @@ def dest(name: str, prefix: str = "") -> str:
     return (prefix + name).replace("-", "_")
 
 
-def check_value(name: str, value):
-    """The value, or ValueError when it is out of the range the setting allows."""
+def check_value(f: Field, value):
+    """The value, or ValueError when it is out of the range the field declares (eto_ref/config.py `setting`)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value}")
-    if value is None:
+    low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
+    if value is None or isinstance(value, (str, tuple)) or (low is None and high is None):
         return value
-    if name in POSITIVE or name in AT_LEAST_ONE_OR_NONE:
-        if value < 1:
-            raise ValueError(f"must be >= 1, got {value}")
-    elif name in NON_NEGATIVE:
-        if value < 0:
-            raise ValueError(f"must be >= 0, got {value}")
-    elif name in RANGES:
-        low, high, low_ok = RANGES[name]
-        if not (low <= value <= high) or (value == low and not low_ok):
-            bound = f"{'>=' if low_ok else '>'} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
-            raise ValueError(f"must be {bound}, got {value}")
+    if (low is not None and (value < low or (above and value == low))) or (high is not None and value > high):
+        bound = " and ".join(([f"{'>' if above else '>='} {low:g}"] if low is not None else [])
+                             + ([f"<= {high:g}"] if high is not None else []))
+        raise ValueError(f"must be {bound}, got {value}")
     return value
 
 
-def value_parser(name: str, type_name: str):
-    """The argparse `type` of a field whose annotation reads `type_name` (e.g. "int | None"; "int | str"
-    takes a number or the word auto)."""
+def value_parser(f: Field):
+    """The argparse `type` of a field, from its annotation (e.g. "int | None"; "int | str" takes a number
+    or the word auto), checking the range it declares."""
+    type_name = f.type
     base = type_name.replace(" | None", "").replace(" | str", "").strip()
     if base.startswith("tuple["):
         item = float if "float" in base else str
@@ -82,11 +63,16 @@ def value_parser(name: str, type_name: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         try:
-            return check_value(name, value)
+            return check_value(f, value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = base  # argparse names the type in its error messages
     return parse
+
+
+def field_of(cls, name: str) -> Field:
+    """The dataclass field `name` of `cls` (for a flag declared by hand from a config field)."""
+    return next(f for f in fields(cls) if f.name == name)
 
 
 def describe(value) -> str:
@@ -117,10 +103,9 @@ def add_config_flags(parser, cls, prefix: str = "", skip=(), presets: dict | Non
         if f.type == "bool":
             parser.add_argument(flag(f.name, prefix), action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            if f.name in CHOICES:
-                kwargs["choices"] = CHOICES[f.name]
-            parser.add_argument(flag(f.name, prefix), type=value_parser(f.name, f.type), metavar=f.name.upper(),
-                                **kwargs)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            parser.add_argument(flag(f.name, prefix), type=value_parser(f), metavar=f.name.upper(), **kwargs)
 
 
 def given_values(args: argparse.Namespace, cls, prefix: str = "", skip=()) -> dict:

@@ -30,11 +30,17 @@ TINY_MAX_PARAMETERS = 20_000_000  # a model this small (without the key) is a fr
 PRESET_NAMES = ("tiny", "small", "7b")
 
 
-def setting(default, help: str, **kwargs):  # noqa: A002 - the argparse word
-    """A dataclass field with its help text (the one place a setting is described)."""
+def setting(default, help: str, low=None, high=None, above: bool = False, choices: tuple | None = None,  # noqa: A002
+            **kwargs):
+    """A dataclass field with its help text and the values it allows: the one place a setting is described.
+
+    A number must be >= low (> low with `above`) and <= high, where given; a word one of `choices`.
+    The command line checks them as it parses (eto_ref/cli.py).
+    """
+    metadata = {"help": help, "low": low, "high": high, "above": above, "choices": choices}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -43,32 +49,32 @@ class TrainConfig:
 
     model: str = setting("smollm2", "model directory to start from, or a built-in name: smollm2, tiny")
     out: str = setting("runs/sft", "run directory (checkpoints, metrics.jsonl, final/)")
-    lr: float = setting(2e-5, "peak learning rate")
-    weight_decay: float = setting(0.0, "AdamW weight decay (the official ETO scripts use 0)")
+    lr: float = setting(2e-5, "peak learning rate", low=0, above=True)
+    weight_decay: float = setting(0.0, "AdamW weight decay (the official ETO scripts use 0)", low=0)
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas")
-    adam_eps: float = setting(1e-8, "AdamW epsilon")
-    epochs: int = setting(3, "passes over the data")
-    batch_size: int = setting(64, "sequences (SFT) or pairs (DPO) per optimizer step")
-    micro_batch_size: int = setting(4, "sequences or pairs per forward/backward; gradients accumulate to batch_size")
-    max_len: int = setting(4096, "max tokens per sequence (longer ones are cut, with a warning)")
-    clip: float = setting(1.0, "max gradient norm (0 = no clipping)")
-    schedule: str = setting("cosine", "lr schedule after warmup: cosine | constant")
-    warmup_ratio: float = setting(0.03, "fraction of the steps spent warming the lr up from 0")
-    max_steps: int | None = setting(None, "cap on optimizer steps (the schedule is laid out over the capped total)")
-    max_examples: int | None = setting(None, "use only the first N records of the data file (quick runs)")
-    lora_rank: int = setting(0, "LoRA adapter rank; 0 = full fine-tuning")
-    lora_alpha: float = setting(16.0, "LoRA scale alpha")
-    lora_dropout: float = setting(0.05, "LoRA input dropout")
+    adam_eps: float = setting(1e-8, "AdamW epsilon", low=0)
+    epochs: int = setting(3, "passes over the data", low=1)
+    batch_size: int = setting(64, "sequences (SFT) or pairs (DPO) per optimizer step", low=1)
+    micro_batch_size: int = setting(4, "sequences or pairs per forward/backward; gradients accumulate to batch_size", low=1)
+    max_len: int = setting(4096, "max tokens per sequence (longer ones are cut, with a warning)", low=1)
+    clip: float = setting(1.0, "max gradient norm (0 = no clipping)", low=0)
+    schedule: str = setting("cosine", "lr schedule after warmup: cosine | constant", choices=("cosine", "constant"))
+    warmup_ratio: float = setting(0.03, "fraction of the steps spent warming the lr up from 0", low=0, high=1)
+    max_steps: int | None = setting(None, "cap on optimizer steps (the schedule is laid out over the capped total)", low=1)
+    max_examples: int | None = setting(None, "use only the first N records of the data file (quick runs)", low=1)
+    lora_rank: int = setting(0, "LoRA adapter rank; 0 = full fine-tuning", low=0)
+    lora_alpha: float = setting(16.0, "LoRA scale alpha", low=0, above=True)
+    lora_dropout: float = setting(0.05, "LoRA input dropout", low=0)
     lora_targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"), "modules LoRA adapts")
-    eval_fraction: float = setting(0.05, "held-out fraction of the data for the evaluation loss")
-    eval_every: int = setting(0, "steps between held-out evaluations (0 = only at the end)")
-    save_every: int = setting(100, "steps between checkpoints (0 = none)")
-    keep_checkpoints: int = setting(2, "checkpoints kept")
-    seed: int = setting(0, "data order, held-out split, LoRA init and dropout")
-    device: str = setting("auto", "auto | cpu | cuda")
+    eval_fraction: float = setting(0.05, "held-out fraction of the data for the evaluation loss", low=0, high=1)
+    eval_every: int = setting(0, "steps between held-out evaluations (0 = only at the end)", low=0)
+    save_every: int = setting(100, "steps between checkpoints (0 = none)", low=0)
+    keep_checkpoints: int = setting(2, "checkpoints kept", low=1)
+    seed: int = setting(0, "data order, held-out split, LoRA init and dropout", low=0)
+    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     dtype: str = setting("auto", "compute dtype (training: autocast over float32 weights; the agent: the "
                                  "policy's weights): auto (bfloat16 on CUDA and on CPUs with bfloat16 "
-                                 "instructions, else float32) | float32 | bfloat16")
+                                 "instructions, else float32) | float32 | bfloat16", choices=("auto", "float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = setting(False, "recompute each layer's activations in backward (less memory)")
     fsdp: bool = setting(False, "under torchrun: shard weights, grads and AdamW states over the ranks (else DDP)")
     compile: bool = setting(False, "torch.compile the model (CUDA; slow to start, faster steps)")
@@ -108,14 +114,14 @@ class DPOConfig(TrainConfig):
 
     pairs: str = setting("", "ETO-format preference pairs (JSON list or JSONL)")
     out: str = setting("runs/eto", "run directory (checkpoints, metrics.jsonl, reference_logps.json, final/)")
-    beta: float = setting(0.1, "DPO beta: the strength of the pull towards the reference")
-    sft_weight: float = setting(0.0, "add this times the chosen side's token-mean NLL (0 = the paper's objective)")
-    lr: float = setting(1e-6, "peak learning rate")
-    batch_size: int = setting(32, "pairs per optimizer step")
-    micro_batch_size: int = setting(2, "pairs per forward/backward (each is a chosen and a rejected row)")
-    schedule: str = setting("constant", "lr schedule after warmup: cosine | constant")
-    warmup_ratio: float = setting(0.1, "fraction of the steps spent warming the lr up from 0")
-    eval_fraction: float = setting(0.0, "held-out fraction of the pairs (the paper trains on all)")
+    beta: float = setting(0.1, "DPO beta: the strength of the pull towards the reference", low=0, above=True)
+    sft_weight: float = setting(0.0, "add this times the chosen side's token-mean NLL (0 = the paper's objective)", low=0)
+    lr: float = setting(1e-6, "peak learning rate", low=0, above=True)
+    batch_size: int = setting(32, "pairs per optimizer step", low=1)
+    micro_batch_size: int = setting(2, "pairs per forward/backward (each is a chosen and a rejected row)", low=1)
+    schedule: str = setting("constant", "lr schedule after warmup: cosine | constant", choices=("cosine", "constant"))
+    warmup_ratio: float = setting(0.1, "fraction of the steps spent warming the lr up from 0", low=0, high=1)
+    eval_fraction: float = setting(0.0, "held-out fraction of the pairs (the paper trains on all)", low=0, high=1)
     STAGE = "dpo"
 
 

@@ -38,19 +38,19 @@ class LoopConfig:
     model: str = setting("runs/sft/final", "the SFT policy pi_0 the loop starts from")
     out: str = setting("runs/eto", "loop directory: iter-k/explore, iter-k/dpo, iter-k/eval-<split>, summary.json")
     env: str = setting("science", "environment: webshop | household | science | scienceworld")
-    env_seed: int = setting(0, "seed of the environment's task generator (which tasks exist)")
-    iterations: int = setting(1, "ETO iterations: explore -> pairs -> DPO -> evaluate")
+    env_seed: int = setting(0, "seed of the environment's task generator (which tasks exist)", low=0)
+    iterations: int = setting(1, "ETO iterations: explore -> pairs -> DPO -> evaluate", low=1)
     explore_limit: int | None = setting(None, "training tasks explored per iteration, the first of the split "
-                                              "(None: all)")
+                                              "(None: all)", low=1)
     eval_limit: int | None = setting(None, "tasks per test split in evaluations (None: all); a rerun may "
-                                           "raise it: evaluations extend")
+                                           "raise it: evaluations extend", low=1)
     valid: int = setting(0, "also evaluate on N training tasks nothing trains on, train[valid_start:][:N]: "
-                            "the column settings are chosen by (0 = off)")
-    valid_start: int = setting(1000, "first task of the valid slice (after every task trained on or explored)")
+                            "the column settings are chosen by (0 = off)", low=0)
+    valid_start: int = setting(1000, "first task of the valid slice (after every task trained on or explored)", low=0)
     rejected_extra_turns: int | str | None = setting(AUTO, "pairs: the rejected side keeps at most expert length "
                                                      "+ N agent turns (none: the whole failed run; auto: the "
                                                      "environment's official rule, 5, and household, like "
-                                                     "ALFWorld, none)")
+                                                     "ALFWorld, none)", low=0)
     beta_schedule: tuple[float, ...] = setting((), "DPO beta per iteration, e.g. 0.1,0.5 (the last repeats; "
                                                    "empty: the DPO beta every iteration)")
     lr_schedule: tuple[float, ...] = setting((), "DPO learning rate per iteration, e.g. 1e-6,5e-7 (the last "

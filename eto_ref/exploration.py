@@ -49,12 +49,13 @@ class ExploreConfig:
     env: str = setting("science", "environment: webshop | household | science | scienceworld")
     split: str = setting("train", "train (explore, then pair with the expert) | test_seen | test_unseen")
     out_dir: str = setting("runs/explore", "output directory: trajectories.jsonl, summary.json (+ pairs.json)")
-    limit: int | None = setting(None, "only the first N tasks of the split (after `start`)")
+    limit: int | None = setting(None, "only the first N tasks of the split (after `start`)", low=1)
     start: int = setting(0, "skip the first N tasks: e.g. train[1000:1100] is a validation slice nothing "
-                            "trains on")
-    env_seed: int = setting(0, "seed of the environment's task generator (which tasks exist)")
+                            "trains on", low=0)
+    env_seed: int = setting(0, "seed of the environment's task generator (which tasks exist)", low=0)
     forced_steps: int = setting(0, "the step-level contrast: the expert's first N steps are played for the "
-                                   "policy, which acts from step N + 1 (0: the paper's trajectory-level runs)")
+                                   "policy, which acts from step N + 1 (0: the paper's trajectory-level runs)",
+                                low=0)
     resume: bool = setting(True, "continue the run in out_dir, if it was made with the same settings "
                                  "(False: start over)")
     agent: AgentConfig = field(default_factory=AgentConfig)

@@ -45,14 +45,14 @@ class PipelineConfig:
     """The main job. Stage settings live in the nested SFT, DPO and loop configs."""
 
     out: str = setting("runs/main", "run directory of the whole job")
-    seed: int = setting(0, "data order and sampling (and the tiny model's initialisation)")
+    seed: int = setting(0, "data order and sampling (and the tiny model's initialisation)", low=0)
     model: str = setting("auto", "starting model: a Hugging Face directory, or smollm2 | tiny "
                                  "(auto: smollm2 when its package is installed, else tiny)")
-    sft_examples: int = setting(480, "expert trajectories trained on: the first N tasks of the train split")
-    rft_epochs: int = setting(1, "RFT: epochs of fine-tuning pi_0 on expert + its successful explorations")
-    rft_lr_scale: float = setting(0.25, "RFT: its learning rate as a fraction of the SFT one")
-    best_of_n: int = setting(4, "N of the Best-of-N baseline (0 = skip it)")
-    bon_temperature: float = setting(0.7, "Best-of-N sampling temperature")
+    sft_examples: int = setting(480, "expert trajectories trained on: the first N tasks of the train split", low=1)
+    rft_epochs: int = setting(1, "RFT: epochs of fine-tuning pi_0 on expert + its successful explorations", low=1)
+    rft_lr_scale: float = setting(0.25, "RFT: its learning rate as a fraction of the SFT one", low=0, above=True)
+    best_of_n: int = setting(4, "N of the Best-of-N baseline (0 = skip it)", low=0)
+    bon_temperature: float = setting(0.7, "Best-of-N sampling temperature", low=0)
     baselines: bool = setting(False, "also run the RFT and Best-of-N baselines")
     resume: bool = setting(True, "continue a job in `out` made with the same settings (False: start over)")
     sft: SFTConfig = field(default_factory=SFTConfig)

@@ -102,9 +102,20 @@ def training_memory():
             set_mmap_threshold(HEAP_CEILING_BYTES)
 
 
+def thread_count(text: str) -> int:
+    """--threads: a whole number >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     """--threads and --return-memory: how a command line uses the CPU (applied by setup_cpu)."""
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=thread_count, default=None,
                         help="CPU threads for torch (default: the cores this process may use, "
                              f"here {available_cores()}); give each of several processes its share")
     parser.add_argument("--return-memory", action=argparse.BooleanOptionalAction, default=True,

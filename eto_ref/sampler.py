@@ -66,10 +66,10 @@ GREEDY_TEMPERATURE = 1e-5  # temperatures at or below this decode greedily
 class SamplingConfig:
     """How replies are sampled (the agent's and the sampler's one source for these settings)."""
 
-    max_new_tokens: int = setting(512, "most tokens per reply (the official code: 512)")
-    temperature: float = setting(0.0, "0 = greedy, the paper's exploration and evaluation")
-    top_k: int | None = setting(None, "sample among the k most likely tokens only")
-    top_p: float | None = setting(None, "sample within the smallest set of tokens of this total probability")
+    max_new_tokens: int = setting(512, "most tokens per reply (the official code: 512)", low=1)
+    temperature: float = setting(0.0, "0 = greedy, the paper's exploration and evaluation", low=0)
+    top_k: int | None = setting(None, "sample among the k most likely tokens only", low=1)
+    top_p: float | None = setting(None, "sample within the smallest set of tokens of this total probability", low=0, above=True, high=1)
 
     @property
     def greedy(self) -> bool:

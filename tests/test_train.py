@@ -141,3 +141,21 @@ def test_out_of_range_settings_are_one_line_errors(flags, message):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_every_numeric_setting_declares_its_range():
+    """Range checks live on the field (eto_ref/config.py `setting`): no number is parsed unchecked."""
+    from dataclasses import fields
+
+    from eto_ref.agent import AgentConfig
+    from eto_ref.config import DPOConfig, SFTConfig
+    from eto_ref.eto import LoopConfig
+    from eto_ref.exploration import ExploreConfig
+    from eto_ref.pipeline import PipelineConfig
+    from eto_ref.sampler import SamplingConfig
+
+    unchecked = [f"{cls.__name__}.{f.name}"
+                 for cls in (SFTConfig, DPOConfig, LoopConfig, AgentConfig, SamplingConfig, PipelineConfig, ExploreConfig)
+                 for f in fields(cls) if f.type.split(" |")[0] in ("int", "float")
+                 and f.metadata.get("low") is None and f.metadata.get("high") is None]
+    assert unchecked == []
