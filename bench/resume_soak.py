@@ -7,7 +7,7 @@ without interruption into one folder. Then the same command runs into a second
 folder and is killed with SIGKILL at `--kills` random moments, each time started
 again, until it finishes. Both folders are then compared file by file:
 
-    results.json                 the table's numbers and settings
+    results.json                 the table's numbers and settings (its folder's path aside)
     */final/model.safetensors    every trained model (SFT, DPO), by sha256
     */trajectories.jsonl         every exploration and evaluation, episode by episode (by task id:
                                  a resumed run appends its episodes in the order they end)
@@ -66,7 +66,10 @@ def run_with_kills(out: Path, threads: int, kills: int, longest: float, rng: ran
     return delays
 
 
-def digest(path: Path) -> str:
+def digest(path: Path, folder: Path) -> str:
+    """sha256 of a file; results.json names its own folder, which is replaced by OUT first."""
+    if path.name == "results.json":
+        return hashlib.sha256(path.read_text().replace(str(folder), "OUT").encode()).hexdigest()[:16]
     if path.suffix == ".jsonl":  # episodes by task id: a resumed run appends them in the order they end
         records = {json.loads(line)["id"]: line for line in path.read_text().splitlines()}
         text = "\n".join(records[k] for k in sorted(records))
@@ -101,7 +104,7 @@ def main() -> int:
         print("| file | uninterrupted | killed and resumed | same |\n|---|---|---|---|")
         differ = 0
         for name in files:
-            a, b = digest(straight / name), digest(killed / name)
+            a, b = digest(straight / name, straight), digest(killed / name, killed)
             differ += a != b
             print(f"| {name} | {a} | {b} | {'yes' if a == b else 'NO'} |")
         print(f"\n{len(files) - differ} of {len(files)} files identical")
