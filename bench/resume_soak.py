@@ -7,7 +7,7 @@ without interruption into one folder. Then the same command runs into a second
 folder and is killed with SIGKILL at `--kills` random moments, each time started
 again, until it finishes. Both folders are then compared file by file:
 
-    results.json                 the table's numbers and settings (its folder's path aside)
+    results.json                 the table's numbers and settings (its phase times and folder aside)
     */final/model.safetensors    every trained model (SFT, DPO), by sha256
     */trajectories.jsonl         every exploration and evaluation, episode by episode (by task id:
                                  a resumed run appends its episodes in the order they end)
@@ -66,10 +66,18 @@ def run_with_kills(out: Path, threads: int, kills: int, longest: float, rng: ran
     return delays
 
 
+def without_seconds(d):
+    """results.json without its phase times (wall-clock, never the same twice)."""
+    if isinstance(d, dict):
+        return {k: without_seconds(v) for k, v in d.items() if k != "seconds"}
+    return [without_seconds(v) for v in d] if isinstance(d, list) else d
+
+
 def digest(path: Path, folder: Path) -> str:
-    """sha256 of a file; results.json names its own folder, which is replaced by OUT first."""
+    """sha256 of a file. results.json: without its phase times, its own folder's path replaced by OUT."""
     if path.name == "results.json":
-        return hashlib.sha256(path.read_text().replace(str(folder), "OUT").encode()).hexdigest()[:16]
+        results = without_seconds(json.loads(path.read_text().replace(str(folder), "OUT")))
+        return hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()[:16]
     if path.suffix == ".jsonl":  # episodes by task id: a resumed run appends them in the order they end
         records = {json.loads(line)["id"]: line for line in path.read_text().splitlines()}
         text = "\n".join(records[k] for k in sorted(records))
@@ -94,8 +102,8 @@ def main() -> int:
         straight, killed = Path(tmp) / "straight", Path(tmp) / "killed"
         seconds = run_to_end(straight, args.threads)
         print(f"uninterrupted: {seconds:.0f} s ({args.threads} threads)", flush=True)
-        # Each restart loads the model again, so kills within a fifth of the run leave room for all of them.
-        delays = run_with_kills(killed, args.threads, args.kills, seconds / 5, random.Random(args.seed))
+        # Each restart loads the model again, so kills within a sixth of the run leave room for all of them.
+        delays = run_with_kills(killed, args.threads, args.kills, seconds / 6, random.Random(args.seed))
         print(f"killed {len(delays)} times, after {', '.join(f'{d:.1f}' for d in delays)} s, then finished\n")
         files = compared_files(straight)
         if compared_files(killed) != files:
