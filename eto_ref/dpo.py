@@ -27,12 +27,12 @@ from eto_ref.distributed import all_gather_dicts, is_main, shard
 from eto_ref.jsonl import write_json_atomic
 from eto_ref.lora import disable_adapter, lora_modules
 from eto_ref.losses import bc_loss, dpo_loss, scored_positions, sequence_logprobs
-from eto_ref.run_dir import RunLock, claim_training_run, find_resume_checkpoint, finished_run, restore_weights
+from eto_ref.run_dir import restore_weights
 from eto_ref.runtime import autocast
 from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.trainer import (chunks, fit, load_trainable_model, scored_logprobs, setup_runtime, split_train_eval,
-                             to_device)
+from eto_ref.trainer import (chunks, fit, load_trainable_model, scored_logprobs, split_train_eval, to_device,
+                             training_run)
 from eto_ref.trajectory import collate_pairs, encode_pair, load_pairs, split_chosen_rejected
 
 REFERENCE_FILE = "reference_logps.json"
@@ -187,17 +187,11 @@ class DPOStage:
 def run_dpo(cfg: DPOConfig, callback: Callable | None = None) -> Path:
     """One DPO stage of ETO (paper Eq. 7): pi_ref = cfg.model, trained on cfg.pairs; returns the final dir.
 
-    The run directory is locked and its run.json compared with these settings; a finished
-    run returns its final/ at once, an interrupted one resumes from its newest usable
-    checkpoint (eto_ref/run_dir.py).
+    A finished run returns its final/ at once; an interrupted one resumes (`training_run`).
     """
-    with RunLock(cfg.out):
-        device, dtype = setup_runtime(cfg)
-        claim_training_run(cfg, dtype)  # run.json: refuses a folder made with other settings
-        done = finished_run(cfg)
+    with training_run(cfg) as (done, device, dtype, resume_from):
         if done is not None:
             return done
-        resume_from = find_resume_checkpoint(cfg)
         tok = Tokenizer.from_dir(cfg.model)
         pairs, examples, stats = encode_pair_data(load_pairs(cfg.pairs, on_error="skip")[:cfg.max_examples], tok,
                                                   cfg.max_len)

@@ -20,8 +20,7 @@ import torch
 from eto_ref.config import SFTConfig
 from eto_ref.losses import bc_loss, next_token_targets
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.run_dir import RunLock, claim_training_run, find_resume_checkpoint, finished_run
-from eto_ref.trainer import chunks, fit, scored_logprobs, setup_runtime, split_train_eval, start_model, to_device
+from eto_ref.trainer import chunks, fit, scored_logprobs, split_train_eval, start_model, to_device, training_run
 from eto_ref.trajectory import collate_sft, encode_sft, load_trajectories
 
 
@@ -81,17 +80,11 @@ class SFTStage:
 def run_sft(cfg: SFTConfig, callback: Callable | None = None) -> Path:
     """Behavioral cloning (paper Eq. 5) of cfg.model on cfg.data; returns the final model directory.
 
-    The run directory is locked and its run.json compared with these settings; a finished
-    run returns its final/ at once, an interrupted one resumes from its newest usable
-    checkpoint (eto_ref/run_dir.py).
+    A finished run returns its final/ at once; an interrupted one resumes (`training_run`).
     """
-    with RunLock(cfg.out):
-        device, dtype = setup_runtime(cfg)
-        claim_training_run(cfg, dtype)  # run.json: refuses a folder made with other settings
-        done = finished_run(cfg)
+    with training_run(cfg) as (done, device, dtype, resume_from):
         if done is not None:
             return done
-        resume_from = find_resume_checkpoint(cfg)
         stage = SFTStage(cfg, Tokenizer.from_dir(cfg.model), device)
         model = start_model(cfg, device, dtype, resume_from)
         return fit(model, cfg, stage, resume_from, device, dtype, callback)

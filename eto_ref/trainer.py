@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -33,7 +34,8 @@ from eto_ref.distributed import (all_reduce_sum, full_tensor, init_distributed, 
 from eto_ref.lora import inject_lora, lora_modules
 from eto_ref.losses import next_token_targets, scored_positions
 from eto_ref.metrics import MetricsLog, progress_bar, show
-from eto_ref.run_dir import config_dict, load_optimizer_state, restore_weights, save_checkpoint, save_final
+from eto_ref.run_dir import (RunLock, claim_training_run, config_dict, find_resume_checkpoint, finished_run,
+                             load_optimizer_state, restore_weights, save_checkpoint, save_final)
 from eto_ref.runtime import autocast, compute_dtype, dtype_name, resolve_device, training_memory
 from eto_ref.schedule import lr_at
 
@@ -329,6 +331,18 @@ def fit(model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device:
             bar.close()
         run.log.close()
     return final
+
+
+@contextmanager
+def training_run(cfg: TrainConfig):
+    """What both stages do around their training: lock cfg.out, compare its run.json with these settings
+    (refusing a folder made with others), then yield (final/ if this run has finished else None, device,
+    dtype, the newest usable checkpoint to resume from or None)."""
+    with RunLock(cfg.out):
+        device, dtype = setup_runtime(cfg)
+        claim_training_run(cfg, dtype)
+        done = finished_run(cfg)
+        yield done, device, dtype, None if done is not None else find_resume_checkpoint(cfg)
 
 
 def start_model(cfg: TrainConfig, device, dtype, resume_from: Path | None):
