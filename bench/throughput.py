@@ -41,13 +41,14 @@ import torch  # noqa: E402
 import envs  # noqa: E402
 from eto_ref.agent import (STOP_STRINGS, AgentConfig, Running, agent_turn, first_prompt, run_episodes,  # noqa: E402
                            start_episode, step_limit)
+from eto_ref.batches import collate_sft  # noqa: E402
 from eto_ref.checkpoint import load_model, save_model  # noqa: E402
 from eto_ref.losses import agent_token_logprobs, bc_loss, next_token_targets, scored_positions  # noqa: E402
 from eto_ref.model import ModelConfig, Transformer, target_logprobs  # noqa: E402
 from eto_ref.runtime import set_threads  # noqa: E402
 from eto_ref.sampler import SamplingConfig, Session  # noqa: E402
 from eto_ref.tokenizer import Tokenizer  # noqa: E402
-from eto_ref.trajectory import collate_sft, encode_sft, parse_trajectory  # noqa: E402
+from eto_ref.trajectory import encode_sft, parse_trajectory  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from eto_ref.batches import collate_pairs, split_chosen_rejected
 from eto_ref.config import DPOConfig
 from eto_ref.distributed import all_gather_dicts, is_main, shard
 from eto_ref.jsonl import write_json_atomic
@@ -33,7 +34,7 @@ from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
 from eto_ref.trainer import (chunks, fit, load_trainable_model, scored_logprobs, split_train_eval, to_device,
                              training_run)
-from eto_ref.trajectory import collate_pairs, encode_pair, load_pairs, split_chosen_rejected
+from eto_ref.trajectory import encode_pair, load_pairs
 
 REFERENCE_FILE = "reference_logps.json"
 

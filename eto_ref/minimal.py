@@ -28,6 +28,7 @@ import torch
 import envs
 from envs.base import observation_turn
 from eto_ref.agent import STOP_STRINGS, invalid_format_turn, parse_action
+from eto_ref.batches import collate_pairs, collate_sft, split_chosen_rejected
 from eto_ref.checkpoint import load_model
 from eto_ref.losses import agent_token_logprobs, bc_loss, dpo_loss, sequence_logprobs
 from eto_ref.models import resolve_model
@@ -36,8 +37,7 @@ from eto_ref.results import paired_difference
 from eto_ref.runtime import autocast, compute_dtype, resolve_device
 from eto_ref.sampler import SamplingConfig, generate
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.trajectory import (ROLES, collate_pairs, collate_sft, encode_pair, encode_sft, parse_pair,
-                                parse_trajectory, split_chosen_rejected)
+from eto_ref.trajectory import ROLES, encode_pair, encode_sft, parse_pair, parse_trajectory
 
 
 # --------------------------------------------------------------------------- 1. SFT (paper Eq. 5)

@@ -17,11 +17,12 @@ from typing import Callable
 
 import torch
 
+from eto_ref.batches import collate_sft
 from eto_ref.config import SFTConfig
 from eto_ref.losses import bc_loss, next_token_targets
 from eto_ref.tokenizer import Tokenizer
 from eto_ref.trainer import chunks, fit, scored_logprobs, split_train_eval, start_model, to_device, training_run
-from eto_ref.trajectory import collate_sft, encode_sft, load_trajectories
+from eto_ref.trajectory import encode_sft, load_trajectories
 
 
 def scored_targets(loss_mask) -> int:

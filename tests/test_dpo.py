@@ -87,8 +87,9 @@ def test_run_dpo_metrics_and_files(tiny_model, data_files, tmp_path):
 
 
 def test_lora_reference_is_the_model_with_adapters_disabled(tiny_model, data_files, tmp_path):
+    from eto_ref.batches import collate_pairs
     from eto_ref.tokenizer import Tokenizer
-    from eto_ref.trajectory import collate_pairs, load_pairs
+    from eto_ref.trajectory import load_pairs
 
     cfg = dpo_config(tiny_model, data_files, tmp_path, lora_rank=4, lora_alpha=8, lr=1e-2, epochs=2)
     run_dpo(cfg)

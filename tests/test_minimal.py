@@ -9,6 +9,7 @@ import torch
 import envs
 from eto_ref import minimal
 from eto_ref.agent import AgentConfig, run_episodes
+from eto_ref.batches import collate_pairs, collate_sft
 from eto_ref.checkpoint import load_model, save_model
 from eto_ref.config import DPOConfig, SFTConfig
 from eto_ref.dpo import DPOStage, reference_logprobs
@@ -18,7 +19,7 @@ from eto_ref.sampler import SamplingConfig
 from eto_ref.sft import SFTStage
 from eto_ref.tiny import environment_texts
 from eto_ref.tokenizer import Tokenizer, train_bpe_tokenizer
-from eto_ref.trajectory import collate_pairs, collate_sft, encode_pair, encode_sft, parse_pair, parse_trajectory
+from eto_ref.trajectory import encode_pair, encode_sft, parse_pair, parse_trajectory
 
 CPU = torch.device("cpu")
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eto_ref import results
+from eto_ref import behaviour, results
 from eto_ref.run_dir import RUN_FORMAT
 
 from eto_ref.results import (
@@ -237,11 +237,11 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
     over_cap, over = hasty("webshop/train/0")
     under_cap, under = hasty("webshop/train/3")
     assert (over, under) == (True, False)
-    assert results.replay_purchase(env, over_cap) == {"missed": ["option", "price"], "first_rank": 0,
+    assert behaviour.replay_purchase(env, over_cap) == {"missed": ["option", "price"], "first_rank": 0,
                                                       "first_fits": False, "first_left": False}
-    assert results.replay_purchase(env, under_cap)["missed"] == ["option"]
+    assert behaviour.replay_purchase(env, under_cap)["missed"] == ["option"]
     expert = env.expert_trajectory("webshop/train/0")
-    assert results.replay_purchase(env, expert)["missed"] == []
+    assert behaviour.replay_purchase(env, expert)["missed"] == []
     # the expert opens the first result whose title and price fit; on train/0 it is the third, which lacks
     # the requested size, so the expert goes back from it (`click[< Prev]`, its third action)
     env.reset("webshop/train/0")
@@ -250,7 +250,7 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
     fit = next(i for i, p in enumerate(ranked) if p["price"] <= goal["price"] and p["type"] == goal["type"]
                and set(goal["attributes"]) <= set(p["attributes"]))
     assert fit == 2
-    assert {k: v for k, v in results.replay_purchase(env, expert).items() if k != "missed"} == {
+    assert {k: v for k, v in behaviour.replay_purchase(env, expert).items() if k != "missed"} == {
         "first_rank": 2, "first_fits": True, "first_left": True}
     expert_actions = [t["value"].split("Action: ")[-1] for t in expert["conversations"][3:] if t["from"] == "gpt"]
     assert expert_actions[2] == "click[< Prev]"
@@ -259,10 +259,10 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
     back = [{"from": "gpt", "value": "Action: click[< Prev]"}, {"from": "human", "value": "Observation:\n..."}]
     again = turns[:9] + back + turns[7:]
     wanderer = {**under_cap, "conversations": again}
-    assert results.replay_purchase(env, wanderer) == {"missed": ["option"], "first_rank": 0, "first_fits": True,
+    assert behaviour.replay_purchase(env, wanderer) == {"missed": ["option"], "first_rank": 0, "first_fits": True,
                                                       "first_left": True}
     idle = record("webshop/train/0", ["Action: click[Next >]"])
-    assert results.replay_purchase(env, idle) == {"missed": ["never bought"], "first_rank": None, "first_fits": None,
+    assert behaviour.replay_purchase(env, idle) == {"missed": ["never bought"], "first_rank": None, "first_fits": None,
                                                   "first_left": None}
 
     folder = tmp_path / "run"
@@ -279,7 +279,7 @@ def test_purchases_replays_each_webshop_episode_and_names_what_it_missed(tmp_pat
     science.mkdir()
     (science / "trajectories.jsonl").write_text(json.dumps({**idle, "id": "science/train/0"}) + "\n")
     with pytest.raises(ValueError, match=r"science/trajectories.jsonl: record 1 \('science/train/0'\): not a webshop"):
-        results.replay_folder(env, science / "trajectories.jsonl")
+        behaviour.replay_folder(env, science / "trajectories.jsonl")
     with pytest.raises(SystemExit):
         results.main(["purchases", str(science)])
 
@@ -304,8 +304,8 @@ def test_pairs_table_counts_where_the_sides_part(tmp_path):
              {"id": "p2", "prompt": prompt, "chosen": expert, "rejected": side("Action: search[a]")}]
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps(pairs))
-    assert results.parting_action(["a", "b"], ["a", "c", "d"]) == 2
-    assert results.parting_action(["a", "b"], ["a"]) is None
+    assert behaviour.parting_action(["a", "b"], ["a", "c", "d"]) == 2
+    assert behaviour.parting_action(["a", "b"], ["a"]) is None
     row = results.main(["pairs", str(path)]).splitlines()[2].split(" | ")
     # the expert's action where they part: click[B1] (p0, action 2), click[Buy Now] (p1, action 3);
     # actions: chosen 3, 3, 3 -> 3.0; rejected 3, 4, 1 -> 2.7; ends as chosen: p0 (1 of 3);

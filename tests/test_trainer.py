@@ -35,6 +35,7 @@ def test_gradient_accumulation_equals_full_batch(tiny_model, data_files, tmp_pat
     The examples have different numbers of agent tokens, so the mean of per-micro-batch means
     would give a different gradient: the BC loss must divide by the global token count.
     """
+    from eto_ref.batches import collate_sft
     from eto_ref.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tiny_model)
@@ -62,7 +63,6 @@ def test_gradient_accumulation_equals_full_batch(tiny_model, data_files, tmp_pat
     # The wrong way (mean of micro-batch means) is measurably different: the test can see the bug.
     model = trainer.load_trainable_model(cfg, torch.device("cpu"), torch.float32)
     from eto_ref.losses import agent_token_logprobs, bc_loss
-    from eto_ref.trajectory import collate_sft
     for i in batch:
         b = collate_sft([examples[i]], tok.pad_id)
         logits = model(b["input_ids"], attention_mask=b["attention_mask"])  # (1, T, V)

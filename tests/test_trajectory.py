@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from eto_ref.batches import collate_pairs, collate_sft, split_chosen_rejected
 from eto_ref.losses import agent_token_logprobs, next_token_targets, sequence_logprobs
 from eto_ref.trajectory import (
     Example,
@@ -19,15 +20,12 @@ from eto_ref.trajectory import (
     PreferencePair,
     Trajectory,
     TrajectoryError,
-    collate_pairs,
-    collate_sft,
     encode_pair,
     encode_sft,
     load_pairs,
     load_trajectories,
     save_pairs,
     save_trajectories,
-    split_chosen_rejected,
 )
 from tests.conftest import FakeTokenizer
 
