@@ -114,7 +114,7 @@ def stage_of(stage: str, model_dir: str, pairs_file: str | None, batch: int, mic
 
 def whole_head_logprobs(model, batch: dict) -> torch.Tensor:
     """The scored targets' log-probs through (N, V) logits made at once and kept for the backward
-    (what the trainer did before `model.head_logprobs`): the baseline of the LM head's chunking."""
+    (the LM head run whole, not in `model.head_logprobs` chunks): the baseline of its chunking."""
     from eto_ref.losses import next_token_targets, scored_positions
     from eto_ref.model import target_logprobs
 
