@@ -7,7 +7,7 @@ exploration (`explore.py`) in this process, under a profiler hook that sees only
 this repository's functions, and prints:
 
 - the project frames on the stack when `loss.backward()` is called (train.py's
-  entry first) and when the model's forward runs during exploration;
+  entry first) and when the model's forward (`next_token_logits`) runs during exploration;
 - the distinct project functions called in one optimizer step (from the end of
   step 2's `optimizer.step()` to the end of step 3's), and how many of them live
   in eto_ref/distributed.py;
@@ -88,18 +88,18 @@ def trace_explore(tmp: Path) -> list[str]:
     import explore
     from eto_ref.model import Transformer
 
-    stacks, real_forward = [], Transformer.forward
+    stacks, real_forward = [], Transformer.next_token_logits  # the sampler's forward
 
     def forward(self, *a, **k):
         stacks.append(project_frames(traceback.extract_stack()[:-1]))
         return real_forward(self, *a, **k)
 
-    Transformer.forward = forward
+    Transformer.next_token_logits = forward
     try:
         explore.main(["--model", "tiny", "--env", "science", "--split", "train", "--limit", "2",
                       "--max-steps", "2", "--out", str(tmp / "explore"), "--no-progress"])
     finally:
-        Transformer.forward = real_forward
+        Transformer.next_token_logits = real_forward
     return max(stacks, key=len)
 
 

@@ -138,12 +138,11 @@ def our_step(model, optimizer, batch: dict, shared: bool, scored_only: bool):
         prefix = batch["shared_prefix"] if shared else 0
         if scored_only:  # the LM head at the scored positions alone: (N, V)
             targets, scored = next_token_targets(ids, mask)
-            logits = model(ids, attention_mask=batch["attention_mask"], logits_at=scored_positions(mask),
-                           shared_prefix=prefix)
-            logps = target_logprobs(logits, targets[scored])
+            hidden = model.hidden_states(ids, batch["attention_mask"], prefix)  # (B, T, D)
+            logps = target_logprobs(model.lm_head(hidden[scored_positions(mask)]), targets[scored])
         else:  # (B, T, V)
-            logps = agent_token_logprobs(model(ids, attention_mask=batch["attention_mask"], shared_prefix=prefix),
-                                         ids, mask)
+            logits = model.lm_head(model.hidden_states(ids, batch["attention_mask"], prefix))  # (B, T, V)
+            logps = agent_token_logprobs(logits, ids, mask)
         loss = bc_loss(logps)
         loss.backward()
         optimizer.step()
@@ -284,16 +283,17 @@ class FullLogitsSession(Session):
     """A Session whose prefill computes the LM head at every position (then keeps the last)."""
 
     def _prefill(self, rows):
-        original = self.model.forward
+        model = self.model
 
-        def every_position(ids, attention_mask=None, kv_cache=None, logits_at=None, **kw):
-            logits = original(ids, attention_mask=attention_mask, kv_cache=kv_cache, **kw)  # (b, T, V)
-            return logits[torch.arange(len(ids)), logits_at][:, None]
-        self.model.forward = every_position
+        def every_position(ids, attention_mask, kv_cache, last):
+            position_ids, mask = kv_cache.begin(attention_mask.bool())  # (b, T), (b, T, S)
+            logits = model.lm_head(model.decoder(ids, position_ids, mask, kv_cache))  # (b, T, V)
+            return logits[torch.arange(len(ids)), last]  # (b, V)
+        model.next_token_logits = every_position
         try:
             return super()._prefill(rows)
         finally:
-            del self.model.forward
+            del model.next_token_logits
 
 
 def with_session(cls, fn):

@@ -119,8 +119,8 @@ def whole_head_logprobs(model, batch: dict) -> torch.Tensor:
     from eto_ref.model import target_logprobs
 
     targets, scored = next_token_targets(batch["input_ids"], batch["loss_mask"])
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_at=scored_positions(batch["loss_mask"]), shared_prefix=batch["shared_prefix"])  # (N, V)
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["shared_prefix"])  # (B, T, D)
+    logits = model.lm_head(hidden[scored_positions(batch["loss_mask"])])  # (N, V)
     return target_logprobs(logits, targets[scored])  # (N,)
 
 

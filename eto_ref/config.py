@@ -76,7 +76,7 @@ class TrainConfig:
                                  "policy's weights): auto (bfloat16 on CUDA and on CPUs with bfloat16 "
                                  "instructions, else float32) | float32 | bfloat16", choices=("auto", "float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = setting(False, "recompute each layer's activations in backward (less memory)")
-    fsdp: bool = setting(False, "under torchrun: shard weights, grads and AdamW states over the ranks (else DDP)")
+    fsdp: bool = setting(False, "under torchrun: shard weights, grads and AdamW states over the ranks (else a full replica per rank)")
     compile: bool = setting(False, "torch.compile the model (CUDA; slow to start, faster steps)")
     resume: bool = setting(True, "continue the run in `out` from its last checkpoint (False: start over)")
     progress: bool = setting(True, "progress bar on stderr")

@@ -11,9 +11,10 @@ no process group is created, so single-process runs are unchanged.
 
 Data parallelism, as the trainer uses it: every rank builds the same global batch,
 cuts it into the same micro-batches and takes micro-batches rank, rank+N, ...
-Gradients are summed over ranks by DistributedDataParallel (DDP: every rank holds
-the whole model) or by FSDP (`fully_shard`: every rank holds 1/N of each weight,
-gradient and AdamW state, and gathers a layer's weights just before using it).
+Gradients are averaged over ranks after a global batch's last micro-batch: by one
+all-reduce per gradient when every rank holds the whole model (`average_gradients`),
+or by FSDP (`fully_shard`: every rank holds 1/N of each weight, gradient and AdamW
+state, and gathers a layer's weights just before using it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 T = TypeVar("T")
 
@@ -96,15 +99,18 @@ def all_gather_dicts(d: dict) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel: a full replica per rank; backward all-reduces (averages) the gradients.
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Replicated training (every rank holds the whole model): average each gradient over the ranks.
 
-    Buffers are not broadcast: the only one (RoPE inverse frequencies) is a constant.
+    One all-reduce per gradient, all in flight at once, after the backward of the last
+    micro-batch. (DistributedDataParallel would overlap them with the backward; it only
+    syncs through a module's `forward`, and the trainer calls `scored_logprobs`.)
     """
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    works = [dist.all_reduce(p.grad, async_op=True) for p in params]
+    for work in works:
+        work.wait()
+    for p in params:
+        p.grad /= world_size()
 
 
 def wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
@@ -112,52 +118,32 @@ def wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
 
     In place: the parameters become DTensors holding 1/N of each weight on each
     rank; a layer's weights are all-gathered just before its forward/backward and
-    freed after; gradients are reduce-scattered (averaged). Works with gloo on CPU too.
+    freed after; gradients are reduce-scattered (averaged). The root's gathering is
+    hooked to `scored_logprobs`, the trainer's forward. Works with gloo on CPU too.
     """
-    from torch.distributed.fsdp import fully_shard
-
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(model)
+    register_fsdp_forward_method(model, "scored_logprobs")
     return model
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
-
-
-def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
-    """Whether the next backward exchanges gradients: only after a global batch's last micro-batch.
-
-    DDP: its `require_backward_grad_sync` flag (what `no_sync()` toggles), read in the
-    forward; FSDP: skip the reduce-scatter.
-    """
-    if is_fsdp(model):
-        model.set_requires_gradient_sync(sync)
-    else:
-        model.require_backward_grad_sync = sync
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a sharded DTensor (a collective: every rank calls it); others as they are."""
-    from torch.distributed.tensor import DTensor
-
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a sharded DTensor; others as they are."""
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Cut a whole tensor the way `param` is sharded (inverse of full_tensor); plain params: as is."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if isinstance(param, DTensor):
         return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
     return full

@@ -48,8 +48,7 @@ def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tupl
 def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: the positions whose logits the losses read (position t iff token t+1 is an agent token).
 
-    Pass it to the model as `logits_at` to run the LM head only there (its output
-    is then (N, V) for the N scored positions, in row-major order).
+    `Transformer.scored_logprobs` runs the LM head only there (N scored positions, row-major).
     """
     scored = torch.zeros_like(loss_mask, dtype=torch.bool)  # (B, T): the last position predicts nothing
     scored[:, :-1] = next_token_targets(loss_mask, loss_mask)[1]
@@ -71,8 +70,8 @@ def agent_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mas
     """log pi(a_t | history) of every agent token: (B, T, V), (B, T), (B, T) -> (N,), float32, row-major.
 
     N is the number of scored positions (`scored_positions`). Training gets the same
-    values from the model without B x T x V logits: `model(..., logits_at=scored_positions(mask),
-    targets=...)` runs the LM head at those positions alone (eto_ref/trainer.py `scored_logprobs`).
+    values from the model without B x T x V logits: `model.scored_logprobs(..., scored_positions(mask),
+    targets)` runs the LM head at those positions alone (eto_ref/trainer.py `scored_logprobs`).
     """
     targets, scored = next_token_targets(input_ids, loss_mask)  # (B, T-1) each
     return target_logprobs(logits[:, :-1][scored], targets[scored])  # (N,)

@@ -289,49 +289,51 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.gradient_checkpointing = False
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, T) bool, False on padding
-        kv_cache=None,  # a KVCache (eto_ref/kv_cache.py): earlier tokens' keys/values; needs right padding
-        logits_at: torch.Tensor | None = None,  # where to apply the LM head (below)
-        shared_prefix: int = 0,  # P > 0: the first P tokens are the same in every row; run them once
-        targets: torch.Tensor | None = None,  # (N,) with a bool logits_at: return log-probs of these, not logits
-    ) -> torch.Tensor:
-        """Next-token logits at the positions asked for.
+    # The model's four entry points: one input form and one output form each.
 
-        The LM head (V x D: for SmolLM2 a sixth of the model) and its float32 output
-        (V = 49k values per position) are the costliest part of a small model, so it
-        runs only where logits are used:
-            logits_at None          every position          -> (B, T, V)
-            logits_at (B,) long     one position per row    -> (B, 1, V)  (generation: each row's last token)
-            logits_at (B, T) bool   the selected positions  -> (N, V)     (training: the scored positions)
-            ... and targets (N,)    their targets' log-probs -> (N,)      float32, the head run in checkpointed
-                                                                          chunks (head_logprobs)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits at every position: ids (B, T), mask (B, T) bool (False on padding) -> (B, T, V)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask))  # (B, T, V)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      shared_prefix: int = 0) -> torch.Tensor:
+        """The normed last hidden states (B, T, D) of right-padded rows (B, T).
+
+        shared_prefix P > 0: the first P tokens are the same in every row; they run once
+        (hidden_states_shared_prefix), with the same result.
         """
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         attention_mask = attention_mask.bool()
         if shared_prefix > 0:
-            x = self.hidden_states_shared_prefix(input_ids, attention_mask, shared_prefix)  # (B, T, D)
-        else:
-            if kv_cache is not None:
-                position_ids, mask = kv_cache.begin(attention_mask)  # (B, T), (B, T, S)
-            else:
-                position_ids, mask = attention_mask.long().cumsum(-1) - 1, padded_causal_mask(attention_mask)
-            x = self.hidden_states(input_ids, position_ids, mask, kv_cache)  # (B, T, D)
-        if logits_at is not None and logits_at.dtype == torch.bool:
-            x = x[logits_at]  # (N, D)
-            if targets is not None:
-                return head_logprobs(x, self.lm_head, targets)  # (N,)
-        elif logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
-        return self.lm_head(x)
+            return self.hidden_states_shared_prefix(input_ids, attention_mask, shared_prefix)
+        position_ids = attention_mask.long().cumsum(-1) - 1  # (B, T)
+        return self.decoder(input_ids, position_ids, padded_causal_mask(attention_mask))
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                      kv_cache=None) -> torch.Tensor:
-        """The decoder stack: ids (B, T) at positions (B, T), attention mask (B, T, S) -> normed states (B, T, D)."""
+    def scored_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
+                        targets: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
+        """The training forward: log pi(target) (N,), float32, at the N positions where `scored` (B, T) is True.
+
+        The LM head (V x D: for SmolLM2 a sixth of the model) and its float32 output
+        (V = 49k values per position) are the costliest part of a small model, so it runs
+        at the scored positions alone, in checkpointed chunks (head_logprobs).
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, shared_prefix)  # (B, T, D)
+        return head_logprobs(hidden[scored], self.lm_head, targets)  # (N,)
+
+    def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kv_cache,
+                          last: torch.Tensor) -> torch.Tensor:
+        """Generation: feed ids (B, T) after the tokens already in `kv_cache` (eto_ref/kv_cache.py, right
+        padding, mask (B, T) bool); returns the logits (B, V) after each row's token `last` (B,) long."""
+        position_ids, mask = kv_cache.begin(attention_mask.bool())  # (B, T), (B, T, S)
+        x = self.decoder(input_ids, position_ids, mask, kv_cache)  # (B, T, D)
+        return self.lm_head(x[torch.arange(len(x), device=x.device), last])  # (B, V)
+
+    def decoder(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                kv_cache=None) -> torch.Tensor:
+        """The decoder stack: ids (B, T) at positions (B, T), attention mask (B, T, S) -> normed states (B, T, D).
+        kv_cache: anything with update(layer, k, v) (KVCache, SharedPrefixKV, AttendToPrefix)."""
         cos, sin = rope_cos_sin(self.inv_freq, position_ids.clamp(min=0))
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.layers:
@@ -356,11 +358,11 @@ class Transformer(nn.Module):
         prefix = SharedPrefixKV()
         positions = torch.arange(P, device=input_ids.device)[None]  # (1, P)
         causal = padded_causal_mask(torch.ones(1, P, dtype=torch.bool, device=input_ids.device))  # (1, P, P)
-        h_prefix = self.hidden_states(input_ids[:1, :P], positions, causal, prefix)  # (1, P, D)
+        h_prefix = self.decoder(input_ids[:1, :P], positions, causal, prefix)  # (1, P, D)
         rest = attention_mask[:, P:]  # (B, T - P)
         see_prefix = torch.ones(B, T - P, P, dtype=torch.bool, device=input_ids.device)
         mask = torch.cat([see_prefix, padded_causal_mask(rest)], dim=-1)  # (B, T - P, T)
-        h_rest = self.hidden_states(input_ids[:, P:], P + rest.long().cumsum(-1) - 1, mask,
+        h_rest = self.decoder(input_ids[:, P:], P + rest.long().cumsum(-1) - 1, mask,
                                     AttendToPrefix(prefix, B))  # (B, T - P, D)
         return torch.cat([h_prefix.expand(B, -1, -1), h_rest], dim=1)  # (B, T, D)
 
@@ -370,7 +372,7 @@ class Transformer(nn.Module):
         prefix = SharedPrefixKV()
         P = ids.shape[1]
         causal = padded_causal_mask(torch.ones(1, P, dtype=torch.bool, device=ids.device))
-        self.hidden_states(ids, torch.arange(P, device=ids.device)[None], causal, prefix)
+        self.decoder(ids, torch.arange(P, device=ids.device)[None], causal, prefix)
         return prefix
 
 

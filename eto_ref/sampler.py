@@ -271,10 +271,10 @@ class Session:
             self._pending[row] = []
         every_row = len(rows) == len(self.rows)
         self.cache.select(None if every_row and rows == self.rows else [self.rows.index(r) for r in rows])
-        logits = self.model(ids.to(self.device), attention_mask=real.to(self.device), kv_cache=self.cache,
-                            logits_at=last.to(self.device))  # (b, 1, V)
+        logits = self.model.next_token_logits(ids.to(self.device), real.to(self.device), self.cache,
+                                              last.to(self.device))  # (b, V)
         self.cache.select(None)
-        return logits[:, -1]  # (b, V)
+        return logits
 
     def _decode(self, replying: list[int]) -> None:
         """Feed the token each replying row sampled last, one per cache row, in one forward."""
@@ -284,8 +284,7 @@ class Session:
             tokens[self.rows.index(row)], feed[self.rows.index(row)] = self._replies[row][-1], True
             self._fed[row] += 1
         last = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)  # (B,)
-        step_logits = self.model(tokens[:, None], attention_mask=feed[:, None], kv_cache=self.cache,
-                                 logits_at=last)[:, -1]  # (B, V)
+        step_logits = self.model.next_token_logits(tokens[:, None], feed[:, None], self.cache, last)  # (B, V)
         for row in replying:
             self._logits[row] = step_logits[self.rows.index(row)]
 

@@ -29,8 +29,8 @@ import torch
 
 from eto_ref.checkpoint import load_model
 from eto_ref.config import TrainConfig
-from eto_ref.distributed import (all_reduce_sum, full_tensor, init_distributed, is_main, local_tensor,
-                                 set_gradient_sync, shard, world_size, wrap_ddp, wrap_fsdp)
+from eto_ref.distributed import (all_reduce_sum, average_gradients, full_tensor, init_distributed, is_main,
+                                 local_tensor, shard, world_size, wrap_fsdp)
 from eto_ref.lora import inject_lora, lora_modules
 from eto_ref.losses import next_token_targets, scored_positions
 from eto_ref.metrics import MetricsLog, progress_bar, show
@@ -75,16 +75,14 @@ def load_trainable_model(cfg: TrainConfig, device: torch.device, dtype: torch.dt
     return model
 
 
-def parallelize(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, ranks: int) -> torch.nn.Module:
-    """The module the training loop calls: `model` itself in one process; under torchrun a DDP
-    replica per rank, or with cfg.fsdp the model sharded in place (FSDP2). cfg.compile:
-    torch.compile the model in place (parameter names, hence checkpoints, unchanged)."""
-    train_model = model
-    if ranks > 1:
-        train_model = wrap_fsdp(model) if cfg.fsdp else wrap_ddp(model, device)
+def parallelize(model: torch.nn.Module, cfg: TrainConfig, ranks: int) -> None:
+    """In place: under torchrun with cfg.fsdp, shard the model (FSDP2); cfg.compile: torch.compile each
+    decoder layer (the parts with fixed shapes; parameter names, hence checkpoints, unchanged)."""
+    if ranks > 1 and cfg.fsdp:
+        wrap_fsdp(model)
     if cfg.compile:
-        model.compile()
-    return train_model
+        for layer in model.layers:
+            layer.compile()
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -129,8 +127,8 @@ def scored_logprobs(model, batch: dict) -> torch.Tensor:
     """log pi(target) (N,), float32, at the scored positions only (row-major): the rows' shared prefix
     run once, the LM head only there and in checkpointed chunks (no N x V logits kept for the backward)."""
     targets, scored = next_token_targets(batch["input_ids"], batch["loss_mask"])  # (B, T-1) each
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_at=scored_positions(
-        batch["loss_mask"]), shared_prefix=batch["shared_prefix"], targets=targets[scored])
+    return model.scored_logprobs(batch["input_ids"], batch["attention_mask"], scored_positions(batch["loss_mask"]),
+                                 targets[scored], batch["shared_prefix"])  # (N,)
 
 
 # --------------------------------------------------------------------------- one optimizer step
@@ -220,7 +218,7 @@ class Fit:
     def __init__(self, model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device, dtype):
         self.model, self.cfg, self.stage, self.device, self.dtype = model, cfg, stage, device, dtype
         self.ranks = world_size()  # 1 without torchrun
-        self.train_model = parallelize(model, cfg, device, self.ranks)  # = model in one process
+        parallelize(model, cfg, self.ranks)
         self.named = trainable_parameters(model)  # after parallelize: FSDP replaces the parameters by shards
         self.params = [p for _, p in self.named]
         self.optimizer = make_optimizer(cfg, self.named)
@@ -244,10 +242,10 @@ class Fit:
 
     def evaluate(self) -> dict:
         """Held-out metrics (every rank evaluates the whole held-out set: FSDP forwards are collectives)."""
-        self.train_model.eval()
+        self.model.eval()
         with torch.no_grad(), self.amp:
-            result = self.stage.evaluate(self.train_model)
-        self.train_model.train()
+            result = self.stage.evaluate(self.model)
+        self.model.train()
         if result:
             self.log.log(step=self.step, epoch=self.step / self.steps_per_epoch, **result)
         return result
@@ -275,17 +273,19 @@ class Fit:
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         for j, (micro, weight) in enumerate(micro_batches):
-            if self.ranks > 1:
-                set_gradient_sync(self.train_model, j == len(micro_batches) - 1)
+            if self.ranks > 1 and cfg.fsdp:
+                self.model.set_requires_gradient_sync(j == len(micro_batches) - 1)  # reduce-scatter after the last
             with self.amp:
-                loss, shares = stage.loss(self.train_model, micro, batch)  # () and the metrics' shares
+                loss, shares = stage.loss(self.model, micro, batch)  # () and the metrics' shares
             if self.ranks > 1:
-                loss = loss * (weight * self.ranks)  # DDP/FSDP average over ranks; the shares already add up
+                loss = loss * (weight * self.ranks)  # gradients are averaged over ranks; the shares add up
             loss.backward()
             for name, value in shares.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value) * weight
         if self.ranks > 1:
             metrics = all_reduce_sum(metrics, self.device)
+            if not cfg.fsdp:
+                average_gradients(self.params)  # replicas: one all-reduce per gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else math.inf)
         grad_norm = (full_tensor(grad_norm) if self.ranks > 1 else grad_norm).item()
         check_finite(metrics["loss"], grad_norm, step)
@@ -308,7 +308,7 @@ def fit(model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device:
     """
     run = Fit(model, cfg, stage, resume_from, device, dtype)
     bar = progress_bar(run.total, run.step, desc=stage.name) if cfg.progress and is_main() else None
-    run.train_model.train()
+    run.model.train()
     metrics, eval_metrics = {}, {}
     try:
         while run.step < run.total:

@@ -135,9 +135,8 @@ class ScriptedModel(nn.Module):
     def prefill_prefix(self, prefix):
         return self.inner.prefill_prefix(prefix)
 
-    def forward(self, ids, attention_mask=None, kv_cache=None, logits_at=None):
-        logits = self.inner(ids, attention_mask=attention_mask, kv_cache=kv_cache,
-                            logits_at=logits_at)  # (B, 1, V): fills the cache
+    def next_token_logits(self, ids, attention_mask, kv_cache, last):
+        logits = self.inner.next_token_logits(ids, attention_mask, kv_cache, last)  # (B, V): fills the cache
         if ids.shape[1] > 1:  # a prefill: the next token is the first of a new reply
             self.reply = cycle(self.script) if self.endless else iter(self.script)
         token = next(self.reply, self.script[-1])

@@ -1,4 +1,4 @@
-"""Several ranks give the single-process result: DDP / FSDP training, sharded exploration.
+"""Several ranks give the single-process result: replicated / FSDP training, sharded exploration.
 
 Each distributed test spawns 2 CPU processes that meet over gloo, with the
 environment variables torchrun would set (MASTER_ADDR/MASTER_PORT, RANK,
@@ -76,7 +76,7 @@ def test_rank_micro_batches_pad_short_ranks(monkeypatch):
     assert t.rank_micro_batches([0, 1, 2, 3, 4], 2) == [([2, 3], 1.0), ([0, 1], 0.0)]
 
 
-# --------------------------------------------------------------------------- training: DDP and FSDP
+# --------------------------------------------------------------------------- training: replicas and FSDP
 
 
 def train_both_stages(root: str, model: str, data: dict, interrupt_sft_at: int | None = None,
@@ -126,7 +126,7 @@ def assert_same_runs(dist_root: Path, single_root: Path) -> None:
         assert len(a) == len(b) and a == pytest.approx(b, rel=1e-5)  # rank 0 alone wrote, global values
 
 
-def test_ddp_two_ranks_equal_one_process_and_resume(tiny_model, data_files, single_process_run,  # noqa: F811
+def test_replicas_two_ranks_equal_one_process_and_resume(tiny_model, data_files, single_process_run,  # noqa: F811
                                                      tmp_path):
     """2 ranks, the same global batch: SFT and DPO end with the single-process parameters and losses,
     also when SFT was interrupted after its step-2 checkpoint and resumed."""
@@ -222,9 +222,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-7, rtol=1e-6, msg=n)
 
 
-def test_compile_and_fsdp_are_config_flags():
+def test_fsdp_shards_only_under_torchrun_and_compile_compiles_each_layer():
+    from torch.distributed.tensor import DTensor
+
     cfg = config.SFTConfig()
     assert cfg.fsdp is False and cfg.compile is False
-    model = Transformer(ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    model = Transformer(ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=2, num_key_value_heads=1))
-    assert trainer.parallelize(model, config.SFTConfig(fsdp=True), torch.device("cpu"), ranks=1) is model  # 1 rank: as is
+    names = [n for n, _ in model.named_parameters()]
+    trainer.parallelize(model, config.SFTConfig(fsdp=True, compile=True), ranks=1)  # 1 rank: nothing to shard
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+    assert all(layer._compiled_call_impl is not None for layer in model.layers)
+    assert model._compiled_call_impl is None
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoints keep their names

@@ -390,7 +390,7 @@ def test_head_logprobs_in_checkpointed_chunks_equal_the_whole_head():
 
 
 def test_the_scored_positions_logits_give_the_agent_token_logprobs():
-    """The (N, V) logits of the scored positions (what the model returns with `logits_at`) give the
+    """The (N, V) logits of the scored positions (what `model.lm_head` gives at `scored_positions`) give the
     (N,) log-probs that the (B, T, V) logits give, and the same loss."""
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)

@@ -68,7 +68,7 @@ def test_logits_match_with_explicit_position_ids(case, tmp_path):
     pos = torch.arange(50, 70).repeat(2, 1)  # far beyond the llama3 original length of 32
     with torch.no_grad():
         causal = padded_causal_mask(torch.ones_like(ids, dtype=torch.bool))  # (B, T, T)
-        got = ours.lm_head(ours.hidden_states(ids, pos, causal))
+        got = ours.lm_head(ours.decoder(ids, pos, causal))
     assert (got - hf_logits(hf, ids, pos)).abs().max() < 1e-4
 
 
@@ -120,15 +120,19 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
     cache = KVCache(model.config, batch_size=2, max_len=32)
     with torch.no_grad():
         full = model(ids)
-        steps = [model(ids[:, :10], kv_cache=cache)] + [model(ids[:, t:t + 1], kv_cache=cache) for t in range(10, 15)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+        every, last = torch.ones(2, 10, dtype=torch.bool), torch.tensor([9, 9])
+        steps = [model.next_token_logits(ids[:, :10], every, cache, last)]  # prefill: (B, V) after token 9
+        one, first = torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, dtype=torch.long)
+        steps += [model.next_token_logits(ids[:, t:t + 1], one, cache, first) for t in range(10, 15)]  # decode
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 9:], atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_overflow_is_a_clear_error():
     model = Transformer(ModelConfig(**BASE)).eval()
     cache = KVCache(model.config, batch_size=1, max_len=8)
     with torch.no_grad(), pytest.raises(RuntimeError, match="KV cache overflow"):
-        model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
+        model.next_token_logits(torch.zeros(1, 9, dtype=torch.long), torch.ones(1, 9, dtype=torch.bool), cache,
+                                torch.tensor([8]))
 
 
 # ----------------------------------------------------------------------------- bad checkpoints
@@ -209,19 +213,28 @@ def test_shared_prefix_forward_equals_the_plain_forward():
     mask[1, 12:] = False  # right padding in one row
     with torch.no_grad():
         plain = model(ids, attention_mask=mask)
-        shared = model(ids, attention_mask=mask, shared_prefix=9)
+        shared = model.lm_head(model.hidden_states(ids, attention_mask=mask, shared_prefix=9))
     torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-5)
 
 
-def test_logits_at_selected_positions_or_one_per_row():
+def test_scored_logprobs_and_next_token_logits_equal_the_full_forward():
+    """The training entry (log-probs at the scored positions) and the generation entry (logits after each
+    row's last token, through a KV cache) give the values of the full (B, T, V) forward."""
+    from eto_ref.kv_cache import KVCache
+
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**BASE)).eval()
     ids = torch.randint(0, BASE["vocab_size"], (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
     where = torch.rand(2, 10) > 0.5
+    targets = torch.randint(0, BASE["vocab_size"], (int(where.sum()),))
     with torch.no_grad():
-        full = model(ids)
-        torch.testing.assert_close(model(ids, logits_at=where), full[where])  # (N, V)
-        torch.testing.assert_close(model(ids, logits_at=torch.tensor([3, 9])), full[[0, 1], [3, 9]][:, None])
+        full = model(ids)  # (B, T, V)
+        expected = full[where].float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]  # (N,)
+        torch.testing.assert_close(model.scored_logprobs(ids, mask, where, targets), expected)
+        cache = KVCache(model.config, batch_size=2, max_len=16)
+        torch.testing.assert_close(model.next_token_logits(ids, mask, cache, torch.tensor([3, 9])),
+                                   full[[0, 1], [3, 9]])  # (B, V)
 
 
 def _prefix_batch(B=4, P=12, rest=(9, 5, 11, 7), seed=0):
@@ -262,7 +275,7 @@ def test_shared_prefix_gradients_equal_the_plain_forward_for_both_losses(checkpo
             agent_logps = scored_logprobs(model, {"input_ids": ids, "attention_mask": attention,
                                                   "loss_mask": loss_mask, "shared_prefix": 12})  # (N,)
         elif shared:
-            logits = model(ids, attention_mask=attention, logits_at=scored_positions(loss_mask), shared_prefix=12)
+            logits = model.lm_head(model.hidden_states(ids, attention, 12)[scored_positions(loss_mask)])  # (N, V)
             targets, scored = next_token_targets(ids, loss_mask)
             agent_logps = target_logprobs(logits, targets[scored])  # from (N, V)
         else:

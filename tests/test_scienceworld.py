@@ -108,11 +108,11 @@ class GoldModel(ScriptedModel):
         super().__init__(tok.vocab_size, scripts[0])
         self.scripts, self.turn = scripts, 0
 
-    def forward(self, ids, attention_mask=None, kv_cache=None, logits_at=None):
+    def next_token_logits(self, ids, attention_mask, kv_cache, last):
         if ids.shape[1] > 1:  # a prefill: the next reply of the script starts
             self.script = self.scripts[min(self.turn, len(self.scripts) - 1)]
             self.turn += 1
-        return super().forward(ids, attention_mask, kv_cache, logits_at)
+        return super().next_token_logits(ids, attention_mask, kv_cache, last)
 
 
 @pytest.mark.parametrize("task", TASKS[:2])
