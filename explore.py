@@ -33,6 +33,7 @@ from eto_ref.models import resolve_model
 from eto_ref.pairs import AUTO, EXTRA_REJECTED_TURNS
 from eto_ref.runtime import DTYPES, add_threads_flag, resolve_device, setup_cpu, stop_on_terminate
 from eto_ref.sampler import SamplingConfig
+from eto_ref.tokenizer import Tokenizer
 
 
 def parse_args(argv=None):
@@ -80,8 +81,6 @@ def main(argv=None):
         device = init_distributed(resolve_device(args.device))  # under torchrun: join the ranks, take a GPU
         model, tokenizer = load_policy(cfg.model, str(device), args.dtype)
         if args.template is not None:
-            from eto_ref.tokenizer import Tokenizer
-
             tokenizer = Tokenizer.from_dir(cfg.model, args.template)
         if cfg.split == "train":
             path, summary = explore_and_pair(model, tokenizer, cfg, progress=not args.no_progress,

@@ -28,14 +28,19 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from envs.write_expert_data import write_expert_data
 from eto_ref.agent import AgentConfig
 from eto_ref.cli import add_config_flags, given_values
 from eto_ref.config import PRESET_NAMES, PRESETS, DPOConfig, SFTConfig, TrainConfig, preset_for, preset_values
 from eto_ref.distributed import is_main
+from eto_ref.dpo import run_dpo
 from eto_ref.eto import LoopConfig, run_eto
 from eto_ref.models import default_model, resolve_model
+from eto_ref.pipeline import PipelineConfig, run_pipeline, run_seeds
+from eto_ref.results import report_seeds
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
 from eto_ref.sampler import SamplingConfig
+from eto_ref.sft import run_sft
 
 STAGES = ("sft", "eto", "all")
 # Agent fields whose names a training stage already uses: on train.py they take an "agent-" prefix.
@@ -83,8 +88,6 @@ def build_parser(stage: str | None) -> argparse.ArgumentParser:
         add_loop_flags(p)
         add_agent_flags(p)
     elif stage == "all":
-        from eto_ref.pipeline import PipelineConfig
-
         g = p.add_argument_group("the main job (eto_ref/pipeline.py)")
         add_config_flags(g, PipelineConfig, presets=presets_of("pipeline"))
         g.add_argument("--seeds", default=None, help="comma-separated seeds: the job once per seed into "
@@ -141,8 +144,6 @@ def model_preset(model: str, args) -> str:
 def ensure_sft_data(env: str, path: Path) -> Path:
     """Write the env's train-split expert trajectories to `path` unless it exists."""
     if not path.is_file():
-        from envs.write_expert_data import write_expert_data
-
         data = write_expert_data(env, "train", path)
         print(f"wrote {len(data)} expert trajectories of {env}/train to {path}", file=sys.stderr)
     return path
@@ -152,8 +153,6 @@ def ensure_sft_data(env: str, path: Path) -> Path:
 
 
 def run_sft_stage(args):
-    from eto_ref.sft import run_sft
-
     model = str(resolve_model(getattr(args, "model", None) or default_model()))
     data = getattr(args, "data", None) or str(ensure_sft_data(args.env, Path(f"data/{args.env}_sft.json")))
     preset = model_preset(model, args)
@@ -166,8 +165,6 @@ def run_sft_stage(args):
 
 
 def run_eto_stage(args):
-    from eto_ref.dpo import run_dpo
-
     model = str(resolve_model(args.model))
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"--model {model}: not a model directory (no config.json); run --stage sft first")
@@ -198,8 +195,6 @@ def announce(cfg, preset: str) -> None:
 
 
 def pipeline_config(args):
-    from eto_ref.pipeline import PipelineConfig
-
     given = given_values(args, PipelineConfig, skip=("sft", "dpo", "loop"))
     model = given.get("model", "auto")
     preset = model_preset(default_model() if model == "auto" else model, args)
@@ -210,9 +205,6 @@ def pipeline_config(args):
 
 
 def run_all(args):
-    from eto_ref.pipeline import run_pipeline, run_seeds
-    from eto_ref.results import report_seeds
-
     cfg = pipeline_config(args)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     if args.report:

@@ -13,27 +13,20 @@ requirements-scienceworld.txt`, needs Java).
 from contextlib import contextmanager
 
 from envs.base import SPLITS, TextEnv
+from envs.household import HouseholdEnv
+from envs.science import ScienceEnv
+from envs.scienceworld import ScienceWorldAdapter  # imports the scienceworld package only when built
+from envs.webshop import WebShopEnv
 
-
-def _registry() -> dict:
-    from envs.household import HouseholdEnv
-    from envs.science import ScienceEnv
-    from envs.scienceworld import ScienceWorldAdapter
-    from envs.webshop import WebShopEnv
-
-    return {"webshop": WebShopEnv, "household": HouseholdEnv, "science": ScienceEnv,
-            "scienceworld": ScienceWorldAdapter}
-
-
-ENV_NAMES = ("webshop", "household", "science", "scienceworld")
+REGISTRY = {"webshop": WebShopEnv, "household": HouseholdEnv, "science": ScienceEnv, "scienceworld": ScienceWorldAdapter}
+ENV_NAMES = tuple(REGISTRY)
 
 
 def env_class(name: str) -> type[TextEnv]:
     """An environment's class by name (its class attributes describe it without building it)."""
-    registry = _registry()
-    if name not in registry:
+    if name not in REGISTRY:
         raise ValueError(f"unknown environment {name!r}; known: {', '.join(ENV_NAMES)}")
-    return registry[name]
+    return REGISTRY[name]
 
 
 def make_env(name: str, seed: int = 0, **sizes) -> TextEnv:

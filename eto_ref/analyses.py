@@ -27,25 +27,24 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from eto_ref.agent import AgentConfig
 from eto_ref.baselines import rft_records
+from eto_ref.config import DPOConfig, SFTConfig
 from eto_ref.dpo import run_dpo
 from eto_ref.eto import TEST_SPLITS, VALID, LoopConfig, eval_config
 from eto_ref.exploration import TRAJECTORIES, ExploreConfig, evaluate, explore, explore_and_pair, load_policy
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
 from eto_ref.pairs import self_play_pairs
 from eto_ref.pipeline import PipelineConfig
-from eto_ref.results import paired_difference, per_task_rewards, task_rewards
+from eto_ref.results import paired_difference, per_task_rewards, phase_folders, task_rewards
 from eto_ref.run_dir import recorded_identity
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
+from eto_ref.sampler import SamplingConfig
 from eto_ref.sft import run_sft
 
 
 def run_config(run: Path) -> PipelineConfig:
     """The PipelineConfig a main job was run with (nested configs rebuilt from pipeline_config.json)."""
-    from eto_ref.agent import AgentConfig
-    from eto_ref.config import DPOConfig, SFTConfig
-    from eto_ref.sampler import SamplingConfig
-
     recorded_identity(run)  # refuses a job folder written by an earlier version
     d = json.loads((run / "pipeline_config.json").read_text())
     agent = d["loop"].pop("agent")
@@ -160,8 +159,6 @@ def steps_to_success(folder: Path) -> list[int]:
 
 
 def efficiency(runs: list[Path], results: str | None) -> str:
-    from eto_ref.results import phase_folders
-
     splits = ("valid", "test_seen", "test_unseen")
     found: dict[str, dict[str, list[int]]] = {}
     for run in runs:

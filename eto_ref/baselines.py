@@ -13,6 +13,7 @@ what sampling alone can reach.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from eto_ref.exploration import ExploreConfig, explore, summarize
@@ -58,8 +59,6 @@ def best_of_n(model, tokenizer, cfg: ExploreConfig, n: int, progress: bool = Tru
     Each run goes to `cfg.out_dir/sample-i/` and resumes like any exploration;
     the summary of the best-of-n records is written to `cfg.out_dir/summary.json`.
     """
-    from dataclasses import replace
-
     if cfg.agent.sampling.greedy:
         raise ValueError(f"best-of-n needs a sampling temperature > 0, got {cfg.agent.sampling.temperature}")
     seed = cfg.agent.seed or 0

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
 
 from eto_ref.model import ModelConfig, Transformer, rope_inverse_frequencies
 
@@ -213,8 +214,6 @@ def read_config(model_dir: Path) -> ModelConfig:
 
 def tokenizer_max_id(path: Path) -> tuple[int, str]:
     """(largest token id, its token) of a tokenizer.json, added tokens included."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     try:
         vocab = HFTokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception on bad files

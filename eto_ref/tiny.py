@@ -17,9 +17,11 @@ from typing import Iterable
 
 import torch
 
-from eto_ref.checkpoint import save_model
+from envs import make_env
+from eto_ref.checkpoint import load_model, save_model
 from eto_ref.config import PRESET_KEY
 from eto_ref.model import ModelConfig, Transformer, count_parameters
+from eto_ref.tokenizer import train_bpe_tokenizer
 
 # A few million parameters: trains in minutes on a laptop CPU.
 TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -28,8 +30,6 @@ TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_att
 
 def environment_texts(env_names: Iterable[str], tasks_per_env: int = 400, seed: int = 0) -> Iterable[str]:
     """Instruction, in-context example and expert trajectories of the train split: the tokenizer's corpus."""
-    from envs import make_env
-
     for name in env_names:
         env = make_env(name, seed=seed)
         yield env.instruction
@@ -54,8 +54,6 @@ def init_weights(model: Transformer, std: float = 0.02) -> None:
 def create_tiny_model(out_dir: str | Path, texts: Iterable[str], vocab_size: int = 2048,
                       seed: int = 0, template: str = "chatml", **overrides) -> Path:
     """Train a tokenizer on `texts`, build a random tiny Llama around it, save both as an HF directory."""
-    from eto_ref.tokenizer import train_bpe_tokenizer
-
     out_dir = Path(out_dir)
     tok_dir = out_dir.parent / f".{out_dir.name}.tokenizer"
     tok = train_bpe_tokenizer(texts, vocab_size=vocab_size, out_dir=tok_dir, template=template)
@@ -89,7 +87,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     path = create_tiny_model(args.out, environment_texts(args.envs.split(",")), vocab_size=args.vocab_size, seed=args.seed)
-    from eto_ref.checkpoint import load_model
     print(f"wrote {path} ({count_parameters(load_model(path)) / 1e6:.2f}M parameters)")
 
 

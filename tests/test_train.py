@@ -96,12 +96,11 @@ def test_dpo_chosen_nll_weight_comes_from_the_preset_unless_given(tiny_model, da
 def test_stage_all_flags_reach_the_nested_configs(monkeypatch, tiny_model):  # noqa: F811
     """Unprefixed stage flags set both stages, --sft-X / --dpo-X one of them (and win); job, loop and agent
     flags reach their configs; unset values come from the model's preset."""
-    import eto_ref.pipeline as pipeline
     import train as cli
     from eto_ref.config import PRESETS
 
     seen = []
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(cli, "run_pipeline", lambda cfg: seen.append(cfg))
     cli.main(["--stage", "all", "--model", str(tiny_model), "--lr", "1e-3", "--sft-lr", "2e-3", "--epochs", "2",
               "--dpo-beta", "0.3", "--sft-examples", "16", "--iterations", "2", "--temperature", "0.5",
               "--agent-batch-size", "3", "--no-progress", "--no-baselines", "--rejected-extra-turns", "3"])
