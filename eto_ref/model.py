@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 
@@ -121,6 +122,22 @@ def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (causal[None] & attention_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
 
 
+def training_mask(attention_mask: torch.Tensor, prefix: int, fused: bool) -> torch.Tensor | CausalBias:
+    """The attention mask of a training forward: rows (B, T) after `prefix` tokens every row shares.
+
+    Boolean, (B, T, prefix + T): query t sees the prefix and its row's real keys <= t.
+    With `fused` (on CUDA: FUSED_CAUSAL_DEVICES) and right-padded rows, the same as a lower-right causal bias
+    instead: SDPA takes no explicit mask then, so it may run FlashAttention, where a
+    boolean mask leaves only its math kernel (T x T scores per head). The two differ only
+    at padding queries, whose outputs no loss reads.
+    """
+    B, T = attention_mask.shape
+    if fused and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):  # right padding only
+        return causal_lower_right(T, prefix + T)
+    see_prefix = torch.ones(B, T, prefix, dtype=torch.bool, device=attention_mask.device)
+    return torch.cat([see_prefix, padded_causal_mask(attention_mask)], dim=-1)  # (B, T, prefix + T)
+
+
 class SharedPrefixKV:
     """Keys/values of a token prefix that every row of a batch begins with, computed once at batch 1.
 
@@ -194,6 +211,7 @@ def head_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, 
 
 # --------------------------------------------------------------------------- attention
 
+FUSED_CAUSAL_DEVICES = ("cuda",)  # where training_mask gives SDPA a causal bias instead of a boolean mask
 GROUPED_ATTENTION_MAX_T = 64  # longer inputs (prompt prefills) use SDPA, which never holds all T x S scores
 
 
@@ -237,10 +255,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
-        if kv_cache is not None and T <= GROUPED_ATTENTION_MAX_T:  # decoding: few queries against a long cache
+        causal_bias = isinstance(mask, CausalBias)  # (training_mask on CUDA)
+        if kv_cache is not None and T <= GROUPED_ATTENTION_MAX_T and not causal_bias:  # decoding: few queries
             y = grouped_attention(q, k, v, mask)  # (B, nh, T, hs)
         else:  # training and full forwards: SDPA's fused kernel, memory-lean for long T
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if causal_bias else mask[:, None],
                                                enable_gqa=self.nkv != self.nh)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, nh*hs)
         return self.o_proj(y)
@@ -309,7 +328,8 @@ class Transformer(nn.Module):
         if shared_prefix > 0:
             return self.hidden_states_shared_prefix(input_ids, attention_mask, shared_prefix)
         position_ids = attention_mask.long().cumsum(-1) - 1  # (B, T)
-        return self.decoder(input_ids, position_ids, padded_causal_mask(attention_mask))
+        mask = training_mask(attention_mask, 0, fused=input_ids.device.type in FUSED_CAUSAL_DEVICES)
+        return self.decoder(input_ids, position_ids, mask)
 
     def scored_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
                         targets: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
@@ -355,15 +375,15 @@ class Transformer(nn.Module):
         so training gradients are exact too. Saves (B - 1) x P tokens of compute.
         """
         B, T = input_ids.shape
+        fused = input_ids.device.type in FUSED_CAUSAL_DEVICES
         prefix = SharedPrefixKV()
         positions = torch.arange(P, device=input_ids.device)[None]  # (1, P)
-        causal = padded_causal_mask(torch.ones(1, P, dtype=torch.bool, device=input_ids.device))  # (1, P, P)
+        causal = training_mask(torch.ones(1, P, dtype=torch.bool, device=input_ids.device), 0, fused)  # (1, P, P)
         h_prefix = self.decoder(input_ids[:1, :P], positions, causal, prefix)  # (1, P, D)
         rest = attention_mask[:, P:]  # (B, T - P)
-        see_prefix = torch.ones(B, T - P, P, dtype=torch.bool, device=input_ids.device)
-        mask = torch.cat([see_prefix, padded_causal_mask(rest)], dim=-1)  # (B, T - P, T)
+        mask = training_mask(rest, P, fused)  # (B, T - P, T)
         h_rest = self.decoder(input_ids[:, P:], P + rest.long().cumsum(-1) - 1, mask,
-                                    AttendToPrefix(prefix, B))  # (B, T - P, D)
+                              AttendToPrefix(prefix, B))  # (B, T - P, D)
         return torch.cat([h_prefix.expand(B, -1, -1), h_rest], dim=1)  # (B, T, D)
 
     def prefill_prefix(self, prefix_ids: list[int]) -> SharedPrefixKV:

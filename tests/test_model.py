@@ -296,3 +296,49 @@ def test_shared_prefix_gradients_equal_the_plain_forward_for_both_losses(checkpo
         torch.testing.assert_close(shared_loss, plain_loss, atol=1e-5, rtol=1e-5)
         for name in plain:
             torch.testing.assert_close(shared[name], plain[name], atol=1e-5, rtol=1e-4, msg=f"{loss_name}: {name}")
+
+
+@pytest.mark.parametrize("prefix", [0, 12])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_causal_bias_gives_the_boolean_masks_log_probs_and_gradients(monkeypatch, prefix, checkpointing):
+    """On CUDA, right-padded training rows attend through a lower-right causal bias (no explicit mask, so
+    SDPA may run FlashAttention). Forced here on CPU: the scored log-probs and every gradient equal the
+    boolean mask's, with and without a shared prefix."""
+    import eto_ref.model as model_module
+    from eto_ref.model import training_mask
+    from eto_ref.trainer import scored_logprobs
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**BASE, num_key_value_heads=2))
+    model.gradient_checkpointing = checkpointing
+    ids, attention, loss_mask = _prefix_batch()
+    batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "shared_prefix": prefix}
+    masks = []
+    monkeypatch.setattr(model_module, "training_mask",
+                        lambda *a, **k: masks.append(training_mask(*a, **k)) or masks[-1])
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logps = scored_logprobs(model, batch)  # (N,)
+        (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    boolean = run()
+    assert masks and not any(isinstance(m, model_module.CausalBias) for m in masks)
+    masks.clear()
+    monkeypatch.setattr(model_module, "FUSED_CAUSAL_DEVICES", ("cpu",))
+    fused = run()
+    assert masks and all(isinstance(m, model_module.CausalBias) for m in masks)
+    torch.testing.assert_close(fused[0], boolean[0], atol=1e-5, rtol=1e-5)
+    for name in boolean[1]:
+        torch.testing.assert_close(fused[1][name], boolean[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_left_padded_rows_keep_the_boolean_mask():
+    """A causal bias would let a left-padded row's tokens attend to its padding: the boolean mask stays."""
+    from eto_ref.model import CausalBias, training_mask
+
+    left = torch.tensor([[False, True, True], [True, True, True]])
+    mask = training_mask(left, 2, fused=True)
+    assert not isinstance(mask, CausalBias) and mask.shape == (2, 3, 5)
+    assert isinstance(training_mask(left.flip(-1), 2, fused=True), CausalBias)
