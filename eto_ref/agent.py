@@ -180,7 +180,8 @@ class AgentConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # greedy by default, as the paper
     seed: int | None = setting(None, "sampling seed: the episode of task t samples with its own seed (seed, t)", low=0)
     batch_size: int = setting(16, "episodes run at once (a finished one's row takes the next task)", low=1)
-    max_len: int = setting(8192, "most tokens one conversation may hold (its KV cache grows by need up to this)", low=1)
+    max_len: int = setting(8192, "most tokens one conversation may hold (its KV cache grows by need up to this; "
+                                 "at most the model's max_position_embeddings)", low=1)
     max_steps: int | None = setting(None, "cap on an episode's steps (None: the environment's own limit)", low=1)
     icl: bool = setting(True, "one in-context example in the prompt, as the official code (False: 0-shot)")
 
@@ -266,7 +267,8 @@ class EpisodeRows:
             messages = first_prompt(env, episode, self.config)
             if self.session is None:
                 prefix = self.tokenizer.render(messages[:-1])[0]  # everything before the task: the same in all
-                self.session = Session(self.model, self.size, self.config.max_len, prefix=prefix)
+                max_len = min(self.config.max_len, self.model.config.max_position_embeddings)  # positions it knows
+                self.session = Session(self.model, self.size, max_len, prefix=prefix)
             if not self.play_forced(env, episode, messages):
                 self.end(episode, env)
                 continue

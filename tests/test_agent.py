@@ -250,6 +250,20 @@ def test_endless_text_that_fills_the_cache_ends_with_cache_full_and_the_next_bat
     assert all(ep.done and 1 <= ep.steps < 5 for ep in episodes)
 
 
+def test_a_conversation_never_holds_more_tokens_than_the_model_has_positions(tmp_path):
+    """AgentConfig.max_len above the model's max_position_embeddings: the model's limit holds (cache_full)."""
+    model, tok = scripted_agent("blah ", tmp_path, end_turn=False, endless=True)
+    env = make_env("household")
+    from eto_ref.agent import prompt_messages
+    from eto_ref.sampler import SamplingConfig
+    prompt = tok.render(prompt_messages(env.instruction, env.icl_example(), env.reset(HOUSEHOLD_TASKS[0])),
+                        add_generation_prompt=True)[0]
+    model.config = replace(model.config, max_position_embeddings=len(prompt) + 15)
+    config = AgentConfig(sampling=SamplingConfig(max_new_tokens=10), batch_size=1, max_len=10**6, max_steps=5)
+    episodes = run_episodes(model, tok, lambda: make_env("household"), HOUSEHOLD_TASKS[:1], config)
+    assert [ep.reason for ep in episodes] == ["cache_full"] and episodes[0].steps < 5
+
+
 class FaultyStepEnv:
     """A household environment whose `step` returns a broken result for one task."""
 
