@@ -3,16 +3,18 @@
     python bench/memory.py                       # Llama-2-7B shapes, 8 GPUs, micro-batch 4 x 4096 tokens
     python bench/memory.py --gpus 1 --tokens 8192
 
-Bytes per parameter (P = all parameters, P_lora = adapter parameters):
+What this trainer holds per GPU (P = all parameters, p = adapter parameters, N = GPUs):
 
-    setting                          weights        grads   AdamW m, v    total
-    full, bf16 + fp32 master         2 + 4 (master)  2      4 + 4         16 P
-    full, fp32 + bf16 autocast        4              4      4 + 4         16 P   (this trainer's full fine-tuning)
-    full, bf16 throughout             2              2      2 + 2          8 P
-    LoRA, bf16 base + fp32 adapters   2 P + 4 P_lora  4 P_lora  8 P_lora          (this trainer's LoRA)
+    setting                               weights          grads   AdamW m, v   compute-dtype copy
+    full, replicas (fp32 + bf16 autocast)  4 P             4 P     8 P          2 P (autocast's cached casts)
+    full, --fsdp (FSDP2 mixed precision)   4 P / N         4 P / N 8 P / N      2 x (2 layers + root) gathered
+    LoRA, bf16 base + fp32 adapters        2 P + 4 p       4 p     8 p          -
 
-FSDP divides weights, grads and AdamW states by the number of GPUs (not the
-activations; LoRA's frozen base is sharded too).
+Replicas: autocast caches the bf16 cast of every float32 weight for the whole forward
+(2 bytes per parameter, 12.6 GiB at 7B). Under --fsdp the weights are all-gathered in
+bf16 one decoder layer at a time (the next one prefetched), and the root (embeddings,
+final norm, LM head) for the whole step; gradients are reduce-scattered in float32
+after every micro-batch, so no rank holds the whole model's gradients.
 
 Activations kept for backward, per token and decoder layer, in bf16 (2 bytes/element),
 counting the tensors a Llama layer saves (attention by a fused SDPA kernel: no T x T
@@ -22,8 +24,12 @@ scores kept):
     MLP: gate, up, silu(gate), silu(gate)*up  4f                    ~ (8 d + 3 d_kv + 4 f) x 2 bytes
 
 With activation checkpointing (--gradient-checkpointing) a layer keeps only its input
-(d x 2 bytes) and one layer's activations are rebuilt at a time. The loss head keeps
-the float32 logits and their log-softmax: V x 8 bytes per token.
+(d x 2 bytes) and one layer's activations are rebuilt at a time. The LM head runs at the
+scored positions only, in checkpointed chunks of 256 rows (eto_ref/model.py head_logprobs):
+a few chunks of 256 x V float32 values at a time, not V x 8 bytes per token.
+Attention with a boolean mask (on CPU, or on CUDA for left-padded rows) runs SDPA's math
+kernel, which holds heads x T x T scores of one layer at a time; on CUDA right-padded
+training rows use a causal bias instead, and FlashAttention holds none.
 These are estimates (allocator slack, kernels' workspaces and the CUDA context, ~1-2 GB, not counted).
 Where CUDA is available the script also measures the peak allocated memory of one
 training step of a smaller model and prints it beside the formula.
@@ -72,52 +78,68 @@ class Shape:
                  "down_proj": (self.f, self.d)}
         return self.layers * sum(rank * (shape[t][0] + shape[t][1]) for t in targets)
 
+    def layer_parameters(self) -> int:
+        return 2 * self.d * self.d + 2 * self.d * self.d_kv + 3 * self.d * self.f + 2 * self.d
+
     def activation_bytes_per_token(self, checkpointing: bool) -> int:
-        """Saved activations of the whole model for one token (bf16), plus the float32 loss head."""
+        """Saved activations of the whole model for one token (bf16)."""
         layer = (8 * self.d + 3 * self.d_kv + 4 * self.f) * 2
-        head = self.vocab * 8
         if checkpointing:
-            return self.layers * self.d * 2 + layer + head  # layer inputs + one layer rebuilt at a time
-        return self.layers * layer + head
+            return self.layers * self.d * 2 + layer  # layer inputs + one layer rebuilt at a time
+        return self.layers * layer
+
+    def head_bytes(self, chunk: int = 256, chunks: int = 2) -> int:
+        """The LM head's float32 logits and log-softmax of the chunks in flight (head_logprobs)."""
+        return chunks * chunk * self.vocab * 8
+
+    def math_attention_bytes(self, tokens_per_row: int, rows: int) -> int:
+        """SDPA's math kernel (a boolean mask): one layer's bf16 scores and probabilities for every head."""
+        return rows * self.heads * tokens_per_row ** 2 * 2 * 2
 
 
 LLAMA2_7B = Shape()
 
-# bytes per (trainable) parameter: weights, grads, optimizer states
-SETTINGS = {
-    "full, bf16 + fp32 master": (2 + 4, 2, 8),
-    "full, fp32 + bf16 autocast": (4, 4, 8),
-    "full, bf16 throughout": (2, 2, 4),
-}
+SETTINGS = ("full, replicas (fp32 + bf16 autocast)", "full, --fsdp (FSDP2 mixed precision)",
+            "LoRA, bf16 base + fp32 adapters")
 
 
-def static_bytes(shape: Shape, setting: str, lora_rank: int = 16) -> dict[str, float]:
-    """Weights, grads and optimizer states in bytes (whole model, before any sharding)."""
+def static_bytes(shape: Shape, setting: str, gpus: int, lora_rank: int = 16) -> dict[str, float]:
+    """Weights, grads, optimizer states and the compute-dtype copy held by one GPU, in bytes."""
     P = shape.parameters()
     if setting.startswith("LoRA"):
         p = shape.lora_parameters(lora_rank)
-        return {"weights": 2 * P + 4 * p, "grads": 4 * p, "optimizer": 8 * p}
-    w, g, o = SETTINGS[setting]
-    return {"weights": w * P, "grads": g * P, "optimizer": o * P}
+        return {"weights": 2 * P + 4 * p, "grads": 4 * p, "optimizer": 8 * p, "copy": 0}
+    if setting.startswith("full, replicas"):
+        return {"weights": 4 * P, "grads": 4 * P, "optimizer": 8 * P, "copy": 2 * P}
+    root = P - shape.layers * shape.layer_parameters()  # embeddings, final norm, LM head
+    return {"weights": 4 * P / gpus, "grads": 4 * P / gpus, "optimizer": 8 * P / gpus,
+            "copy": 2 * (2 * shape.layer_parameters() + root)}
 
 
 def table(shape: Shape, gpus: int, tokens: int, lora_rank: int) -> str:
-    """Per-GPU memory (GiB) under FSDP over `gpus` GPUs, a micro-batch of `tokens` tokens per GPU."""
-    act = {c: shape.activation_bytes_per_token(c) * tokens / GB for c in (False, True)}
+    """Per-GPU memory (GiB) over `gpus` GPUs, a micro-batch of `tokens` tokens per GPU."""
+    transient = shape.head_bytes() / GB
+    act = {c: shape.activation_bytes_per_token(c) * tokens / GB + transient for c in (False, True)}
     rows = [f"Llama-2-7B shapes: {shape.parameters() / 1e9:.2f} B parameters, LoRA r={lora_rank} on q,k,v,o: "
-            f"{shape.lora_parameters(lora_rank) / 1e6:.1f} M; FSDP over {gpus} GPU(s); {tokens} tokens per "
+            f"{shape.lora_parameters(lora_rank) / 1e6:.1f} M; {gpus} GPU(s); {tokens} tokens per "
             "micro-batch per GPU. GiB per GPU:",
             "",
-            "| setting | weights | grads | AdamW | static total | + activations | + activations (checkpointing) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for setting in [*SETTINGS, f"LoRA r{lora_rank}, bf16 base + fp32 adapters"]:
-        s = {k: v / gpus / GB for k, v in static_bytes(shape, setting, lora_rank).items()}
+            "| setting | weights | grads | AdamW | compute-dtype copy | static total | + activations "
+            "| + activations (checkpointing) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for setting in SETTINGS:
+        s = {k: v / GB for k, v in static_bytes(shape, setting, gpus, lora_rank).items()}
         total = sum(s.values())
-        rows.append(f"| {setting} | {s['weights']:.1f} | {s['grads']:.2f} | {s['optimizer']:.2f} | {total:.1f} | "
-                    f"{total + act[False]:.1f} | {total + act[True]:.1f} |")
+        rows.append(f"| {setting} | {s['weights']:.1f} | {s['grads']:.2f} | {s['optimizer']:.2f} | {s['copy']:.2f} | "
+                    f"{total:.1f} | {total + act[False]:.1f} | {total + act[True]:.1f} |")
     rows.append("")
     rows.append(f"activations per token: {shape.activation_bytes_per_token(False) / 2**20:.2f} MiB without, "
-                f"{shape.activation_bytes_per_token(True) / 2**20:.2f} MiB with activation checkpointing")
+                f"{shape.activation_bytes_per_token(True) / 2**20:.2f} MiB with activation checkpointing; "
+                f"the LM head's chunks in flight: {transient:.2f} GiB")
+    per_row = 4096
+    rows.append(f"with a boolean mask (SDPA's math kernel), one layer's attention scores at {tokens // per_row} x "
+                f"{per_row} tokens: {shape.math_attention_bytes(per_row, max(1, tokens // per_row)) / GB:.1f} GiB "
+                "more (on CUDA right-padded rows take a causal bias and FlashAttention instead)")
     return "\n".join(rows)
 
 
@@ -144,8 +166,8 @@ def measure_on_cuda(tokens: int = 2048) -> str:
             opt.step()
             opt.zero_grad(set_to_none=False)
         peak = torch.cuda.max_memory_allocated() / GB
-        static = sum(static_bytes(shape, "full, fp32 + bf16 autocast").values()) / GB
-        act = shape.activation_bytes_per_token(checkpointing) * tokens / GB
+        static = sum(static_bytes(shape, SETTINGS[0], 1).values()) / GB
+        act = (shape.activation_bytes_per_token(checkpointing) * tokens + shape.vocab * 8 * tokens) / GB
         lines.append(f"| {shape.parameters() / 1e6:.0f} M params, {tokens} tokens, checkpointing={checkpointing} | "
                      f"{static + act:.2f} | {peak:.2f} |")
         del model, opt, logits, loss

@@ -75,7 +75,7 @@ class TrainConfig:
     device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     dtype: str = setting("auto", "compute dtype (training: autocast over float32 weights; the agent: the "
                                  "policy's weights): auto (bfloat16 on CUDA and on CPUs with bfloat16 "
-                                 "instructions, else float32) | float32 | bfloat16", choices=("auto", "float32", "bfloat16", "float16"))
+                                 "instructions, else float32) | float32 | bfloat16", choices=("auto", "float32", "bfloat16"))
     gradient_checkpointing: bool = setting(False, "recompute each layer's activations in backward (less memory)")
     fsdp: bool = setting(False, "under torchrun: shard weights, grads and AdamW states over the ranks (else a full replica per rank)")
     compile: bool = setting(False, "torch.compile the model (CUDA; slow to start, faster steps)")
@@ -159,8 +159,9 @@ PRESETS = {
         "pipeline": dict(sft_examples=96),
     },
     "7b": {
-        "sft": dict(gradient_checkpointing=True),
-        "dpo": dict(gradient_checkpointing=True),
+        # under torchrun: sharded (a replica of a 7B model with its AdamW states needs ~113 GB per GPU)
+        "sft": dict(gradient_checkpointing=True, fsdp=True),
+        "dpo": dict(gradient_checkpointing=True, fsdp=True),
         # run_eto.sh: 3 iterations; beta 0.1 and lr 1e-6, then beta 0.5 and lr 5e-7
         "loop": dict(iterations=3, beta_schedule=(0.1, 0.5), lr_schedule=(1e-6, 5e-7)),
     },

@@ -11,23 +11,28 @@ no process group is created, so single-process runs are unchanged.
 
 Data parallelism, as the trainer uses it: every rank builds the same global batch,
 cuts it into the same micro-batches and takes micro-batches rank, rank+N, ...
-Gradients are averaged over ranks after a global batch's last micro-batch: by one
-all-reduce per gradient when every rank holds the whole model (`average_gradients`),
-or by FSDP (`fully_shard`: every rank holds 1/N of each weight, gradient and AdamW
-state, and gathers a layer's weights just before using it).
+Gradients are averaged over ranks: by one all-reduce per gradient after a global batch's
+last micro-batch when every rank holds the whole model (`average_gradients`), or by
+FSDP's reduce-scatter after every micro-batch (`fully_shard`: every rank holds 1/N of
+each weight, gradient and AdamW state, and gathers a layer's weights just before using it).
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 T = TypeVar("T")
+# How long a rank waits at a collective before the job fails (torch's default for NCCL: 10 minutes).
+# Ranks wait at barriers for the slowest share of an exploration, and for rank 0 writing a 7B model's
+# checkpoint (27 GB) and AdamW state (54 GB).
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 def launched_distributed() -> bool:
@@ -57,13 +62,14 @@ def is_main() -> bool:
 def init_distributed(device: torch.device) -> torch.device:
     """Join the process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); return this rank's device.
 
-    On CUDA each rank uses GPU LOCAL_RANK. Calling it again (or with one rank) changes nothing.
+    On CUDA each rank uses GPU LOCAL_RANK (eto_ref/runtime.py resolve_device). Calling it again (or with
+    one rank) changes nothing.
     """
     if device.type == "cuda" and launched_distributed():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if launched_distributed() and not is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return device
 
 
@@ -113,17 +119,21 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         p.grad /= world_size()
 
 
-def wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+def wrap_fsdp(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Full sharding (FSDP2): one `fully_shard` unit per decoder layer, then the root (embeddings, norm, head).
 
-    In place: the parameters become DTensors holding 1/N of each weight on each
-    rank; a layer's weights are all-gathered just before its forward/backward and
-    freed after; gradients are reduce-scattered (averaged). The root's gathering is
-    hooked to `scored_logprobs`, the trainer's forward. Works with gloo on CPU too.
+    In place: the parameters become DTensors holding 1/N of each float32 weight on each
+    rank; a layer's weights are all-gathered just before its forward/backward and freed
+    after; gradients are reduce-scattered (averaged) after each backward, so no rank ever
+    holds a whole model's gradients. With a compute dtype below float32 the weights are
+    gathered and used in that dtype and the gradients reduced in float32 (where autocast
+    would keep a compute-dtype copy of every weight for the whole forward). The root's
+    gathering is hooked to `scored_logprobs`, the trainer's forward. Works with gloo on CPU.
     """
+    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     register_fsdp_forward_method(model, "scored_logprobs")
     return model
 

@@ -46,8 +46,11 @@ def available_cores() -> int:
 
 
 def set_threads(threads: int | None) -> int:
-    """Use `threads` CPU threads for torch's math (None: available_cores()); returns the number set."""
-    n = available_cores() if threads is None else threads
+    """Use `threads` CPU threads for torch's math; returns the number set. None: OMP_NUM_THREADS where set
+    (torchrun sets 1 per rank, so N ranks do not each take every core), else available_cores()."""
+    if threads is None:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or available_cores())
+    n = threads
     if n < 1:
         raise ValueError(f"--threads must be >= 1, got {n}")
     torch.set_num_threads(n)
@@ -142,9 +145,14 @@ def stop_on_terminate() -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """"auto": cuda if present, else cpu. Under torchrun (LOCAL_RANK set) "cuda" is this rank's GPU,
+    cuda:LOCAL_RANK, whatever loads first: a policy loaded before the process group exists lands there too."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -157,9 +165,9 @@ def cpu_has_bf16() -> bool:
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype `name` names; "auto": bfloat16 on CUDA and on CPUs with native bfloat16, else float32."""
+    """The dtype `name` names; "auto": bfloat16 on GPUs and CPUs that compute it natively, else float32."""
     if name == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
         return torch.bfloat16 if native else torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}")

@@ -50,6 +50,9 @@ def setup_runtime(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     (the float32 LoRA adapters, the float32 loss head) may use TF32 tensor cores.
     """
     device = init_distributed(resolve_device(cfg.device))
+    if compute_dtype(cfg.dtype, device) == torch.float16:
+        raise ValueError(f"{cfg.out}: dtype float16: training in float16 needs loss scaling, which this trainer "
+                         "leaves out; use bfloat16 (or float32)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # = torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
@@ -75,11 +78,12 @@ def load_trainable_model(cfg: TrainConfig, device: torch.device, dtype: torch.dt
     return model
 
 
-def parallelize(model: torch.nn.Module, cfg: TrainConfig, ranks: int) -> None:
-    """In place: under torchrun with cfg.fsdp, shard the model (FSDP2); cfg.compile: torch.compile each
-    decoder layer (the parts with fixed shapes; parameter names, hence checkpoints, unchanged)."""
+def parallelize(model: torch.nn.Module, cfg: TrainConfig, ranks: int, dtype: torch.dtype) -> None:
+    """In place: under torchrun with cfg.fsdp, shard the model (FSDP2, computing in `dtype`); cfg.compile:
+    torch.compile each decoder layer (the parts with fixed shapes; parameter names, hence checkpoints,
+    unchanged)."""
     if ranks > 1 and cfg.fsdp:
-        wrap_fsdp(model)
+        wrap_fsdp(model, dtype)
     if cfg.compile:
         for layer in model.layers:
             layer.compile()
@@ -218,7 +222,7 @@ class Fit:
     def __init__(self, model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device, dtype):
         self.model, self.cfg, self.stage, self.device, self.dtype = model, cfg, stage, device, dtype
         self.ranks = world_size()  # 1 without torchrun
-        parallelize(model, cfg, self.ranks)
+        parallelize(model, cfg, self.ranks, dtype)
         self.named = trainable_parameters(model)  # after parallelize: FSDP replaces the parameters by shards
         self.params = [p for _, p in self.named]
         self.optimizer = make_optimizer(cfg, self.named)
@@ -255,7 +259,8 @@ class Fit:
 
         Each micro-batch's loss is its share of the global batch's loss, so the summed
         gradients are those of the whole batch. Under torchrun (ranks > 1) each rank runs
-        its share of the micro-batches and gradients are exchanged after the last one.
+        its share of the micro-batches and the gradients are averaged over the ranks
+        (FSDP: reduce-scattered after each micro-batch; replicas: all-reduced after the last).
         """
         cfg, stage, step = self.cfg, self.stage, self.step + 1
         epoch, k = divmod(self.step, self.steps_per_epoch)
@@ -272,9 +277,7 @@ class Fit:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
-        for j, (micro, weight) in enumerate(micro_batches):
-            if self.ranks > 1 and cfg.fsdp:
-                self.model.set_requires_gradient_sync(j == len(micro_batches) - 1)  # reduce-scatter after the last
+        for micro, weight in micro_batches:
             with self.amp:
                 loss, shares = stage.loss(self.model, micro, batch)  # () and the metrics' shares
             if self.ranks > 1:

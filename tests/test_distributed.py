@@ -60,6 +60,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def test_the_process_group_waits_longer_than_a_big_checkpoint_takes(monkeypatch):
+    """NCCL's default 10 minutes would end a job whose rank 0 writes a 7B checkpoint while the others wait."""
+    from eto_ref import distributed
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw))
+    assert distributed.init_distributed(torch.device("cpu")) == torch.device("cpu")
+    assert seen == {"backend": "gloo", "timeout": distributed.COLLECTIVE_TIMEOUT}
+    assert distributed.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
+
+
 def test_shard_is_a_partition():
     items = list(range(7))
     parts = [shard(items, r, 3) for r in range(3)]
@@ -142,6 +155,47 @@ def test_fsdp_two_ranks_equal_one_process(tiny_model, data_files, single_process
     run_ranks(train_both_stages, str(tmp_path), str(tiny_model), data_files, 3, True)
     assert_same_runs(tmp_path, single_process_run)
     assert (tmp_path / "dpo" / "checkpoints").is_dir()
+
+
+def mixed_precision_job(out: str) -> None:
+    """One FSDP forward/backward in bfloat16: what dtype the layers compute in and the gradients are kept in."""
+    from eto_ref.distributed import init_distributed, rank, wrap_fsdp
+    from eto_ref.trainer import scored_logprobs
+
+    init_distributed(torch.device("cpu"))
+    model, batch = mixed_precision_case()
+    wrap_fsdp(model, torch.bfloat16)
+    seen = []
+    model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(str(m.weight.dtype)))
+    loss = scored_logprobs(model, batch).mean()
+    loss.backward()
+    grads = sorted({str(p.grad.dtype) for p in model.parameters()})
+    (Path(out) / f"rank-{rank()}.json").write_text(json.dumps({"loss": loss.item(), "computed_in": seen,
+                                                               "grads": grads}))
+
+
+def mixed_precision_case():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.randint(0, 64, (2, 12))
+    return model, {"input_ids": ids, "attention_mask": torch.ones(2, 12, dtype=torch.bool),
+                   "loss_mask": torch.ones(2, 12, dtype=torch.bool), "shared_prefix": 0}
+
+
+def test_fsdp_gathers_weights_in_the_compute_dtype_and_keeps_float32_gradients(tmp_path):
+    """FSDP2's MixedPrecisionPolicy: the layers compute with bfloat16 weights (no autocast copy of every
+    weight), the sharded gradients are float32; the loss is autocast's to bfloat16 precision."""
+    from eto_ref.trainer import scored_logprobs
+
+    run_ranks(mixed_precision_job, str(tmp_path))
+    results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    model, batch = mixed_precision_case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = scored_logprobs(model, batch).mean().item()
+    for result in results:
+        assert result["computed_in"] == ["torch.bfloat16"] and result["grads"] == ["torch.float32"]
+        assert result["loss"] == pytest.approx(expected, rel=2e-2)
 
 
 # --------------------------------------------------------------------------- exploration
@@ -230,7 +284,7 @@ def test_fsdp_shards_only_under_torchrun_and_compile_compiles_each_layer():
     model = Transformer(ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=2, num_key_value_heads=1))
     names = [n for n, _ in model.named_parameters()]
-    trainer.parallelize(model, config.SFTConfig(fsdp=True, compile=True), ranks=1)  # 1 rank: nothing to shard
+    trainer.parallelize(model, config.SFTConfig(fsdp=True, compile=True), ranks=1, dtype=torch.float32)  # 1 rank: nothing to shard
     assert not any(isinstance(p, DTensor) for p in model.parameters())
     assert all(layer._compiled_call_impl is not None for layer in model.layers)
     assert model._compiled_call_impl is None

@@ -100,11 +100,56 @@ def test_command_lines_take_return_memory_on_by_default():
 @pytest.mark.parametrize("device, native, expected", [
     ("cpu", True, torch.bfloat16),  # AVX512-BF16 or AMX: bfloat16 matmuls run natively
     ("cpu", False, torch.float32),  # emulated bfloat16 would be slower than float32
-    ("cuda", False, torch.bfloat16),
+    ("cuda", True, torch.bfloat16),  # Ampere and later
+    ("cuda", False, torch.float32),  # V100, T4: no bfloat16, and float16 training would need loss scaling
 ])
 def test_auto_dtype_is_bfloat16_where_it_is_native(monkeypatch, device, native, expected):
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: native)
     assert runtime.compute_dtype("auto", torch.device(device)) == expected
+
+
+@pytest.mark.parametrize("name, local_rank, expected", [
+    ("auto", "1", "cuda:1"),  # torchrun's rank 1: its own GPU, also before the process group exists
+    ("cuda", "3", "cuda:3"),
+    ("cuda:0", "3", "cuda:0"),  # a GPU named by the user stays
+    ("auto", None, "cuda"),  # one process
+    ("cpu", "1", "cpu"),
+])
+def test_a_rank_resolves_to_its_own_gpu(monkeypatch, name, local_rank, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert runtime.resolve_device(name) == torch.device(expected)
+
+
+def test_threads_default_to_omp_num_threads_where_set(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 for each rank: without --threads a rank keeps to it."""
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert runtime.set_threads(None) == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert runtime.set_threads(None) == runtime.available_cores()
+        assert runtime.set_threads(2) == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_training_in_float16_is_refused(tmp_path, capsys):
+    """float16 gradients underflow without loss scaling, which the trainer leaves out."""
+    import train as cli
+
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--stage", "sft", "--dtype", "float16"])
+    assert "float16" in capsys.readouterr().err
+    from eto_ref.config import SFTConfig
+    from eto_ref.trainer import setup_runtime
+
+    with pytest.raises(ValueError, match="float16 needs loss scaling"):
+        setup_runtime(SFTConfig(out=str(tmp_path), dtype="float16", device="cpu"))
 
 
 def test_a_named_dtype_is_used_everywhere_and_an_unknown_one_is_refused(monkeypatch):
