@@ -129,9 +129,14 @@ class KVCache:
         self.lengths[row] -= n
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop the other rows of the batch for good (so they stop costing compute): keep `rows` (index tensor)."""
+        """Drop the other rows of the batch for good (so they stop costing compute): keep `rows` (index tensor).
+
+        Layer by layer: each old buffer is freed as its smaller copy replaces it, so the
+        cache never holds more than one layer twice.
+        """
         self._rows = None
         rows = rows.to(self.device)
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
+        for buffers in (self.k, self.v):
+            for i in range(self.layers):
+                buffers[i] = buffers[i][rows]
         self.lengths = [self.lengths[i] for i in rows.tolist()]
