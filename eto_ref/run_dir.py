@@ -282,7 +282,8 @@ def optimizer_moments(optimizer, named_params) -> tuple[dict, dict]:
     """AdamW moments as whole CPU tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) and each param's step.
 
     Under FSDP the moments are sharded like the params: every rank must call this
-    (each tensor is gathered in turn); rank 0 keeps the result.
+    (each tensor is gathered in turn); rank 0 alone copies them to the CPU and keeps
+    them (the other ranks get no tensors: 54 GB of host memory each at 7B).
     """
     tensors, steps = {}, {}
     for name, p in named_params:
@@ -290,7 +291,9 @@ def optimizer_moments(optimizer, named_params) -> tuple[dict, dict]:
         if not state:
             continue
         for k in ("exp_avg", "exp_avg_sq"):
-            tensors[f"{name}.{k}"] = full_tensor(state[k].detach()).cpu().contiguous()
+            whole = full_tensor(state[k].detach())  # a collective under FSDP
+            if is_main():
+                tensors[f"{name}.{k}"] = whole.cpu().contiguous()
         steps[name] = float(state["step"])
     return tensors, steps
 

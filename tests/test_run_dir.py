@@ -233,3 +233,19 @@ def test_a_truncated_final_state_is_an_error_naming_the_file(tiny_model, data_fi
     state.write_text(state.read_text()[:30])
     with pytest.raises(run_dir.RunError, match=f"{state}: cannot read .*is it truncated"):
         run_sft(cfg)
+
+
+def test_only_rank_0_copies_the_optimizer_moments_to_the_cpu(monkeypatch):
+    """Rank 0 alone writes checkpoints, so the other ranks keep no host copy of the AdamW moments."""
+    from eto_ref import run_dir
+
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    named = list(layer.named_parameters())
+    tensors, steps = run_dir.optimizer_moments(optimizer, named)
+    assert sorted(tensors) == ["bias.exp_avg", "bias.exp_avg_sq", "weight.exp_avg", "weight.exp_avg_sq"]
+    torch.testing.assert_close(tensors["weight.exp_avg"], optimizer.state[layer.weight]["exp_avg"])
+    monkeypatch.setattr(run_dir, "is_main", lambda: False)
+    assert run_dir.optimizer_moments(optimizer, named) == ({}, steps)
