@@ -223,11 +223,15 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     the g = nh/nkv query heads of a group are stacked into one matrix, so every cached
     key and value is read once per step, never copied nh/nkv times. (The same math as
     SDPA with enable_gqa; faster on CPU when T is 1, as in decoding.)
+
+    k is a slice of the cache's buffers (S of its capacity's slots), which the matmul
+    would copy itself, slowly, into a transposed layout; a plain contiguous copy first
+    is faster on CPU (bench/throughput.py, exploration) and gives the same scores bit for bit.
     """
     B, nh, T, hs = q.shape
     nkv = k.shape[1]
     g = nh // nkv
-    scores = q.reshape(B, nkv, g * T, hs) @ k.transpose(-1, -2)  # (B, nkv, g*T, S)
+    scores = q.reshape(B, nkv, g * T, hs) @ k.contiguous().transpose(-1, -2)  # (B, nkv, g*T, S)
     scores = scores.view(B, nkv, g, T, -1) * hs ** -0.5
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))  # (B, nkv, g, T, S)
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
