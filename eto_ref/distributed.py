@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from eto_ref.runtime import resolve_device
+
 T = TypeVar("T")
 # How long a rank waits at a collective before the job fails (torch's default for NCCL: 10 minutes).
 # Ranks wait at barriers for the slowest share of an exploration, and for rank 0 writing a 7B model's
@@ -66,7 +68,7 @@ def init_distributed(device: torch.device) -> torch.device:
     one rank) changes nothing.
     """
     if device.type == "cuda" and launched_distributed():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = resolve_device(str(device))  # cuda:LOCAL_RANK
         torch.cuda.set_device(device)
     if launched_distributed() and not is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)

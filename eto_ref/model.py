@@ -226,7 +226,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
     k is a slice of the cache's buffers (S of its capacity's slots), which the matmul
     would copy itself, slowly, into a transposed layout; a plain contiguous copy first
-    is faster on CPU (bench/throughput.py, exploration) and gives the same scores bit for bit.
+    is faster on CPU and gives the same scores bit for bit.
     """
     B, nh, T, hs = q.shape
     nkv = k.shape[1]

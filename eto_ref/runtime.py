@@ -48,9 +48,7 @@ def available_cores() -> int:
 def set_threads(threads: int | None) -> int:
     """Use `threads` CPU threads for torch's math; returns the number set. None: OMP_NUM_THREADS where set
     (torchrun sets 1 per rank, so N ranks do not each take every core), else available_cores()."""
-    if threads is None:
-        threads = int(os.environ.get("OMP_NUM_THREADS") or available_cores())
-    n = threads
+    n = threads if threads is not None else int(os.environ.get("OMP_NUM_THREADS") or available_cores())
     if n < 1:
         raise ValueError(f"--threads must be >= 1, got {n}")
     torch.set_num_threads(n)
@@ -145,12 +143,12 @@ def stop_on_terminate() -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto": cuda if present, else cpu. Under torchrun (LOCAL_RANK set) "cuda" is this rank's GPU,
+    """"auto": cuda if present, else cpu. Under torchrun (LOCAL_RANK set) any cuda device is this rank's GPU,
     cuda:LOCAL_RANK, whatever loads first: a policy loaded before the process group exists lands there too."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
@@ -167,7 +165,7 @@ def cpu_has_bf16() -> bool:
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype `name` names; "auto": bfloat16 on GPUs and CPUs that compute it natively, else float32."""
     if name == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+        native = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and cpu_has_bf16())
         return torch.bfloat16 if native else torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}")

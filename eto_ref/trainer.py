@@ -50,13 +50,14 @@ def setup_runtime(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     (the float32 LoRA adapters, the float32 loss head) may use TF32 tensor cores.
     """
     device = init_distributed(resolve_device(cfg.device))
-    if compute_dtype(cfg.dtype, device) == torch.float16:
+    dtype = compute_dtype(cfg.dtype, device)
+    if dtype == torch.float16:
         raise ValueError(f"{cfg.out}: dtype float16: training in float16 needs loss scaling, which this trainer "
                          "leaves out; use bfloat16 (or float32)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # = torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
-    return device, compute_dtype(cfg.dtype, device)
+    return device, dtype
 
 
 def load_trainable_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -112,7 +112,7 @@ def test_auto_dtype_is_bfloat16_where_it_is_native(monkeypatch, device, native, 
 @pytest.mark.parametrize("name, local_rank, expected", [
     ("auto", "1", "cuda:1"),  # torchrun's rank 1: its own GPU, also before the process group exists
     ("cuda", "3", "cuda:3"),
-    ("cuda:0", "3", "cuda:0"),  # a GPU named by the user stays
+    ("cuda:0", "3", "cuda:3"),  # under torchrun every rank takes its own GPU, whatever the flag names
     ("auto", None, "cuda"),  # one process
     ("cpu", "1", "cpu"),
 ])
