@@ -5,13 +5,17 @@
     python train.py --stage sft --model path/to/Llama-2-7b-chat-hf --data data/alfworld_sft.json --lora-rank 16
     python train.py --stage eto --model runs/sft/final --env science --iterations 2 --out runs/eto
     python train.py --stage eto --model runs/sft/final --pairs runs/explore-1/pairs.json --out runs/eto-dpo
+    python train.py --stage ppo --model runs/main/sft/final --out runs/ppo \
+        --trajectories runs/main/eto/iter-1/explore/trajectories.jsonl
 
 --stage sft   behavioral cloning on expert trajectories (paper Eq. 5, eto_ref/sft.py).
 --stage eto   the ETO loop (paper Algorithm 1, eto_ref/eto.py) from --model: per iteration, explore
               the training tasks, pair failures with the expert, DPO (paper Eq. 7, eto_ref/dpo.py) with
               the reference reset to the current policy, evaluate. With --pairs: one DPO stage.
+--stage ppo   offline PPO, the paper's PPO row (eto_ref/ppo.py): token-level PPO with a value head
+              on explored episodes and their rewards (by default those of ETO's first exploration).
 --stage all   the main job (eto_ref/pipeline.py): SFT, its evaluation, the ETO iterations, the results
-              table with the paired difference from SFT (--baselines adds RFT and Best-of-N).
+              table with the paired difference from SFT (--baselines adds RFT, PPO and Best-of-N).
 
 Each stage's flags: python train.py --stage STAGE --help. Every flag is a config field
 (eto_ref/config.py, eto_ref/eto.py, eto_ref/agent.py, eto_ref/pipeline.py); an unset flag
@@ -31,22 +35,24 @@ from pathlib import Path
 from envs.write_expert_data import write_expert_data
 from eto_ref.agent import AgentConfig
 from eto_ref.cli import add_config_flags, given_values
-from eto_ref.config import PRESET_NAMES, PRESETS, DPOConfig, SFTConfig, TrainConfig, preset_for, preset_values
+from eto_ref.config import (PRESET_NAMES, PRESETS, DPOConfig, PPOConfig, SFTConfig, TrainConfig, preset_for,
+                             preset_values)
 from eto_ref.distributed import is_main
 from eto_ref.dpo import run_dpo
 from eto_ref.eto import LoopConfig, run_eto
 from eto_ref.models import default_model, resolve_model
 from eto_ref.pipeline import PipelineConfig, run_pipeline, run_seeds
+from eto_ref.ppo import run_ppo
 from eto_ref.results import report_seeds
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
 from eto_ref.sampler import SamplingConfig
 from eto_ref.sft import run_sft
 
-STAGES = ("sft", "eto", "all")
+STAGES = ("sft", "eto", "ppo", "all")
 # Agent fields whose names a training stage already uses: on train.py they take an "agent-" prefix.
 AGENT_CLASHES = ("batch_size", "max_len", "max_steps")
 # TrainConfig fields that --stage all sets itself (per phase) or holds at the job level.
-JOB_LEVEL = ("model", "out", "seed", "resume", "data", "pairs")
+JOB_LEVEL = ("model", "out", "seed", "resume", "data", "pairs", "trajectories")
 
 
 def presets_of(key: str) -> dict:
@@ -87,6 +93,11 @@ def build_parser(stage: str | None) -> argparse.ArgumentParser:
                          skip=("model", "out", "pairs"), presets=presets_of("dpo"))
         add_loop_flags(p)
         add_agent_flags(p)
+    elif stage == "ppo":
+        p.add_argument("--model", default="runs/main/sft/final", help="the policy to start from, also the KL "
+                                                                      "reference (default runs/main/sft/final)")
+        add_config_flags(p.add_argument_group("PPO (eto_ref/config.py PPOConfig)"), PPOConfig, skip=("model",),
+                         presets=presets_of("ppo"))
     elif stage == "all":
         g = p.add_argument_group("the main job (eto_ref/pipeline.py)")
         add_config_flags(g, PipelineConfig, presets=presets_of("pipeline"))
@@ -97,10 +108,10 @@ def build_parser(stage: str | None) -> argparse.ArgumentParser:
                        help="with --seeds: run nothing, only write the report from the phases finished so far")
         add_loop_flags(p)
         add_agent_flags(p)
-        both = p.add_argument_group("both training stages (--sft-X or --dpo-X sets one of them)")
-        add_config_flags(both, TrainConfig, skip=JOB_LEVEL, note=" [SFT and DPO]")
+        both = p.add_argument_group("the training stages (--sft-X, --dpo-X or --ppo-X sets one of them)")
+        add_config_flags(both, TrainConfig, skip=JOB_LEVEL, note=" [SFT, DPO and PPO]")
         add_config_flags(both, DPOConfig, skip=tuple(f.name for f in fields(TrainConfig)), note=" [DPO]")
-        for prefix, cls in (("sft-", SFTConfig), ("dpo-", DPOConfig)):
+        for prefix, cls in (("sft-", SFTConfig), ("dpo-", DPOConfig), ("ppo-", PPOConfig)):
             add_config_flags(p.add_argument_group(f"{prefix[:-1].upper()} only"), cls, prefix=prefix,
                              skip=JOB_LEVEL, presets=presets_of(prefix[:-1]))
     return p
@@ -187,6 +198,22 @@ def run_eto_stage(args):
     return rows
 
 
+def run_ppo_stage(args):
+    model = str(resolve_model(args.model))
+    if not (Path(model) / "config.json").is_file():
+        raise SystemExit(f"--model {model}: not a model directory (no config.json); run --stage sft first")
+    if not args.trajectories:
+        raise SystemExit("--trajectories: give the episodes to learn from, e.g. "
+                         "runs/main/eto/iter-1/explore/trajectories.jsonl (python explore.py writes them)")
+    preset = model_preset(model, args)
+    cfg = stage_config(PPOConfig, args, preset, model=model)
+    announce(cfg, preset)
+    final = run_ppo(cfg)
+    if is_main():
+        print(f"final model: {final}")
+    return final
+
+
 def announce(cfg, preset: str) -> None:
     """The stage's settings, on stderr (under torchrun rank 0 alone prints)."""
     if is_main():
@@ -195,11 +222,12 @@ def announce(cfg, preset: str) -> None:
 
 
 def pipeline_config(args):
-    given = given_values(args, PipelineConfig, skip=("sft", "dpo", "loop"))
+    given = given_values(args, PipelineConfig, skip=("sft", "dpo", "ppo", "loop"))
     model = given.get("model", "auto")
     preset = model_preset(default_model() if model == "auto" else model, args)
     return PipelineConfig(sft=stage_config(SFTConfig, args, preset, prefix="sft-", skip=JOB_LEVEL),
                           dpo=stage_config(DPOConfig, args, preset, prefix="dpo-", skip=JOB_LEVEL),
+                          ppo=stage_config(PPOConfig, args, preset, prefix="ppo-", skip=JOB_LEVEL),
                           loop=loop_config(args, preset),
                           **{**preset_values(preset, "pipeline"), **given})
 
@@ -227,6 +255,8 @@ def main(argv=None):
             return run_all(args)
         if args.stage == "eto":
             return run_eto_stage(args)
+        if args.stage == "ppo":
+            return run_ppo_stage(args)
         return run_sft_stage(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad settings, data, run dirs, NaN: one line
         raise SystemExit(f"error: {e}") from None

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from eto_ref.agent import AgentConfig
 from eto_ref.baselines import rft_records
-from eto_ref.config import DPOConfig, SFTConfig
+from eto_ref.config import DPOConfig, PPOConfig, SFTConfig
 from eto_ref.dpo import run_dpo
 from eto_ref.eto import TEST_SPLITS, VALID, LoopConfig, eval_config
 from eto_ref.exploration import TRAJECTORIES, ExploreConfig, evaluate, explore, explore_and_pair, load_policy
@@ -37,7 +37,7 @@ from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atom
 from eto_ref.pairs import self_play_pairs
 from eto_ref.pipeline import PipelineConfig
 from eto_ref.results import paired_difference, per_task_rewards, phase_folders, task_rewards
-from eto_ref.run_dir import recorded_identity
+from eto_ref.run_dir import RunError, recorded_identity
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
 from eto_ref.sampler import SamplingConfig
 from eto_ref.sft import run_sft
@@ -50,9 +50,12 @@ def run_config(run: Path) -> PipelineConfig:
     agent = d["loop"].pop("agent")
     agent = AgentConfig(sampling=SamplingConfig(**agent.pop("sampling")), **agent)
     loop = LoopConfig(agent=agent, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("loop").items()})
-    sft = SFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("sft").items()})
-    dpo = DPOConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("dpo").items()})
-    return PipelineConfig(sft=sft, dpo=dpo, loop=loop, **d)
+    if "ppo" not in d:
+        raise RunError(f"{run / 'pipeline_config.json'}: no ppo settings: written by an earlier version of eto_ref; "
+                       "rerun the main job into another folder")
+    stages = {key: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop(key).items()})
+              for key, cls in (("sft", SFTConfig), ("dpo", DPOConfig), ("ppo", PPOConfig))}
+    return PipelineConfig(loop=loop, **stages, **d)
 
 
 def valid_rewards(model_dir: Path, out: Path, cfg: PipelineConfig) -> dict[str, float]:

@@ -33,6 +33,7 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json")
 IGNORED_CHECKPOINT_KEYS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
+VALUE_HEAD = "value_head."  # PPO's critic (eto_ref/ppo.py): trained beside the policy, never part of a model dir
 
 
 class CheckpointError(ValueError):
@@ -162,9 +163,14 @@ def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[s
     return tensors
 
 
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors, by our names: its state dict without a PPO value head."""
+    return {n: t for n, t in model.state_dict().items() if not n.startswith(VALUE_HEAD)}
+
+
 def check_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Raise CheckpointError on a missing, unexpected or wrongly shaped tensor (name + both shapes)."""
-    expected = {hf_name(n): p.shape for n, p in model.state_dict().items()}
+    expected = {hf_name(n): p.shape for n, p in model_state(model).items()}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         tensors.pop("lm_head.weight", None)  # some tied checkpoints still store it: it is the embedding
@@ -290,7 +296,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Pat
         config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         state = {}
-        for name, t in model.state_dict().items():
+        for name, t in model_state(model).items():
             if model.config.tie_word_embeddings and name == "lm_head.weight":
                 continue
             t = t.detach().to("cpu", dtype=dtype or t.dtype).contiguous()

@@ -46,7 +46,7 @@ def setting(default, help: str, low=None, high=None, above: bool = False, choice
 
 @dataclass
 class TrainConfig:
-    """Settings shared by both stages (SFT and DPO). Defaults: the paper's 7B values."""
+    """Settings every training stage shares (SFT, DPO, PPO). Defaults: the paper's 7B values."""
 
     model: str = setting("smollm2", "model directory to start from, or a built-in name: smollm2, tiny")
     out: str = setting("runs/sft", "run directory (checkpoints, metrics.jsonl, final/)")
@@ -126,7 +126,37 @@ class DPOConfig(TrainConfig):
     STAGE = "dpo"
 
 
-# Per model size: only what differs from the field defaults. Keys: the stage configs ("sft", "dpo"),
+@dataclass
+class PPOConfig(TrainConfig):
+    """Offline PPO, the paper's PPO row (eto_ref/ppo.py): token-level PPO with a value head on episodes
+    collected beforehand. Defaults: TRL's PPOConfig, which the official train_ppo.py leaves in place."""
+
+    trajectories: str = setting("", "the episodes to learn from, with their rewards: an exploration's "
+                                     "trajectories.jsonl (ETO-format records)")
+    out: str = setting("runs/ppo", "run directory (checkpoints, metrics.jsonl, final/)")
+    lr: float = setting(1.41e-5, "peak learning rate", low=0, above=True)
+    epochs: int = setting(1, "passes over the episodes", low=1)
+    batch_size: int = setting(16, "episodes per rollout batch: their advantages are computed and whitened "
+                                  "together, then ppo_epochs optimizer steps are taken on them", low=1)
+    micro_batch_size: int = setting(4, "episodes per forward/backward", low=1)
+    ppo_epochs: int = setting(4, "optimizer steps on each rollout batch (its old log-probs stay fixed)", low=1)
+    kl_coef: float = setting(0.2, "beta of the per-token KL penalty against the reference (the starting "
+                                  "policy) in the reward", low=0)
+    gamma: float = setting(1.0, "GAE discount over agent tokens", low=0, high=1)
+    lam: float = setting(0.95, "GAE lambda", low=0, high=1)
+    clip_ratio: float = setting(0.2, "PPO clip range of the probability ratio: 1 - eps .. 1 + eps", low=0,
+                                above=True)
+    value_clip: float = setting(0.2, "clip range of the value head's change from its old value", low=0, above=True)
+    vf_coef: float = setting(0.1, "weight of the value loss in the total loss", low=0)
+    schedule: str = setting("constant", "lr schedule after warmup: cosine | constant", choices=("cosine", "constant"))
+    warmup_ratio: float = setting(0.0, "fraction of the steps spent warming the lr up from 0", low=0, high=1)
+    eval_fraction: float = setting(0.0, "held-out fraction of the episodes (PPO trains on all)", low=0, high=1)
+    save_every: int = setting(100, "steps between checkpoints (0 = none); a multiple of ppo_epochs, so a resumed "
+                                   "run starts a rollout batch", low=0)
+    STAGE = "ppo"
+
+
+# Per model size: only what differs from the field defaults. Keys: the stage configs ("sft", "dpo", "ppo"),
 # the ETO loop ("loop", eto_ref/eto.py), the agent ("agent", "sampling", eto_ref/agent.py, eto_ref/sampler.py)
 # and the main job ("pipeline", eto_ref/pipeline.py).
 PRESETS = {
@@ -135,6 +165,7 @@ PRESETS = {
         # sft_weight: with the paper's pure DPO objective the tiny model also loses likelihood on the
         # expert trajectories and its replies degrade (docs/results-tiny.md); the chosen side's NLL keeps them.
         "dpo": dict(lr=5e-5, batch_size=16, micro_batch_size=4, max_len=2048, sft_weight=1.0),
+        "ppo": dict(lr=5e-5, max_len=2048),
         "loop": dict(explore_limit=160, eval_limit=50),
         # trained from scratch on 0-shot sequences, it is thrown off by an in-context example
         "agent": dict(icl=False),
@@ -150,6 +181,9 @@ PRESETS = {
         # searched on valid). Micro-batches of 4 pairs peak at 2.7 GB with training's freed memory returned.
         "dpo": dict(lr=1e-6, epochs=3, batch_size=8, micro_batch_size=4, max_len=2048, gradient_checkpointing=True,
                     save_every=4),
+        # Offline PPO on the 192 episodes of ETO's first exploration, at TRL's learning rate: 6 rollout
+        # batches of 32, 2 optimizer steps on each (12 steps, about half an hour on 2 cores).
+        "ppo": dict(batch_size=32, ppo_epochs=2, max_len=2048, gradient_checkpointing=True, save_every=2),
         # Explore the 96 SFT tasks and 96 more: the SFT policy ties the expert on nearly every task it was
         # trained on, so the unseen half gives the failures to pair. Later iterations: the official schedule.
         "loop": dict(explore_limit=192, eval_limit=100, beta_schedule=(0.1, 0.5), lr_schedule=(1e-6, 5e-7)),
@@ -162,6 +196,7 @@ PRESETS = {
         # under torchrun: sharded (a replica of a 7B model with its AdamW states needs ~113 GB per GPU)
         "sft": dict(gradient_checkpointing=True, fsdp=True),
         "dpo": dict(gradient_checkpointing=True, fsdp=True),
+        "ppo": dict(gradient_checkpointing=True),
         # run_eto.sh: 3 iterations; beta 0.1 and lr 1e-6, then beta 0.5 and lr 5e-7
         "loop": dict(iterations=3, beta_schedule=(0.1, 0.5), lr_schedule=(1e-6, 5e-7)),
     },

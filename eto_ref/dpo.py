@@ -137,6 +137,7 @@ class DPOStage:
     """The pairs, their reference log-probs and the loss (paper Eq. 7), as the training loop calls them."""
 
     name = "dpo"
+    repeats = 1  # one optimizer step per global batch
 
     def __init__(self, cfg: DPOConfig, examples: list, ref: torch.Tensor, pad_id: int, device: torch.device,
                  data_stats: dict):
@@ -146,6 +147,9 @@ class DPOStage:
         self.train_indices, self.eval_indices = split_train_eval(len(examples), cfg.eval_fraction, cfg.seed)
         self.data_stats = {**data_stats, "train_pairs": len(self.train_indices), "eval_pairs": len(self.eval_indices),
                            "ref_chosen_logp": ref[:, 0].mean().item(), "ref_rejected_logp": ref[:, 1].mean().item()}
+
+    def begin_batch(self, model, batch: list[int]) -> None:
+        """Nothing to prepare: a step's loss reads its batch alone."""
 
     def loss(self, model, micro: list[int], batch: list[int]) -> tuple[torch.Tensor, dict]:
         """The micro-batch's share of the batch loss (its mean over pairs, weighted by b / B), plus the

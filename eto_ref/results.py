@@ -42,7 +42,7 @@ def phase_folders(out: str | Path) -> dict[str, Path]:
     Each holds `eval-<split>/` (Best-of-N: `<split>/`) with trajectories.jsonl and summary.json.
     """
     out = Path(out)
-    folders = {"SFT": out / "sft", "RFT": out / "rft"}
+    folders = {"SFT": out / "sft", "RFT": out / "rft", "PPO": out / "ppo"}
     iterations = sorted(out.glob("eto/iter-*"), key=lambda p: int(p.name.split("-")[1]))
     folders.update({f"ETO-iter-{p.name.split('-')[1]}": p for p in iterations})
     return {name: folder for name, folder in folders.items() if folder.is_dir()}
@@ -205,8 +205,9 @@ def finished_rows(out: str | Path, splits) -> dict[str, dict]:
         return found
 
     rows = {"SFT": averages(out / "sft", "eval-{split}")}
-    if (rft := averages(out / "rft", "eval-{split}")):
-        rows["RFT"] = rft
+    for name, folder in (("RFT", "rft"), ("PPO", "ppo")):
+        if (found := averages(out / folder, "eval-{split}")):
+            rows[name] = found
     bon_summaries = sorted((out / "best-of-n").glob("*/summary.json"))
     if bon_summaries:
         n = json.loads(bon_summaries[0].read_text())["n"]

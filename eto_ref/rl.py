@@ -39,7 +39,8 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)  # (B, T)
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 values, also in a bf16 forward
+            return self.linear(hidden.float()).squeeze(-1)  # (B, T)
 
 
 def agent_steps(values: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

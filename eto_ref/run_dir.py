@@ -43,6 +43,7 @@ from eto_ref.runtime import dtype_name
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+VALUE_HEAD_FILE = "value_head.safetensors"  # a PPO run's checkpoints: its critic (eto_ref/ppo.py)
 LOCK_FILE = ".lock"
 RUN_FILE = "run.json"
 RUN_FORMAT = 2  # run.json's layout and identities; a folder of another format is refused
@@ -382,6 +383,9 @@ def write_checkpoint(model, optimizer, moments, cfg: TrainConfig, state: dict, f
             copy_tokenizer_files(cfg.model, tmp)
         else:
             save_model(model, tmp, tokenizer_dir=cfg.model)
+        if getattr(model, "value_head", None) is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
+                      str(tmp / VALUE_HEAD_FILE), metadata={"format": "pt"})
         state = {**state, "optimizer": save_optimizer_state(optimizer, moments, tmp / OPTIMIZER_FILE)}
         write_json_atomic(state, tmp / STATE_FILE)
         replace_dir(tmp, final)
@@ -393,7 +397,9 @@ def write_checkpoint(model, optimizer, moments, cfg: TrainConfig, state: dict, f
 
 
 def restore_weights(model, ckpt: Path, lora: bool) -> None:
-    """Load a checkpoint's trained weights into the freshly built policy."""
+    """Load a checkpoint's trained weights into the freshly built policy (and a PPO run's value head)."""
+    if getattr(model, "value_head", None) is not None:
+        restore_value_head(model.value_head, ckpt / VALUE_HEAD_FILE)
     if lora:
         load_adapter(model, ckpt)
         return
@@ -401,6 +407,17 @@ def restore_weights(model, ckpt: Path, lora: bool) -> None:
     check_state_dict(model, tensors, ckpt)
     with torch.no_grad():
         model.load_state_dict({our_name(k): v for k, v in tensors.items()}, strict=False)
+
+
+def restore_value_head(head: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise RunError(f"{path}: missing; a PPO checkpoint holds its value head there")
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as e:
+        raise RunError(f"{path}: not this run's value head ({e})") from None
 
 
 def output_dtype(model_dir: str | Path) -> torch.dtype:

@@ -48,6 +48,7 @@ class SFTStage:
     """The SFT data and its loss (paper Eq. 5), as the training loop (eto_ref/trainer.py `fit`) calls them."""
 
     name = "sft"
+    repeats = 1  # one optimizer step per global batch
 
     def __init__(self, cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device):
         trajectories = load_trajectories(cfg.data, on_error="skip")[:cfg.max_examples]
@@ -60,6 +61,9 @@ class SFTStage:
         self.train_indices, self.eval_indices = split_train_eval(len(self.examples), cfg.eval_fraction, cfg.seed)
         self.data_stats.update(train_examples=len(self.train_indices), eval_examples=len(self.eval_indices),
                                train_tokens=sum(self.counts[i] for i in self.train_indices))
+
+    def begin_batch(self, model, batch: list[int]) -> None:
+        """Nothing to prepare: a step's loss reads its batch alone."""
 
     def loss(self, model, micro: list[int], batch: list[int]) -> tuple[torch.Tensor, dict]:
         """The micro-batch's share of the batch loss: its sum of token NLLs / scored tokens of the whole batch."""

@@ -1,7 +1,8 @@
-"""The training loop both stages share: `fit`, and one optimizer step in `Fit.train_step`.
+"""The training loop every stage shares: `fit`, and one optimizer step in `Fit.train_step`.
 
-A stage (eto_ref/sft.py `SFTStage`, eto_ref/dpo.py `DPOStage`) hands `fit` the indices
-of its training examples and its `loss` on a micro-batch. `fit` does the rest:
+A stage (eto_ref/sft.py `SFTStage`, eto_ref/dpo.py `DPOStage`, eto_ref/ppo.py `PPOStage`)
+hands `fit` the indices of its training examples and its `loss` on a micro-batch (PPO
+also takes `repeats` steps on each batch, prepared by `begin_batch`). `fit` does the rest:
 AdamW, a learning-rate schedule that is a pure function of the step
 (eto_ref/schedule.py), gradient accumulation over micro-batches, gradient clipping,
 a held-out evaluation, atomic checkpoints and exact resume (eto_ref/run_dir.py).
@@ -182,12 +183,17 @@ def rank_micro_batches(batch: list[int], micro_batch_size: int) -> list[tuple[li
 
 
 class Stage(Protocol):
-    """What a training stage gives the loop: eto_ref/sft.py `SFTStage`, eto_ref/dpo.py `DPOStage`."""
+    """What a training stage gives the loop: eto_ref/sft.py `SFTStage`, eto_ref/dpo.py `DPOStage`,
+    eto_ref/ppo.py `PPOStage`."""
 
-    name: str  # "sft" | "dpo": the metrics log's stage field
+    name: str  # "sft" | "dpo" | "ppo": the metrics log's stage field
     train_indices: list[int]  # the examples trained on
     lengths: list[int]  # tokens per example: a batch is sorted by length before it is cut
     data_stats: dict  # logged with the start record
+    repeats: int  # optimizer steps taken on each global batch: 1 (PPO: its ppo_epochs)
+
+    def begin_batch(self, model, batch: list[int]) -> None:
+        """Called before the first of a global batch's steps (PPO: the batch's old log-probs and advantages)."""
 
     def loss(self, model, micro: list[int], batch: list[int]) -> tuple[torch.Tensor, dict]:
         """The micro-batch's share of the global batch's loss, and its shares of the logged metrics."""
@@ -206,9 +212,9 @@ class NoLog:
         pass
 
 
-def steps_of(cfg: TrainConfig, examples: int) -> tuple[int, int]:
-    """(steps per epoch, total steps); ValueError when no step would run."""
-    steps_per_epoch = math.ceil(examples / cfg.batch_size)
+def steps_of(cfg: TrainConfig, examples: int, repeats: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total steps), `repeats` steps per global batch; ValueError when no step would run."""
+    steps_per_epoch = math.ceil(examples / cfg.batch_size) * repeats
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -227,7 +233,7 @@ class Fit:
         self.named = trainable_parameters(model)  # after parallelize: FSDP replaces the parameters by shards
         self.params = [p for _, p in self.named]
         self.optimizer = make_optimizer(cfg, self.named)
-        self.steps_per_epoch, self.total = steps_of(cfg, len(stage.train_indices))
+        self.steps_per_epoch, self.total = steps_of(cfg, len(stage.train_indices), stage.repeats)
         self.amp = autocast(device, dtype)
         self.step = 0 if resume_from is None else load_optimizer_state(self.optimizer, self.named, resume_from)
         self.log = (MetricsLog(Path(cfg.out) / "metrics.jsonl", resume_step=self.step if resume_from else None,
@@ -265,8 +271,10 @@ class Fit:
         """
         cfg, stage, step = self.cfg, self.stage, self.step + 1
         epoch, k = divmod(self.step, self.steps_per_epoch)
-        batch = epoch_batches(stage.train_indices, cfg.seed, epoch, cfg.batch_size)[k]
+        batch = epoch_batches(stage.train_indices, cfg.seed, epoch, cfg.batch_size)[k // stage.repeats]
         batch = sorted(batch, key=lambda i: stage.lengths[i])  # similar lengths share a micro-batch
+        if k % stage.repeats == 0:
+            stage.begin_batch(self.model, batch)
         lr = lr_at(self.step, cfg.lr, self.total, cfg.warmup_ratio, cfg.schedule)
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # LoRA dropout, by step: resume needs no RNG state
         t0 = time.perf_counter()
@@ -339,7 +347,7 @@ def fit(model, cfg: TrainConfig, stage: Stage, resume_from: Path | None, device:
 
 @contextmanager
 def training_run(cfg: TrainConfig):
-    """What both stages do around their training: lock cfg.out, compare its run.json with these settings
+    """What every stage does around its training: lock cfg.out, compare its run.json with these settings
     (refusing a folder made with others), then yield (final/ if this run has finished else None, device,
     dtype, the newest usable checkpoint to resume from or None)."""
     with RunLock(cfg.out):
