@@ -7,6 +7,7 @@
     python train.py --stage eto --model runs/sft/final --pairs runs/explore-1/pairs.json --out runs/eto-dpo
     python train.py --stage ppo --model runs/main/sft/final --out runs/ppo \
         --trajectories runs/main/eto/iter-1/explore/trajectories.jsonl
+    python train.py --stage grpo --model runs/main/sft/final --samples runs/samples --out runs/grpo
 
 --stage sft   behavioral cloning on expert trajectories (paper Eq. 5, eto_ref/sft.py).
 --stage eto   the ETO loop (paper Algorithm 1, eto_ref/eto.py) from --model: per iteration, explore
@@ -14,6 +15,8 @@
               the reference reset to the current policy, evaluate. With --pairs: one DPO stage.
 --stage ppo   offline PPO, the paper's PPO row (eto_ref/ppo.py): token-level PPO with a value head
               on explored episodes and their rewards (by default those of ETO's first exploration).
+--stage grpo  GRPO (eto_ref/grpo.py): the clipped surrogate with group-normalised rewards, no critic, on
+              sampled runs of the same tasks (SAMPLES/sample-*/trajectories.jsonl).
 --stage all   the main job (eto_ref/pipeline.py): SFT, its evaluation, the ETO iterations, the results
               table with the paired difference from SFT (--baselines adds RFT, PPO and Best-of-N).
 
@@ -34,21 +37,22 @@ from pathlib import Path
 
 from envs.write_expert_data import write_expert_data
 from eto_ref.agent import AgentConfig
-from eto_ref.cli import add_config_flags, given_values
-from eto_ref.config import (PRESET_NAMES, PRESETS, DPOConfig, PPOConfig, SFTConfig, TrainConfig, preset_for,
-                             preset_values)
+from eto_ref.cli import add_config_flags, field_of, given_values
+from eto_ref.config import (PRESET_NAMES, PRESETS, DPOConfig, GRPOConfig, PPOConfig, SFTConfig, TrainConfig,
+                             preset_for, preset_values)
 from eto_ref.distributed import is_main
 from eto_ref.dpo import run_dpo
 from eto_ref.eto import LoopConfig, run_eto
 from eto_ref.models import default_model, resolve_model
 from eto_ref.pipeline import PipelineConfig, run_pipeline, run_seeds
+from eto_ref.grpo import run_grpo
 from eto_ref.ppo import run_ppo
 from eto_ref.results import report_seeds
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
 from eto_ref.sampler import SamplingConfig
 from eto_ref.sft import run_sft
 
-STAGES = ("sft", "eto", "ppo", "all")
+STAGES = ("sft", "eto", "ppo", "grpo", "all")
 # Agent fields whose names a training stage already uses: on train.py they take an "agent-" prefix.
 AGENT_CLASHES = ("batch_size", "max_len", "max_steps")
 # TrainConfig fields that --stage all sets itself (per phase) or holds at the job level.
@@ -93,11 +97,12 @@ def build_parser(stage: str | None) -> argparse.ArgumentParser:
                          skip=("model", "out", "pairs"), presets=presets_of("dpo"))
         add_loop_flags(p)
         add_agent_flags(p)
-    elif stage == "ppo":
+    elif stage in ("ppo", "grpo"):
         p.add_argument("--model", default="runs/main/sft/final", help="the policy to start from, also the KL "
                                                                       "reference (default runs/main/sft/final)")
-        add_config_flags(p.add_argument_group("PPO (eto_ref/config.py PPOConfig)"), PPOConfig, skip=("model",),
-                         presets=presets_of("ppo"))
+        cls = RL_STAGES[stage][0]
+        add_config_flags(p.add_argument_group(f"{stage.upper()} (eto_ref/config.py {cls.__name__})"), cls,
+                         skip=("model",), presets=presets_of(stage))
     elif stage == "all":
         g = p.add_argument_group("the main job (eto_ref/pipeline.py)")
         add_config_flags(g, PipelineConfig, presets=presets_of("pipeline"))
@@ -198,17 +203,21 @@ def run_eto_stage(args):
     return rows
 
 
-def run_ppo_stage(args):
+RL_STAGES = {"ppo": (PPOConfig, run_ppo, "trajectories"), "grpo": (GRPOConfig, run_grpo, "samples")}
+
+
+def run_rl_stage(args):
+    """--stage ppo | grpo: one RL stage from --model on episodes collected beforehand."""
+    cls, run, episodes = RL_STAGES[args.stage]
     model = str(resolve_model(args.model))
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"--model {model}: not a model directory (no config.json); run --stage sft first")
-    if not args.trajectories:
-        raise SystemExit("--trajectories: give the episodes to learn from, e.g. "
-                         "runs/main/eto/iter-1/explore/trajectories.jsonl (python explore.py writes them)")
+    if not getattr(args, episodes, None):
+        raise SystemExit(f"--{episodes}: missing; {field_of(cls, episodes).metadata['help']}")
     preset = model_preset(model, args)
-    cfg = stage_config(PPOConfig, args, preset, model=model)
+    cfg = stage_config(cls, args, preset, model=model)
     announce(cfg, preset)
-    final = run_ppo(cfg)
+    final = run(cfg)
     if is_main():
         print(f"final model: {final}")
     return final
@@ -255,8 +264,8 @@ def main(argv=None):
             return run_all(args)
         if args.stage == "eto":
             return run_eto_stage(args)
-        if args.stage == "ppo":
-            return run_ppo_stage(args)
+        if args.stage in RL_STAGES:
+            return run_rl_stage(args)
         return run_sft_stage(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad settings, data, run dirs, NaN: one line
         raise SystemExit(f"error: {e}") from None

@@ -46,7 +46,7 @@ def setting(default, help: str, low=None, high=None, above: bool = False, choice
 
 @dataclass
 class TrainConfig:
-    """Settings every training stage shares (SFT, DPO, PPO). Defaults: the paper's 7B values."""
+    """Settings every training stage shares (SFT, DPO, PPO, GRPO). Defaults: the paper's 7B values."""
 
     model: str = setting("smollm2", "model directory to start from, or a built-in name: smollm2, tiny")
     out: str = setting("runs/sft", "run directory (checkpoints, metrics.jsonl, final/)")
@@ -156,8 +156,29 @@ class PPOConfig(TrainConfig):
     STAGE = "ppo"
 
 
-# Per model size: only what differs from the field defaults. Keys: the stage configs ("sft", "dpo", "ppo"),
-# the ETO loop ("loop", eto_ref/eto.py), the agent ("agent", "sampling", eto_ref/agent.py, eto_ref/sampler.py)
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO (beyond the paper; eto_ref/grpo.py): the clipped surrogate with group-normalised episode rewards
+    as advantages, no critic, a k3 KL term. Defaults: TRL's GRPOConfig (lr 1e-6, one step per batch)."""
+
+    samples: str = setting("", "the groups: a folder of sampled runs over the same tasks, "
+                                "sample-*/trajectories.jsonl (one run per sample)")
+    out: str = setting("runs/grpo", "run directory (checkpoints, metrics.jsonl, final/)")
+    lr: float = setting(1e-6, "peak learning rate", low=0, above=True)
+    epochs: int = setting(1, "passes over the episodes", low=1)
+    batch_size: int = setting(16, "episodes per rollout batch: scored once, then ppo_epochs optimizer steps", low=1)
+    micro_batch_size: int = setting(4, "episodes per forward/backward", low=1)
+    ppo_epochs: int = setting(1, "optimizer steps on each rollout batch (its old log-probs stay fixed)", low=1)
+    kl_coef: float = setting(0.04, "weight of the k3 KL estimate against the reference (the starting policy)", low=0)
+    clip_ratio: float = setting(0.2, "clip range of the probability ratio: 1 - eps .. 1 + eps", low=0, above=True)
+    schedule: str = setting("constant", "lr schedule after warmup: cosine | constant", choices=("cosine", "constant"))
+    warmup_ratio: float = setting(0.0, "fraction of the steps spent warming the lr up from 0", low=0, high=1)
+    eval_fraction: float = setting(0.0, "held-out fraction of the episodes (GRPO trains on all)", low=0, high=1)
+    STAGE = "grpo"
+
+
+# Per model size: only what differs from the field defaults. Keys: the stage configs ("sft", "dpo", "ppo",
+# "grpo"), the ETO loop ("loop", eto_ref/eto.py), the agent ("agent", "sampling", eto_ref/agent.py, eto_ref/sampler.py)
 # and the main job ("pipeline", eto_ref/pipeline.py).
 PRESETS = {
     "tiny": {
@@ -166,6 +187,7 @@ PRESETS = {
         # expert trajectories and its replies degrade (docs/results-tiny.md); the chosen side's NLL keeps them.
         "dpo": dict(lr=5e-5, batch_size=16, micro_batch_size=4, max_len=2048, sft_weight=1.0),
         "ppo": dict(lr=5e-5, max_len=2048),
+        "grpo": dict(lr=5e-5, max_len=2048),
         "loop": dict(explore_limit=160, eval_limit=50),
         # trained from scratch on 0-shot sequences, it is thrown off by an in-context example
         "agent": dict(icl=False),
@@ -184,6 +206,7 @@ PRESETS = {
         # Offline PPO on the 192 episodes of ETO's first exploration, at TRL's learning rate: 6 rollout
         # batches of 32, 2 optimizer steps on each (12 steps, about half an hour on 2 cores).
         "ppo": dict(batch_size=32, ppo_epochs=2, max_len=2048, gradient_checkpointing=True, save_every=2),
+        "grpo": dict(max_len=2048, gradient_checkpointing=True, save_every=4),
         # Explore the 96 SFT tasks and 96 more: the SFT policy ties the expert on nearly every task it was
         # trained on, so the unseen half gives the failures to pair. Later iterations: the official schedule.
         "loop": dict(explore_limit=192, eval_limit=100, beta_schedule=(0.1, 0.5), lr_schedule=(1e-6, 5e-7)),
@@ -197,6 +220,7 @@ PRESETS = {
         "sft": dict(gradient_checkpointing=True, fsdp=True),
         "dpo": dict(gradient_checkpointing=True, fsdp=True),
         "ppo": dict(gradient_checkpointing=True),
+        "grpo": dict(gradient_checkpointing=True, fsdp=True),
         # run_eto.sh: 3 iterations; beta 0.1 and lr 1e-6, then beta 0.5 and lr 5e-7
         "loop": dict(iterations=3, beta_schedule=(0.1, 0.5), lr_schedule=(1e-6, 5e-7)),
     },

@@ -50,8 +50,9 @@ from eto_ref.runtime import autocast
 from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
 from eto_ref.run_dir import restore_weights
-from eto_ref.trainer import chunks, fit, load_trainable_model, split_train_eval, to_device, training_run
-from eto_ref.trajectory import encode_sft, load_trajectories
+from eto_ref.trainer import (chunks, fit, load_trainable_model, scored_logprobs, split_train_eval, to_device,
+                             training_run)
+from eto_ref.trajectory import Trajectory, encode_sft, load_trajectories
 
 
 def logprobs_and_values(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,45 +138,56 @@ class PPOStage:
 # --------------------------------------------------------------------------- the data and the reference
 
 
-def encode_episodes(cfg: PPOConfig, tokenizer: Tokenizer) -> tuple[list, list[float], dict]:
-    """The episodes of cfg.trajectories, rendered: (examples, rewards, stats). Every record needs its reward;
-    an episode with no agent token left after truncation is dropped."""
-    examples, rewards, truncated, dropped = [], [], 0, 0
-    for episode in load_trajectories(cfg.trajectories, on_error="skip")[:cfg.max_examples]:
-        if episode.reward is None:
-            raise ValueError(f"{episode.source}: reward: missing; PPO learns from each episode's reward")
-        ex = encode_sft(episode, tokenizer, cfg.max_len)  # a cut episode keeps its reward at its last kept token
+def load_episodes(path: str | Path, max_examples: int | None = None) -> list[Trajectory]:
+    """The episodes of an exploration's trajectories.jsonl; each must carry its reward."""
+    episodes = load_trajectories(path, on_error="skip")[:max_examples]
+    for e in episodes:
+        if e.reward is None:
+            raise ValueError(f"{e.source}: reward: missing; RL learns from each episode's reward")
+    return episodes
+
+
+def encode_episodes(episodes: list[Trajectory], tokenizer: Tokenizer, max_len: int) -> tuple[list, list[int], dict]:
+    """Render episodes: (examples, the indices of the episodes kept, stats). An episode with no agent token
+    left after truncation is dropped; a cut one keeps its reward, given at its last kept agent token."""
+    examples, kept, truncated = [], [], 0
+    for i, episode in enumerate(episodes):
+        ex = encode_sft(episode, tokenizer, max_len)
         truncated += ex.truncated
-        if scored_targets(ex.loss_mask) == 0:
-            dropped += 1
-            continue
-        examples.append(ex)
-        rewards.append(episode.reward)
-    return examples, rewards, {"episodes": len(examples), "truncated": truncated, "dropped_empty": dropped}
+        if scored_targets(ex.loss_mask):
+            examples.append(ex)
+            kept.append(i)
+    return examples, kept, {"episodes": len(examples), "truncated": truncated,
+                            "dropped_empty": len(episodes) - len(examples)}
 
 
-def reference_logprobs(model, examples: list, cfg: PPOConfig, pad_id: int, device, dtype) -> list[torch.Tensor]:
-    """r_k of every episode [(K_i,)], float32 on CPU: the starting policy in eval mode, no_grad, the training
-    dtype; with LoRA, adapters disabled (the base model)."""
-    adapters = disable_adapter(model) if lora_modules(model) else contextlib.nullcontext()
-    out = []
+def episode_logprobs(model, examples: list, indices: list[int], micro_batch_size: int, pad_id: int, device,
+                     dtype) -> list[torch.Tensor]:
+    """log pi of the agent tokens of episodes `indices` [(K_i,)], float32 on CPU: eval mode (no dropout),
+    no_grad, the training dtype."""
+    was_training = model.training
     model.eval()
-    with torch.no_grad(), adapters, autocast(device, dtype):
-        for micro in chunks(list(range(len(examples))), cfg.micro_batch_size):
-            b = to_device(collate_sft([examples[i] for i in micro], pad_id), device)
-            logps, _ = logprobs_and_values(model, b)  # (N,)
+    out = []
+    with torch.no_grad(), autocast(device, dtype):
+        for micro in chunks(indices, micro_batch_size):
+            logps = scored_logprobs(model, to_device(collate_sft([examples[i] for i in micro], pad_id), device))
             out += [x.cpu() for x in logps.split([scored_targets(examples[i].loss_mask) for i in micro])]
-    model.train()
+    model.train(was_training)
     return out
 
 
-def check_settings(cfg: PPOConfig, ranks_fsdp: bool) -> None:
+def reference_logprobs(model, examples: list, micro_batch_size: int, pad_id: int, device, dtype) -> list[torch.Tensor]:
+    """r_k of every episode [(K_i,)]: the starting policy; with LoRA, adapters disabled (the base model)."""
+    adapters = disable_adapter(model) if lora_modules(model) else contextlib.nullcontext()
+    with adapters:
+        return episode_logprobs(model, examples, list(range(len(examples))), micro_batch_size, pad_id, device, dtype)
+
+
+def check_rollout_checkpoints(cfg) -> None:
+    """A checkpoint must fall between rollout batches, where a resumed run recomputes the old log-probs."""
     if cfg.save_every % cfg.ppo_epochs:
         raise ValueError(f"{cfg.out}: save_every {cfg.save_every} is not a multiple of ppo_epochs {cfg.ppo_epochs}: "
                          "a checkpoint inside a rollout batch could not be resumed exactly")
-    if ranks_fsdp:
-        raise ValueError(f"{cfg.out}: PPO does not run under FSDP (its value head is not sharded); "
-                         "use LoRA replicas (--lora-rank) without --fsdp")
 
 
 def run_ppo(cfg: PPOConfig, callback: Callable | None = None) -> Path:
@@ -186,14 +198,19 @@ def run_ppo(cfg: PPOConfig, callback: Callable | None = None) -> Path:
     with training_run(cfg) as (done, device, dtype, resume_from):
         if done is not None:
             return done
-        check_settings(cfg, cfg.fsdp and world_size() > 1)
+        check_rollout_checkpoints(cfg)
+        if cfg.fsdp and world_size() > 1:
+            raise ValueError(f"{cfg.out}: PPO does not run under FSDP (its value head is not sharded); "
+                             "use LoRA replicas (--lora-rank) without --fsdp")
         tok = Tokenizer.from_dir(cfg.model)
-        examples, rewards, stats = encode_episodes(cfg, tok)
+        episodes = load_episodes(cfg.trajectories, cfg.max_examples)
+        examples, kept, stats = encode_episodes(episodes, tok, cfg.max_len)
         if not examples:
             raise ValueError(f"{cfg.trajectories}: no episode with an agent token")
+        rewards = [episodes[i].reward for i in kept]
         model = load_trainable_model(cfg, device, dtype)  # = the reference until it is trained
+        ref = reference_logprobs(model, examples, cfg.micro_batch_size, tok.pad_id, device, dtype)
         model.value_head = ValueHead(model.config.hidden_size).to(device)  # float32, V = 0 at the start
-        ref = reference_logprobs(model, examples, cfg, tok.pad_id, device, dtype)
         if resume_from is not None:
             restore_weights(model, resume_from, bool(cfg.lora_rank))
         stage = PPOStage(cfg, examples, rewards, ref, tok.pad_id, device, dtype, stats)

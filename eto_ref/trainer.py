@@ -1,8 +1,9 @@
 """The training loop every stage shares: `fit`, and one optimizer step in `Fit.train_step`.
 
-A stage (eto_ref/sft.py `SFTStage`, eto_ref/dpo.py `DPOStage`, eto_ref/ppo.py `PPOStage`)
-hands `fit` the indices of its training examples and its `loss` on a micro-batch (PPO
-also takes `repeats` steps on each batch, prepared by `begin_batch`). `fit` does the rest:
+A stage (eto_ref/sft.py `SFTStage`, eto_ref/dpo.py `DPOStage`, eto_ref/ppo.py `PPOStage`,
+eto_ref/grpo.py `GRPOStage`) hands `fit` the indices of its training examples and its `loss`
+on a micro-batch (PPO and GRPO also take `repeats` steps on each batch, prepared by
+`begin_batch`). `fit` does the rest:
 AdamW, a learning-rate schedule that is a pure function of the step
 (eto_ref/schedule.py), gradient accumulation over micro-batches, gradient clipping,
 a held-out evaluation, atomic checkpoints and exact resume (eto_ref/run_dir.py).
@@ -184,13 +185,13 @@ def rank_micro_batches(batch: list[int], micro_batch_size: int) -> list[tuple[li
 
 class Stage(Protocol):
     """What a training stage gives the loop: eto_ref/sft.py `SFTStage`, eto_ref/dpo.py `DPOStage`,
-    eto_ref/ppo.py `PPOStage`."""
+    eto_ref/ppo.py `PPOStage`, eto_ref/grpo.py `GRPOStage`."""
 
-    name: str  # "sft" | "dpo" | "ppo": the metrics log's stage field
+    name: str  # "sft" | "dpo" | "ppo" | "grpo": the metrics log's stage field
     train_indices: list[int]  # the examples trained on
     lengths: list[int]  # tokens per example: a batch is sorted by length before it is cut
     data_stats: dict  # logged with the start record
-    repeats: int  # optimizer steps taken on each global batch: 1 (PPO: its ppo_epochs)
+    repeats: int  # optimizer steps taken on each global batch: 1 (PPO, GRPO: their ppo_epochs)
 
     def begin_batch(self, model, batch: list[int]) -> None:
         """Called before the first of a global batch's steps (PPO: the batch's old log-probs and advantages)."""

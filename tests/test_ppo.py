@@ -47,10 +47,12 @@ def make_stage(cfg: PPOConfig, ref_shift: float = 0.0):
     """(model with its value head, PPOStage) as run_ppo builds them; the reference shifted by `ref_shift`."""
     device = torch.device("cpu")
     tok = Tokenizer.from_dir(cfg.model)
-    examples, rewards, stats = ppo.encode_episodes(cfg, tok)
+    episodes = ppo.load_episodes(cfg.trajectories)
+    examples, kept, stats = ppo.encode_episodes(episodes, tok, cfg.max_len)
+    rewards = [episodes[i].reward for i in kept]
     model = trainer.load_trainable_model(cfg, device, torch.float32)
+    ref = [r + ref_shift for r in ppo.reference_logprobs(model, examples, 2, tok.pad_id, device, torch.float32)]
     model.value_head = ppo.ValueHead(model.config.hidden_size)
-    ref = [r + ref_shift for r in ppo.reference_logprobs(model, examples, cfg, tok.pad_id, device, torch.float32)]
     return model, ppo.PPOStage(cfg, examples, rewards, ref, tok.pad_id, device, torch.float32, stats)
 
 
@@ -85,8 +87,9 @@ def test_rollout_statistics_by_hand(tiny_model, episodes, tmp_path):
 
 def test_episodes_lose_their_last_observation_and_keep_their_reward(tiny_model, episodes, tmp_path):
     tok = Tokenizer.from_dir(tiny_model)
-    examples, rewards, stats = ppo.encode_episodes(ppo_config(tiny_model, episodes, tmp_path), tok)
-    assert rewards == [1.0, 0.0] * 4 and stats["episodes"] == 8
+    loaded = ppo.load_episodes(episodes)
+    examples, kept, stats = ppo.encode_episodes(loaded, tok, 512)
+    assert [loaded[i].reward for i in kept] == [1.0, 0.0] * 4 and stats["episodes"] == 8
     for ex, record in zip(examples, episode_records()):
         without = parse_trajectory({**record, "conversations": record["conversations"][:-1]})
         assert ex.input_ids == tok.render(without.messages)[0]  # ends with the agent's last turn
@@ -114,7 +117,7 @@ def test_micro_batches_accumulate_to_the_whole_batch(tiny_model, episodes, tmp_p
 def episode_logprobs(model_dir, cfg) -> torch.Tensor:
     """log pi(episode) of every episode: the sum over its agent tokens."""
     tok = Tokenizer.from_dir(model_dir)
-    examples, _, _ = ppo.encode_episodes(cfg, tok)
+    examples, _, _ = ppo.encode_episodes(ppo.load_episodes(cfg.trajectories), tok, cfg.max_len)
     model = load_model(model_dir)
     with torch.no_grad():
         return torch.stack([trainer.scored_logprobs(model, collate_sft([ex], tok.pad_id)).sum() for ex in examples])
@@ -159,3 +162,13 @@ def test_refuses_checkpoints_inside_a_rollout_batch_and_episodes_without_reward(
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(ValueError, match=r"no-reward.jsonl: record 2 .*reward: missing"):
         ppo.run_ppo(dataclasses.replace(ppo_config(tiny_model, path, tmp_path / "b")))
+
+
+def test_the_command_line_stage(tiny_model, episodes, tmp_path):
+    import train
+
+    with pytest.raises(SystemExit, match="--trajectories: missing"):
+        train.main(["--stage", "ppo", "--model", str(tiny_model)])
+    final = train.main(["--stage", "ppo", "--model", str(tiny_model), "--trajectories", str(episodes), "--out",
+                        str(tmp_path / "ppo"), "--max-steps", "1", "--device", "cpu", "--no-progress"])
+    load_model(final)
