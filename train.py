@@ -8,15 +8,18 @@
     python train.py --stage ppo --model runs/main/sft/final --out runs/ppo \
         --trajectories runs/main/eto/iter-1/explore/trajectories.jsonl
     python train.py --stage grpo --model runs/main/sft/final --samples runs/samples --out runs/grpo
+    python train.py --stage grpo --model runs/main/sft/final --explore-limit 192 --temperature 0.7 --out runs/grpo-online
 
 --stage sft   behavioral cloning on expert trajectories (paper Eq. 5, eto_ref/sft.py).
 --stage eto   the ETO loop (paper Algorithm 1, eto_ref/eto.py) from --model: per iteration, explore
               the training tasks, pair failures with the expert, DPO (paper Eq. 7, eto_ref/dpo.py) with
               the reference reset to the current policy, evaluate. With --pairs: one DPO stage.
---stage ppo   offline PPO, the paper's PPO row (eto_ref/ppo.py): token-level PPO with a value head
-              on explored episodes and their rewards (by default those of ETO's first exploration).
---stage grpo  GRPO (eto_ref/grpo.py): the clipped surrogate with group-normalised rewards, no critic, on
-              sampled runs of the same tasks (SAMPLES/sample-*/trajectories.jsonl).
+--stage ppo   PPO (eto_ref/ppo.py): token-level PPO with a value head. With --trajectories: offline,
+              as the paper's row, on explored episodes and their rewards. Without: online
+              (eto_ref/online.py), per iteration explore greedily, train, evaluate.
+--stage grpo  GRPO (eto_ref/grpo.py): the clipped surrogate with group-normalised rewards, no critic.
+              With --samples: on sampled runs of the same tasks (SAMPLES/sample-*/trajectories.jsonl).
+              Without: online, per iteration --group-size sampled runs of each task, train, evaluate.
 --stage all   the main job (eto_ref/pipeline.py): SFT, its evaluation, the ETO iterations, the results
               table with the paired difference from SFT (--baselines adds RFT, PPO and Best-of-N).
 
@@ -37,13 +40,14 @@ from pathlib import Path
 
 from envs.write_expert_data import write_expert_data
 from eto_ref.agent import AgentConfig
-from eto_ref.cli import add_config_flags, field_of, given_values
+from eto_ref.cli import add_config_flags, given_values
 from eto_ref.config import (PRESET_NAMES, PRESETS, DPOConfig, GRPOConfig, PPOConfig, SFTConfig, TrainConfig,
                              preset_for, preset_values)
 from eto_ref.distributed import is_main
 from eto_ref.dpo import run_dpo
 from eto_ref.eto import LoopConfig, run_eto
 from eto_ref.models import default_model, resolve_model
+from eto_ref.online import run_online
 from eto_ref.pipeline import PipelineConfig, run_pipeline, run_seeds
 from eto_ref.grpo import run_grpo
 from eto_ref.ppo import run_ppo
@@ -72,9 +76,13 @@ def add_agent_flags(parser) -> None:
                      presets=presets_of("agent"))
 
 
-def add_loop_flags(parser) -> None:
-    g = parser.add_argument_group("ETO loop (eto_ref/eto.py)")
-    add_config_flags(g, LoopConfig, skip=("model", "out"), presets=presets_of("loop"))
+# LoopConfig fields that only the ETO loop reads (its pairs and DPO schedule): not flags of the online RL loop.
+DPO_LOOP = ("rejected_extra_turns", "beta_schedule", "lr_schedule")
+
+
+def add_loop_flags(parser, title: str = "ETO loop (eto_ref/eto.py)", skip=()) -> None:
+    g = parser.add_argument_group(title)
+    add_config_flags(g, LoopConfig, skip=("model", "out", *skip), presets=presets_of("loop"))
 
 
 def build_parser(stage: str | None) -> argparse.ArgumentParser:
@@ -103,6 +111,8 @@ def build_parser(stage: str | None) -> argparse.ArgumentParser:
         cls = RL_STAGES[stage][0]
         add_config_flags(p.add_argument_group(f"{stage.upper()} (eto_ref/config.py {cls.__name__})"), cls,
                          skip=("model",), presets=presets_of(stage))
+        add_loop_flags(p, "online loop, without --trajectories / --samples (eto_ref/online.py)", skip=DPO_LOOP)
+        add_agent_flags(p)
     elif stage == "all":
         g = p.add_argument_group("the main job (eto_ref/pipeline.py)")
         add_config_flags(g, PipelineConfig, presets=presets_of("pipeline"))
@@ -207,16 +217,24 @@ RL_STAGES = {"ppo": (PPOConfig, run_ppo, "trajectories"), "grpo": (GRPOConfig, r
 
 
 def run_rl_stage(args):
-    """--stage ppo | grpo: one RL stage from --model on episodes collected beforehand."""
+    """--stage ppo | grpo: one RL stage from --model on episodes collected beforehand (--trajectories,
+    --samples), or without them the online loop: collect, train, evaluate, `--iterations` times."""
     cls, run, episodes = RL_STAGES[args.stage]
     model = str(resolve_model(args.model))
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"--model {model}: not a model directory (no config.json); run --stage sft first")
-    if not getattr(args, episodes, None):
-        raise SystemExit(f"--{episodes}: missing; {field_of(cls, episodes).metadata['help']}")
     preset = model_preset(model, args)
     cfg = stage_config(cls, args, preset, model=model)
     announce(cfg, preset)
+    if not getattr(args, episodes, None):
+        rows = run_online(loop_config(args, preset, model=model, out=cfg.out), cfg)
+        for row in rows:
+            print(json.dumps(row))
+        return rows
+    loop_flags = [f"--{k.replace('_', '-')}" for k in given_values(args, LoopConfig, skip=("model", "out"))]
+    if loop_flags:
+        raise SystemExit(f"{', '.join(loop_flags)}: online-loop settings, but --{episodes} trains one stage on "
+                         f"episodes collected beforehand; leave out --{episodes} to run the loop")
     final = run(cfg)
     if is_main():
         print(f"final model: {final}")

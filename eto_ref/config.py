@@ -134,6 +134,8 @@ class PPOConfig(TrainConfig):
     trajectories: str = setting("", "the episodes to learn from, with their rewards: an exploration's "
                                      "trajectories.jsonl (ETO-format records)")
     out: str = setting("runs/ppo", "run directory (checkpoints, metrics.jsonl, final/)")
+    reference: str = setting("", "the KL reference, a model directory (empty: the model trained from; with LoRA "
+                                  "its base)")
     lr: float = setting(1.41e-5, "peak learning rate", low=0, above=True)
     epochs: int = setting(1, "passes over the episodes", low=1)
     batch_size: int = setting(16, "episodes per rollout batch: their advantages are computed and whitened "
@@ -164,6 +166,8 @@ class GRPOConfig(TrainConfig):
     samples: str = setting("", "the groups: a folder of sampled runs over the same tasks, "
                                 "sample-*/trajectories.jsonl (one run per sample)")
     out: str = setting("runs/grpo", "run directory (checkpoints, metrics.jsonl, final/)")
+    reference: str = setting("", "the KL reference, a model directory (empty: the model trained from; with LoRA "
+                                  "its base)")
     lr: float = setting(1e-6, "peak learning rate", low=0, above=True)
     epochs: int = setting(1, "passes over the episodes", low=1)
     batch_size: int = setting(16, "episodes per rollout batch: scored once, then ppo_epochs optimizer steps", low=1)
@@ -174,6 +178,9 @@ class GRPOConfig(TrainConfig):
     schedule: str = setting("constant", "lr schedule after warmup: cosine | constant", choices=("cosine", "constant"))
     warmup_ratio: float = setting(0.0, "fraction of the steps spent warming the lr up from 0", low=0, high=1)
     eval_fraction: float = setting(0.0, "held-out fraction of the episodes (GRPO trains on all)", low=0, high=1)
+    group_size: int = setting(4, "online GRPO (no --samples): sampled runs of each task per iteration, over "
+                                 "explore_limit // group_size tasks", low=2)
+    RUNNING = TrainConfig.RUNNING + ("group_size",)  # how the loop collects groups, not what a stage computes
     STAGE = "grpo"
 
 

@@ -15,7 +15,8 @@ by the policy as it is then (o_k) and trained on for ppo_epochs optimizer steps:
     L = mean_k max(-A rho_k, -A clip(rho_k, 1 - eps, 1 + eps)) + kl_coef * mean_k k3_k
     rho_k = exp(l_k - o_k),   k3_k = exp(r_k - l_k) - (r_k - l_k) - 1
 
-against the reference r, the policy the stage started from. Both means are over all the
+against the reference r: the policy the stage started from, or `reference` (online GRPO
+keeps pi_0, eto_ref/online.py). Both means are over all the
 agent tokens of the batch (a long episode weighs more than a short one).
 """
 
@@ -118,7 +119,7 @@ def run_grpo(cfg: GRPOConfig, callback: Callable | None = None) -> Path:
         if not examples:
             raise ValueError(f"{cfg.samples}: no episode with an agent token")
         model = load_trainable_model(cfg, device, dtype)  # = the reference until it is trained
-        ref = reference_logprobs(model, examples, cfg.micro_batch_size, tok.pad_id, device, dtype)
+        ref = reference_logprobs(model, examples, cfg, tok.pad_id, device, dtype)
         if resume_from is not None:
             restore_weights(model, resume_from, bool(cfg.lora_rank))
         stage = GRPOStage(cfg, examples, [advantages[i] for i in kept], ref, tok.pad_id, device, dtype, stats)

@@ -9,8 +9,8 @@ episode is generated during training. As in TRL's `step`, each rollout batch of
 `batch_size` episodes is
 
   1. scored without gradient (`begin_batch`) by the policy as it is at the batch's start,
-     the "old" policy (o_k, V_old), and by the reference, the policy the stage started
-     from (r_k, computed once);
+     the "old" policy (o_k, V_old), and by the reference (r_k, computed once): the policy
+     the stage started from, or `reference` (online PPO keeps pi_0, eto_ref/online.py);
   2. turned into per-token rewards R_k = -kl_coef (o_k - r_k), plus the episode's reward
      at its last agent token, then GAE advantages A_k and returns G_k over the agent tokens
      (eto_ref/rl.py), the advantages whitened over the batch;
@@ -40,6 +40,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from eto_ref.batches import collate_sft
+from eto_ref.checkpoint import load_model
 from eto_ref.config import PPOConfig
 from eto_ref.distributed import world_size
 from eto_ref.lora import disable_adapter, lora_modules
@@ -176,11 +177,16 @@ def episode_logprobs(model, examples: list, indices: list[int], micro_batch_size
     return out
 
 
-def reference_logprobs(model, examples: list, micro_batch_size: int, pad_id: int, device, dtype) -> list[torch.Tensor]:
-    """r_k of every episode [(K_i,)]: the starting policy; with LoRA, adapters disabled (the base model)."""
+def reference_logprobs(model, examples: list, cfg, pad_id: int, device, dtype) -> list[torch.Tensor]:
+    """r_k of every episode [(K_i,)]: cfg.reference when given (loaded for this, in float32 like the policy),
+    else the starting policy itself; with LoRA, adapters disabled (the base model)."""
+    everything = list(range(len(examples)))
+    if cfg.reference:
+        reference = load_model(cfg.reference, torch.float32, device)
+        return episode_logprobs(reference, examples, everything, cfg.micro_batch_size, pad_id, device, dtype)
     adapters = disable_adapter(model) if lora_modules(model) else contextlib.nullcontext()
     with adapters:
-        return episode_logprobs(model, examples, list(range(len(examples))), micro_batch_size, pad_id, device, dtype)
+        return episode_logprobs(model, examples, everything, cfg.micro_batch_size, pad_id, device, dtype)
 
 
 def check_rollout_checkpoints(cfg) -> None:
@@ -209,7 +215,7 @@ def run_ppo(cfg: PPOConfig, callback: Callable | None = None) -> Path:
             raise ValueError(f"{cfg.trajectories}: no episode with an agent token")
         rewards = [episodes[i].reward for i in kept]
         model = load_trainable_model(cfg, device, dtype)  # = the reference until it is trained
-        ref = reference_logprobs(model, examples, cfg.micro_batch_size, tok.pad_id, device, dtype)
+        ref = reference_logprobs(model, examples, cfg, tok.pad_id, device, dtype)
         model.value_head = ValueHead(model.config.hidden_size).to(device)  # float32, V = 0 at the start
         if resume_from is not None:
             restore_weights(model, resume_from, bool(cfg.lora_rank))

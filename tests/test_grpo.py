@@ -64,7 +64,7 @@ def make_stage(cfg):
     episodes, advantages = grpo.load_groups(cfg.samples)
     examples, kept, stats = encode_episodes(episodes, tok, cfg.max_len)
     model = trainer.load_trainable_model(cfg, device, torch.float32)
-    ref = reference_logprobs(model, examples, 2, tok.pad_id, device, torch.float32)
+    ref = reference_logprobs(model, examples, cfg, tok.pad_id, device, torch.float32)
     stage = grpo.GRPOStage(cfg, examples, [advantages[i] for i in kept], ref, tok.pad_id, device, torch.float32,
                            stats)
     return model, stage
@@ -146,8 +146,8 @@ def test_refuses_a_single_sample_and_a_task_without_a_group(tiny_model, tmp_path
 def test_the_command_line_stage(tiny_model, samples, tmp_path):
     import train
 
-    with pytest.raises(SystemExit, match="--samples: missing"):
-        train.main(["--stage", "grpo", "--model", str(tiny_model)])
+    with pytest.raises(SystemExit, match="GRPO samples its groups: give a sampling temperature"):
+        train.main(["--stage", "grpo", "--model", str(tiny_model)])  # without --samples: the online loop
     final = train.main(["--stage", "grpo", "--model", str(tiny_model), "--samples", str(samples), "--out",
                         str(tmp_path / "grpo"), "--max-steps", "1", "--device", "cpu", "--no-progress"])
     load_model(final)
