@@ -4,6 +4,8 @@
     python -m eto_ref.analyses self-play  --run runs/main --samples 4 --results results/self-play.md
     python -m eto_ref.analyses efficiency --runs runs/science/seed-0 runs/science/seed-1 --results results/efficiency.md
     python -m eto_ref.analyses iterations --runs runs/iter3/seed-0 --results results/iterations.md
+    python -m eto_ref.analyses turn-shift --policies runs/main/sft/final runs/ppo/final \
+        --episodes runs/main/eto/iter-1/explore/trajectories.jsonl
 
 - step-level: the step-level contrast. The SFT policy explores the training tasks with
   the expert's first k steps played for it (`--forced-steps k`), its continuations are
@@ -15,6 +17,9 @@
   with SFT and the run's ETO.
 - efficiency: the mean number of steps of the successful episodes of each method.
 - iterations: average reward after each ETO iteration (0 = SFT).
+- turn-shift: where training moved probability within an episode. On successful explored
+  episodes, the mean change of an agent token's log-prob from the first policy to each
+  other one, turn by turn: the "OK" reply, the first action, the middle ones, the last.
 
 Settings (environment, agent, DPO, valid slice) are the run's own (its pipeline_config.json);
 every phase writes into RUN/analyses/<name>/ and resumes like the main job's.
@@ -25,22 +30,31 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from itertools import accumulate
 from pathlib import Path
 
+import torch
+
 from eto_ref.agent import AgentConfig
-from eto_ref.baselines import rft_records
+from eto_ref.baselines import SUCCESS, rft_records
+from eto_ref.batches import collate_sft
+from eto_ref.checkpoint import load_model
 from eto_ref.config import DPOConfig, PPOConfig, SFTConfig
 from eto_ref.dpo import run_dpo
 from eto_ref.eto import TEST_SPLITS, VALID, LoopConfig, eval_config
 from eto_ref.exploration import TRAJECTORIES, ExploreConfig, evaluate, explore, explore_and_pair, load_policy
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
+from eto_ref.losses import next_token_targets
 from eto_ref.pairs import self_play_pairs
 from eto_ref.pipeline import PipelineConfig
+from eto_ref.ppo import encode_episodes, load_episodes
 from eto_ref.results import paired_difference, per_task_rewards, phase_folders, task_rewards
 from eto_ref.run_dir import RunError, recorded_identity
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
 from eto_ref.sampler import SamplingConfig
 from eto_ref.sft import run_sft
+from eto_ref.tokenizer import Tokenizer
+from eto_ref.trainer import scored_logprobs
 
 
 def run_config(run: Path) -> PipelineConfig:
@@ -220,6 +234,50 @@ def iterations(runs: list[Path], results: str | None) -> str:
     return write_results("\n".join(lines), {"runs": [str(r) for r, _, _ in rows]}, results)
 
 
+# --------------------------------------------------------------------------- where training moved probability
+
+
+def turn_changes(models: list, tokenizer: Tokenizer, example) -> list[list[float]]:
+    """Per model after the first: the mean change of an agent token's log-prob in each agent turn (nats)."""
+    batch = collate_sft([example], tokenizer.pad_id)
+    with torch.no_grad():
+        logps = [scored_logprobs(m, batch) for m in models]  # each (N,)
+    scored = next_token_targets(batch["input_ids"], batch["loss_mask"])[1][0].tolist()  # (T-1,)
+    turn = torch.tensor(list(accumulate(int(s and not p) for s, p in zip(scored, [False] + scored))))[torch.tensor(scored)]
+    return [[(lp - logps[0])[turn == k].mean().item() for k in turn.unique().tolist()] for lp in logps[1:]]
+
+
+def turn_shift(policies: list[Path], episodes: Path, results: str | None, limit: int = 48) -> str:
+    """The turn-shift table: the first `limit` successful episodes of `episodes` with at least two actions."""
+    tokenizer = Tokenizer.from_dir(policies[0])
+    models = [load_model(p) for p in policies]
+    loaded = load_episodes(episodes)
+    examples, kept, _ = encode_episodes(loaded, tokenizer, 4096)
+    successes = [ex for ex, i in zip(examples, kept) if loaded[i].reward >= SUCCESS]
+    columns = {str(p): {"ok": [], "first": [], "middle": [], "last": []} for p in policies[1:]}
+    n = 0
+    for ex in successes:
+        changes = turn_changes(models, tokenizer, ex)
+        if len(changes[0]) < 3:  # "OK", a first and a last action
+            continue
+        for p, per_turn in zip(policies[1:], changes):
+            col = columns[str(p)]
+            col["ok"].append(per_turn[0])
+            col["first"].append(per_turn[1])
+            col["middle"] += per_turn[2:-1]
+            col["last"].append(per_turn[-1])
+        n += 1
+        if n == limit:
+            break
+    means = {p: {k: sum(v) / len(v) if v else None for k, v in col.items()} for p, col in columns.items()}
+    lines = [f"Mean change of an agent token's log-prob from {policies[0]} (nats), on {n} successful episodes "
+             f"of {episodes}", "", "| policy | \"OK\" | first action | middle actions | last action |",
+             "|---|---:|---:|---:|---:|"]
+    for p, m in means.items():
+        lines.append(f"| {p} | " + " | ".join("-" if m[k] is None else f"{m[k]:+.4f}" for k in m) + " |")
+    return write_results("\n".join(lines), {"episodes": n, "base": str(policies[0]), "changes": means}, results)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="analysis", required=True)
@@ -232,6 +290,9 @@ def main(argv=None):
     a.add_argument("--temperature", type=float, default=0.7)
     for name in ("efficiency", "iterations"):
         sub.add_parser(name).add_argument("--runs", nargs="+", required=True)
+    a = sub.add_parser("turn-shift")
+    a.add_argument("--policies", nargs="+", required=True, type=Path, help="the base policy, then the others")
+    a.add_argument("--episodes", required=True, type=Path, help="explored episodes (trajectories.jsonl)")
     for action in sub.choices.values():
         action.add_argument("--results", default=None, help="write the table here (Markdown, + .json)")
         add_threads_flag(action)
@@ -242,6 +303,8 @@ def main(argv=None):
         return step_level(Path(args.run), args.forced_steps, args.results)
     if args.analysis == "self-play":
         return self_play(Path(args.run), args.samples, args.temperature, args.results)
+    if args.analysis == "turn-shift":
+        return turn_shift(args.policies, args.episodes, args.results)
     return (efficiency if args.analysis == "efficiency" else iterations)([Path(r) for r in args.runs], args.results)
 
 

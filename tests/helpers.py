@@ -58,6 +58,17 @@ def pair_records() -> list[dict]:
     return pairs
 
 
+def episode_records() -> list[dict]:
+    """Per task: the expert's actions (reward 1) and a wrong run (reward 0), each ending with the
+    environment's last observation, as explored episodes do."""
+    records = []
+    for i, (task, actions) in enumerate(TRAINING_TASKS[:4]):
+        for kind, acts, reward in (("good", actions, 1.0), ("bad", ["look", "inventory", "look"], 0.0)):
+            turns = conversation(task, acts) + [{"from": "human", "value": "Observation: Nothing happened."}]
+            records.append({"id": f"{kind}{i}", "conversations": turns, "reward": reward})
+    return records
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A random 2-layer Llama + chatml BPE tokenizer as a Hugging Face directory."""

@@ -78,3 +78,29 @@ def test_step_level_and_self_play_on_a_tiny_run(tmp_path):
         assert "RFT + ETO on its own pairs (no expert)" in text
     except ValueError as e:  # a tiny policy may succeed nowhere: nothing for RFT to train on, said so
         assert "no trajectory with a trainable" in str(e) or "0 of" in str(e)
+
+
+def test_turn_shift_is_zero_for_the_same_policy_and_counts_each_agent_turn(tiny_model, tmp_path):
+    import torch
+
+    from eto_ref.analyses import turn_changes, turn_shift
+    from eto_ref.checkpoint import load_model, save_model
+    from eto_ref.ppo import encode_episodes, load_episodes
+    from eto_ref.tokenizer import Tokenizer
+    from tests.helpers import episode_records
+
+    path = tmp_path / "trajectories.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in episode_records()))
+    other = load_model(tiny_model)
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.1 * torch.randn_like(other.lm_head.weight))
+    save_model(other, tmp_path / "other", tokenizer_dir=tiny_model)
+    tok = Tokenizer.from_dir(tiny_model)
+    examples, _, _ = encode_episodes(load_episodes(path), tok, 4096)
+    changes = turn_changes([load_model(tiny_model), load_model(tiny_model), other], tok, examples[0])
+    assert len(changes[0]) == 1 + 4  # "OK" and the expert's 4 actions of the first task
+    assert changes[0] == [0.0] * 5 and all(c != 0.0 for c in changes[1])
+    table = turn_shift([tiny_model, tiny_model, tmp_path / "other"], path, str(tmp_path / "shift.md"))
+    assert "on 4 successful episodes" in table  # the 4 rewarded ones; the wrong runs scored 0
+    data = json.loads((tmp_path / "shift.json").read_text())
+    assert data["changes"][str(tiny_model)] == {"ok": 0.0, "first": 0.0, "middle": 0.0, "last": 0.0}

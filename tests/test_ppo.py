@@ -13,20 +13,9 @@ from eto_ref.checkpoint import load_model
 from eto_ref.config import PPOConfig
 from eto_ref.tokenizer import Tokenizer
 from eto_ref.trajectory import parse_trajectory
-from tests.helpers import TRAINING_TASKS, Interrupt, assert_same_params, conversation, interrupt_at, params_of
+from tests.helpers import Interrupt, assert_same_params, episode_records, interrupt_at, params_of
 
 LAM = 0.9
-
-
-def episode_records() -> list[dict]:
-    """Per task: the expert's actions (reward 1) and a wrong run (reward 0), each ending with the
-    environment's last observation, as explored episodes do."""
-    records = []
-    for i, (task, actions) in enumerate(TRAINING_TASKS[:4]):
-        for kind, acts, reward in (("good", actions, 1.0), ("bad", ["look", "inventory", "look"], 0.0)):
-            turns = conversation(task, acts) + [{"from": "human", "value": "Observation: Nothing happened."}]
-            records.append({"id": f"{kind}{i}", "conversations": turns, "reward": reward})
-    return records
 
 
 @pytest.fixture()
