@@ -47,10 +47,10 @@ from eto_ref.lora import disable_adapter, lora_modules
 from eto_ref.losses import next_token_targets, scored_positions
 from eto_ref.model import head_logprobs
 from eto_ref.rl import ValueHead, clipped_surrogate, clipped_value_loss, gae, kl_penalized_rewards, whiten
+from eto_ref.run_dir import restore_weights
 from eto_ref.runtime import autocast
 from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.run_dir import restore_weights
 from eto_ref.trainer import (chunks, fit, load_trainable_model, scored_logprobs, split_train_eval, to_device,
                              training_run)
 from eto_ref.trajectory import Trajectory, encode_sft, load_trajectories
