@@ -27,14 +27,13 @@ from typing import Callable
 
 import torch
 
-from eto_ref.batches import collate_sft
 from eto_ref.config import GRPOConfig
-from eto_ref.ppo import check_rollout_checkpoints, encode_episodes, episode_logprobs, load_episodes, reference_logprobs
+from eto_ref.ppo import (RolloutStage, check_rollout_checkpoints, encode_episodes, episode_logprobs, load_episodes,
+                         reference_logprobs)
 from eto_ref.rl import clipped_surrogate, group_advantages, k3_kl
 from eto_ref.run_dir import restore_weights
-from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
-from eto_ref.trainer import fit, load_trainable_model, scored_logprobs, split_train_eval, to_device, training_run
+from eto_ref.trainer import fit, load_trainable_model, scored_logprobs, training_run
 from eto_ref.trajectory import Trajectory
 
 
@@ -60,19 +59,15 @@ def load_groups(samples: str | Path) -> tuple[list[Trajectory], list[float]]:
     return episodes, advantages
 
 
-class GRPOStage:
+class GRPOStage(RolloutStage):
     """The sampled episodes, their group advantages and reference log-probs, and GRPO's loss."""
 
     name = "grpo"
 
     def __init__(self, cfg: GRPOConfig, examples: list, advantages: list[float], ref: list[torch.Tensor],
                  pad_id: int, device: torch.device, dtype: torch.dtype, data_stats: dict):
-        self.cfg, self.examples, self.pad_id, self.device, self.dtype = cfg, examples, pad_id, device, dtype
-        self.advantages, self.ref = torch.tensor(advantages), ref  # (E,), [(K_i,)] the reference's log-probs
-        self.repeats = cfg.ppo_epochs  # optimizer steps on each rollout batch
-        self.counts = [scored_targets(ex.loss_mask) for ex in examples]  # agent tokens K_i
-        self.lengths = [len(ex.input_ids) for ex in examples]
-        self.train_indices, _ = split_train_eval(len(examples), cfg.eval_fraction, cfg.seed)
+        super().__init__(cfg, examples, ref, pad_id, device, dtype)
+        self.advantages = torch.tensor(advantages)  # (E,)
         self.old: dict[int, torch.Tensor] = {}  # episode -> o (K_i,)
         self.data_stats = {**data_stats, "train_episodes": len(self.train_indices),
                            "zero_advantage_episodes": int((self.advantages == 0).sum())}
@@ -85,23 +80,19 @@ class GRPOStage:
 
     def loss(self, model, micro: list[int], batch: list[int]) -> tuple[torch.Tensor, dict]:
         """The micro-batch's share (its agent tokens / the batch's) of the batch's GRPO loss."""
-        b = to_device(collate_sft([self.examples[i] for i in micro], self.pad_id), self.device)
-        logps = scored_logprobs(model, b)  # (N,)
+        logps = scored_logprobs(model, self.micro_batch(micro))  # (N,)
         old_logps = torch.cat([self.old[i] for i in micro]).to(self.device)  # (N,)
         ref = torch.cat([self.ref[i] for i in micro]).to(self.device)  # (N,)
         advantages = torch.cat([self.advantages[i].expand(self.counts[i]) for i in micro]).to(self.device)  # (N,)
         every = torch.ones_like(logps, dtype=torch.bool)  # (N,): all of them are agent tokens
         policy_loss = clipped_surrogate(logps, old_logps, advantages, every, self.cfg.clip_ratio)
         kl = k3_kl(logps, ref, every)
-        share = len(logps) / sum(self.counts[i] for i in batch)
+        share = self.share(micro, batch)
         loss = (policy_loss + self.cfg.kl_coef * kl) * share
         ratio = torch.exp(logps.detach() - old_logps)
         return loss, {"loss": loss.detach(), "policy_loss": policy_loss.detach() * share, "kl": kl.detach() * share,
                       "clip_fraction": ((ratio - 1).abs() > self.cfg.clip_ratio).float().mean() * share,
                       "tokens": float(len(logps))}
-
-    def evaluate(self, model) -> dict:
-        return {}  # no held-out loss: the policy is judged by its evaluation episodes
 
 
 def run_grpo(cfg: GRPOConfig, callback: Callable | None = None) -> Path:

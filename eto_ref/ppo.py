@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from eto_ref.batches import collate_sft
 from eto_ref.checkpoint import load_model
@@ -46,7 +45,7 @@ from eto_ref.distributed import world_size
 from eto_ref.lora import disable_adapter, lora_modules
 from eto_ref.losses import next_token_targets, scored_positions
 from eto_ref.model import head_logprobs
-from eto_ref.rl import ValueHead, clipped_surrogate, clipped_value_loss, gae, kl_penalized_rewards, whiten
+from eto_ref.rl import ValueHead, agent_steps, clipped_surrogate, clipped_value_loss, gae, kl_penalized_rewards, whiten
 from eto_ref.run_dir import restore_weights
 from eto_ref.runtime import autocast
 from eto_ref.sft import scored_targets
@@ -65,30 +64,42 @@ def logprobs_and_values(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     return head_logprobs(hidden, model.lm_head, targets[scored]), model.value_head(hidden)  # (N,), (N,)
 
 
-def padded(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Per-episode token values [(K_i,)] -> (B, K), left-aligned, 0 on padding."""
-    return pad_sequence(rows, batch_first=True)
+class RolloutStage:
+    """What PPO and GRPO share as training stages: episodes (rendered examples) with their reference
+    log-probs r_k [(K_i,)], `ppo_epochs` optimizer steps per rollout batch, and no held-out loss."""
+
+    def __init__(self, cfg, examples: list, ref: list[torch.Tensor], pad_id: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.cfg, self.examples, self.ref, self.pad_id = cfg, examples, ref, pad_id
+        self.device, self.dtype = device, dtype
+        self.repeats = cfg.ppo_epochs  # optimizer steps on each rollout batch
+        self.counts = [scored_targets(ex.loss_mask) for ex in examples]  # agent tokens K_i
+        self.lengths = [len(ex.input_ids) for ex in examples]
+        self.train_indices, _ = split_train_eval(len(examples), cfg.eval_fraction, cfg.seed)
+
+    def micro_batch(self, micro: list[int]) -> dict:
+        return to_device(collate_sft([self.examples[i] for i in micro], self.pad_id), self.device)
+
+    def share(self, micro: list[int], batch: list[int]) -> float:
+        """The micro-batch's agent tokens / the batch's: its weight in the batch's token mean."""
+        return sum(self.counts[i] for i in micro) / sum(self.counts[i] for i in batch)
+
+    def evaluate(self, model) -> dict:
+        return {}  # no held-out loss: the policy is judged by its evaluation episodes
 
 
-class PPOStage:
+class PPOStage(RolloutStage):
     """The episodes, their rewards and reference log-probs, and PPO's loss, as the training loop calls them."""
 
     name = "ppo"
 
     def __init__(self, cfg: PPOConfig, examples: list, rewards: list[float], ref: list[torch.Tensor], pad_id: int,
                  device: torch.device, dtype: torch.dtype, data_stats: dict):
-        self.cfg, self.examples, self.pad_id, self.device, self.dtype = cfg, examples, pad_id, device, dtype
-        self.rewards, self.ref = torch.tensor(rewards), ref  # (E,), [(K_i,)] the reference's log-probs
-        self.repeats = cfg.ppo_epochs  # optimizer steps on each rollout batch
-        self.counts = [scored_targets(ex.loss_mask) for ex in examples]  # agent tokens K_i
-        self.lengths = [len(ex.input_ids) for ex in examples]
-        self.train_indices, _ = split_train_eval(len(examples), cfg.eval_fraction, cfg.seed)
+        super().__init__(cfg, examples, ref, pad_id, device, dtype)
+        self.rewards = torch.tensor(rewards)  # (E,)
         self.old: dict[int, tuple[torch.Tensor, ...]] = {}  # episode -> (o, V_old, A, G), each (K_i,)
         self.data_stats = {**data_stats, "train_episodes": len(self.train_indices),
                            "mean_reward": self.rewards.mean().item()}
-
-    def micro_batch(self, micro: list[int]) -> dict:
-        return to_device(collate_sft([self.examples[i] for i in micro], self.pad_id), self.device)
 
     def begin_batch(self, model, batch: list[int]) -> None:
         """Steps 1-2: the old policy's log-probs and values of the batch, its rewards, advantages and returns."""
@@ -102,10 +113,10 @@ class PPOStage:
                 old_logps += [x.cpu() for x in logps.split(sizes)]
                 old_values += [x.cpu() for x in values.split(sizes)]
         model.train(was_training)
-        mask = padded([torch.ones(self.counts[i], dtype=torch.bool) for i in batch])  # (B, K)
-        rewards = kl_penalized_rewards(padded(old_logps), padded([self.ref[i] for i in batch]),
+        old_logps_bk, mask = agent_steps(old_logps)  # (B, K) each
+        rewards = kl_penalized_rewards(old_logps_bk, agent_steps([self.ref[i] for i in batch])[0],
                                        self.rewards[batch], mask, self.cfg.kl_coef)  # (B, K)
-        advantages, returns = gae(rewards, padded(old_values), mask, self.cfg.gamma, self.cfg.lam)  # (B, K) each
+        advantages, returns = gae(rewards, agent_steps(old_values)[0], mask, self.cfg.gamma, self.cfg.lam)  # (B, K)
         advantages = whiten(advantages, mask)
         self.old = {i: (old_logps[j], old_values[j], advantages[j, :self.counts[i]], returns[j, :self.counts[i]])
                     for j, i in enumerate(batch)}
@@ -119,7 +130,7 @@ class PPOStage:
         every = torch.ones_like(logps, dtype=torch.bool)  # (N,): all of them are agent tokens
         policy_loss = clipped_surrogate(logps, old_logps, advantages, every, self.cfg.clip_ratio)
         value_loss = clipped_value_loss(values, old_values, returns, every, self.cfg.value_clip)
-        share = len(logps) / sum(self.counts[i] for i in batch)
+        share = self.share(micro, batch)
         loss = (policy_loss + self.cfg.vf_coef * value_loss) * share
         ratio = torch.exp(logps.detach() - old_logps)
         clipped = (ratio - 1).abs() > self.cfg.clip_ratio
@@ -131,9 +142,6 @@ class PPOStage:
                       "value": values.detach().mean() * share,
                       "reward": self.rewards[micro].sum() / len(batch),
                       "tokens": float(len(logps))}
-
-    def evaluate(self, model) -> dict:
-        return {}  # no held-out loss: the policy is judged by its evaluation episodes
 
 
 # --------------------------------------------------------------------------- the data and the reference

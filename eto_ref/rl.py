@@ -5,7 +5,7 @@ targets of its loss mask (eto_ref/losses.py `next_token_targets`). Instruction a
 observation tokens are never scored, so an observation between two agent turns is not
 a step here: GAE runs straight from a turn's last token to the next turn's first.
 A batch of B trajectories is (B, K) with K the longest one's agent tokens and `mask`
-(B, K) True on the real ones, left-aligned (`agent_steps` builds it from per-position
+(B, K) True on the real ones, left-aligned (`agent_steps` builds both from per-trajectory
 values). Notation, as in the official code's `train_ppo.py` (a fork of TRL's PPOTrainer):
 
     l_k  the policy's log-prob of agent token k        o_k  its log-prob when the rollout was made ("old")
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.rnn import pad_sequence
 
 
 class ValueHead(nn.Module):
@@ -43,16 +44,14 @@ class ValueHead(nn.Module):
             return self.linear(hidden.float()).squeeze(-1)  # (B, T)
 
 
-def agent_steps(values: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position values (B, T) at the scored positions (B, T) bool -> (B, K) left-aligned, and its mask (B, K).
+def agent_steps(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-trajectory values of its agent tokens [(K_i,)] -> (B, K) left-aligned, 0 on padding, and the mask (B, K).
 
-    K is the largest number of scored positions in a row; padding is 0 and masked out.
+    K is the longest row's count. A row holds only agent tokens (the training forward's
+    scored positions, split per trajectory), so an observation is no step.
     """
-    counts = scored.sum(-1)  # (B,)
-    K = int(counts.max()) if len(counts) else 0
-    mask = torch.arange(K, device=values.device)[None] < counts[:, None]  # (B, K)
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)  # (B, K)
-    return out.masked_scatter(mask, values[scored]), mask  # row-major order is kept
+    mask = pad_sequence([torch.ones(len(r), dtype=torch.bool) for r in rows], batch_first=True)  # (B, K)
+    return pad_sequence(rows, batch_first=True), mask
 
 
 def kl_penalized_rewards(old_logps: torch.Tensor, ref_logps: torch.Tensor, episode_rewards: torch.Tensor,

@@ -15,14 +15,14 @@ LOSS_MASK = [False, False, True, True, False, False, True, False]
 
 
 def test_agent_steps_skip_the_observation_between_two_turns():
-    """The scored positions (t predicts token t+1) of two turns become steps 1..3, the observation none."""
-    _, scored = next_token_targets(torch.zeros(1, 8, dtype=torch.long), torch.tensor([LOSS_MASK]))  # (1, 7)
-    values = torch.arange(7.0)[None]  # (1, 7): the value at each position
-    steps, mask = agent_steps(values, scored)
-    assert steps.tolist() == [[1.0, 2.0, 5.0]] and mask.tolist() == [[True, True, True]]
-    short = torch.tensor([[True, False, False, False, False, False, False]])
-    both, mask = agent_steps(torch.cat([values, values + 10]), torch.cat([scored, short]))
-    assert both.tolist() == [[1.0, 2.0, 5.0], [10.0, 0.0, 0.0]]
+    """The scored positions (t predicts token t+1) of two turns become steps 1..3, the observation none;
+    split per trajectory as the training forward's values are, a shorter row is padded with masked zeros."""
+    _, scored = next_token_targets(torch.zeros(2, 8, dtype=torch.long),
+                                   torch.tensor([LOSS_MASK, [False, False, True] + [False] * 5]))  # (2, 7)
+    values = torch.arange(14.0).view(2, 7)  # (2, 7): the value at each position
+    rows = values[scored].split(scored.sum(-1).tolist())  # row-major, as logprobs_and_values gives them
+    steps, mask = agent_steps(list(rows))
+    assert steps.tolist() == [[1.0, 2.0, 5.0], [8.0, 0.0, 0.0]]
     assert mask.tolist() == [[True, True, True], [True, False, False]]
 
 
