@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from envs.base import OBSERVATION_PREFIX, observation_turn
 from eto_ref.config import setting
-from eto_ref.sampler import SamplingConfig, Session
+from eto_ref.sampler import Completion, SamplingConfig, Session
 
 log = logging.getLogger(__name__)
 ACTION_PATTERN = re.compile(r"Action:\s*(.*)", re.DOTALL)
@@ -86,6 +86,7 @@ class Episode:
     steps: int = 0
     done: bool = False
     reason: str = ""  # "done" | "max_steps" | "env_error: ..." | "cache_full" | "no_output" (an empty reply)
+    sampled: list[Completion] = field(default_factory=list)  # per agent turn, with run_episodes(record_logprobs=True)
 
     def record(self) -> dict:
         """The official ETO trajectory record (0-shot)."""
@@ -241,8 +242,9 @@ class EpisodeRows:
     """The tasks waiting, the episode running in each row of the session, and the episodes ended."""
 
     def __init__(self, model, tokenizer, make_env, task_ids: list[str], config: AgentConfig, on_episode_end=None,
-                 forced: dict[str, list[str]] | None = None):
+                 forced: dict[str, list[str]] | None = None, record_logprobs: bool = False):
         self.model, self.tokenizer, self.make_env, self.config = model, tokenizer, make_env, config
+        self.record_logprobs = record_logprobs
         self.queue = deque(task_ids)
         self.on_episode_end = on_episode_end
         self.forced = forced or {}  # task id -> replies played for the agent before it acts
@@ -268,7 +270,8 @@ class EpisodeRows:
             if self.session is None:
                 prefix = self.tokenizer.render(messages[:-1])[0]  # everything before the task: the same in all
                 max_len = min(self.config.max_len, self.model.config.max_position_embeddings)  # positions it knows
-                self.session = Session(self.model, self.size, max_len, prefix=prefix)
+                self.session = Session(self.model, self.size, max_len, prefix=prefix,
+                                       record_logprobs=self.record_logprobs)
             if not self.play_forced(env, episode, messages):
                 self.end(episode, env)
                 continue
@@ -290,7 +293,8 @@ class EpisodeRows:
 
 
 def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentConfig | None = None,
-                 on_episode_end=None, forced: dict[str, list[str]] | None = None) -> list[Episode]:
+                 on_episode_end=None, forced: dict[str, list[str]] | None = None,
+                 record_logprobs: bool = False) -> list[Episode]:
     """Run one episode per task, `config.batch_size` at a time; returns them in task order.
 
     The loop: every row of the session holds a running episode. Each `session.step`
@@ -302,10 +306,15 @@ def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentC
     `make_env()` returns a fresh environment (one per episode, since an environment
     holds one episode's state). `on_episode_end(episode)` is called as soon as an
     episode ends (exploration writes it to disk there). `forced[task]`: replies played
-    first, as if the agent had written them (the step-level contrast).
+    first, as if the agent had written them (the step-level contrast). `record_logprobs`: each
+    episode keeps, per agent turn, the sampled tokens and log pi of each (`Episode.sampled`; not in
+    its record). Training scores the canonical rendering of the 0-shot record: the same tokens and
+    log-probs where the agent prompted 0-shot and its reply's tokens were the canonical ones
+    (tests/test_rl.py); with the in-context example the sampling context is longer than training's,
+    so PPO and GRPO score their "old" policy with the training forward (eto_ref/ppo.py).
     """
     config = config or AgentConfig()
-    rows = EpisodeRows(model, tokenizer, make_env, list(task_ids), config, on_episode_end, forced)
+    rows = EpisodeRows(model, tokenizer, make_env, list(task_ids), config, on_episode_end, forced, record_logprobs)
     for row in range(rows.size):
         if not rows.start(row):
             break
@@ -316,6 +325,8 @@ def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentC
         idle = []
         for row, completion in session.step(config.sampling, tokenizer.stop_ids, STOP_STRINGS, tokenizer.decode):
             run = rows.running[row]
+            if record_logprobs and completion.reason != "cache_full":  # a cache_full reply is not a turn
+                run.episode.sampled.append(completion)
             if not agent_turn(session, tokenizer, row, run, completion.text.strip(), completion.reason):
                 continue  # the episode goes on: its observation is queued
             del rows.running[row]

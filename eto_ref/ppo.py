@@ -11,6 +11,10 @@ episode is generated during training. As in TRL's `step`, each rollout batch of
   1. scored without gradient (`begin_batch`) by the policy as it is at the batch's start,
      the "old" policy (o_k, V_old), and by the reference (r_k, computed once): the policy
      the stage started from, or `reference` (online PPO keeps pi_0, eto_ref/online.py);
+     o_k comes from this training forward, not from the sampler: exploration prompts
+     carry the in-context example, the trained 0-shot record does not. On 0-shot
+     episodes the two agree token for token (`run_episodes(record_logprobs=True)`,
+     tests/test_ppo.py);
   2. turned into per-token rewards R_k = -kl_coef (o_k - r_k), plus the episode's reward
      at its last agent token, then GAE advantages A_k and returns G_k over the agent tokens
      (eto_ref/rl.py), the advantages whitened over the batch;

@@ -25,6 +25,7 @@ Three layers, bottom-up:
    others go on (continuous batching: a finished episode's row takes the next task),
    and with a `prefix` (the instruction every prompt begins with) that row gets the
    prefix's keys/values copied in instead of computing them again.
+   `Session(record_logprobs=True)` also returns log pi of each kept token (`Completion.logprobs`).
 3. `generate(model, prompts, ...)`: a one-shot helper (new session, append, generate).
 
 What a row's conversation holds (`session.history(row)`): every appended token
@@ -127,6 +128,7 @@ class Completion:
     tokens: list[int]  # the generated tokens kept in the conversation (and the cache)
     text: str  # the decoded reply: cut before a stop string, without the eos token ("" without `decode`)
     reason: str  # why it stopped: "eos" | "stop_string" | "max_new_tokens" | "cache_full"
+    logprobs: list[float] | None = None  # log pi of each of `tokens` (float32), with Session(record_logprobs=True)
 
 
 class Session:
@@ -147,7 +149,8 @@ class Session:
     """
 
     def __init__(self, model: Transformer, batch_size: int, max_len: int, prefix: Sequence[int] = (),
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 record_logprobs: bool = False):
         weight = next(model.parameters())
         self.model = model
         self.device = torch.device(device) if device is not None else weight.device
@@ -159,6 +162,9 @@ class Session:
         self._replies: dict[int, list[int]] = {}  # replying row -> tokens generated so far in its reply
         self._fed: dict[int, int] = {}  # replying row -> how many of them are in the cache
         self._logits: dict[int, torch.Tensor] = {}  # replying row -> its next-token logits (V,)
+        # replying row -> log pi of each token of its reply so far: the model's own distribution (temperature 1,
+        # no top-k/p), as the training forward scores it; None: not recorded (it costs a log-softmax per step)
+        self._logps: dict[int, list[float]] | None = {} if record_logprobs else None
         self.prefix = [int(t) for t in prefix]
         self._prefix_kv: SharedPrefixKV | None = None  # computed on first use
 
@@ -227,7 +233,7 @@ class Session:
         self.cache.keep_rows(torch.tensor(keep, dtype=torch.long))
         self.rows = [self.rows[i] for i in keep]
         for row in gone:
-            for state in (self._pending, self._replies, self._fed, self._logits):
+            for state in (self._pending, self._replies, self._fed, self._logits, self._logps or {}):
                 state.pop(row, None)
 
     def rewind(self, row: int, n: int) -> None:
@@ -317,6 +323,8 @@ class Session:
         if starting:
             for row, row_logits in zip(starting, self._prefill(starting)):
                 self._replies[row], self._fed[row], self._logits[row] = [], 0, row_logits
+                if self._logps is not None:
+                    self._logps[row] = []
         if not self._replies and not ended:
             raise ValueError("step: no row is replying or has tokens queued: append a turn first")
         return ended + self._sample_step(sampling, stop_ids, stop_strings, decode)
@@ -343,8 +351,12 @@ class Session:
         rows = sorted(self._replies)
         if not rows:
             return []
-        picked = sample_rows(torch.stack([self._logits[r] for r in rows]), sampling,
-                             [self._generators[r] for r in rows])
+        logits = torch.stack([self._logits[r] for r in rows])  # (b, V)
+        picked = sample_rows(logits, sampling, [self._generators[r] for r in rows])  # (b,)
+        if self._logps is not None:
+            logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, picked[:, None]).squeeze(-1)  # (b,)
+            for row, logp in zip(rows, logps.tolist()):
+                self._logps[row].append(logp)
         ended = []
         for row, token in zip(rows, picked.tolist()):
             reply = self._replies[row]
@@ -353,6 +365,8 @@ class Session:
             if completion is None and not self._fits(row, 1):  # the sampled token could not be fed
                 completion = Completion(reply, self._text(reply, decode), "cache_full")
             if completion is not None:
+                if self._logps is not None:
+                    completion.logprobs = self._logps.pop(row)[:len(completion.tokens)]
                 self._keep(row, completion, self._fed.pop(row))
                 del self._replies[row], self._logits[row]
                 ended.append((row, completion))

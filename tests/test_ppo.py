@@ -159,3 +159,80 @@ def test_the_command_line_stage(tiny_model, episodes, tmp_path):
     final = train.main(["--stage", "ppo", "--model", str(tiny_model), "--trajectories", str(episodes), "--out",
                         str(tmp_path / "ppo"), "--max-steps", "1", "--device", "cpu", "--no-progress"])
     load_model(final)
+
+
+def agent_turns(example) -> list[list[int]]:
+    """The agent tokens of a rendered trajectory, one list per assistant turn (the loss mask's runs)."""
+    turns, previous = [], False
+    for token, scored in zip(example.input_ids, example.loss_mask):
+        if scored and not previous:
+            turns.append([])
+        if scored:
+            turns[-1].append(token)
+        previous = scored
+    return turns
+
+
+@pytest.fixture(scope="module")
+def household_agent(tmp_path_factory):
+    """(model, tokenizer): a tiny model fitted for a few seconds to household expert trajectories, so that its
+    replies read as text the tokenizer renders the same way (an untrained model's token soup does not)."""
+    from envs import make_env
+    from eto_ref.model import ModelConfig, Transformer
+    from eto_ref.trainer import scored_logprobs
+    from eto_ref.trajectory import encode_sft
+    from tests.helpers import household_tokenizer
+
+    tok = household_tokenizer(tmp_path_factory.mktemp("tok"))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    env = make_env("household")
+    batch = collate_sft([encode_sft(parse_trajectory(env.expert_trajectory(t)), tok, 4096)
+                         for t in env.task_ids("train")[:4]], tok.pad_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(25):
+        loss = -scored_logprobs(model, batch).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_training_forward_scores_the_sampled_tokens_with_the_log_probs_they_were_sampled_with(
+        household_agent, temperature):
+    """An agent prompting 0-shot records each reply's tokens and log pi while sampling; the training
+    forward on the episode's record scores the same tokens, turn by turn, with the same log-probs
+    (float32), and nothing between two turns (the observations) is scored. Where the tokenizer renders
+    a reply with other tokens than the sampled ones (the agent then re-renders it, `agent_turn`), the two
+    agree up to the first differing token."""
+    from envs import make_env
+    from eto_ref.agent import AgentConfig, common_prefix_length, run_episodes
+    from eto_ref.sampler import SamplingConfig
+    from eto_ref.trainer import scored_logprobs
+    from eto_ref.trajectory import encode_sft
+
+    model, tok = household_agent
+    config = AgentConfig(sampling=SamplingConfig(max_new_tokens=32, temperature=temperature), seed=0, batch_size=2,
+                         max_len=4096, max_steps=3, icl=False)
+    tasks = make_env("household").task_ids("train")[:3]
+    episodes = run_episodes(model, tok, lambda: make_env("household"), tasks, config, record_logprobs=True)
+    whole_turns = compared = 0
+    for episode in episodes:
+        example = encode_sft(parse_trajectory(episode.record()), tok, 4096)
+        with torch.no_grad():
+            logps = scored_logprobs(model, collate_sft([example], tok.pad_id))  # (N,): every agent token
+        turns = agent_turns(example)
+        assert sum(map(len, turns)) == len(logps)  # only the assistant turns are scored
+        assert len(turns) == 1 + len(episode.sampled)  # "OK", then one run per reply: observations are not
+        start = len(turns[0])
+        for tokens, sampled in zip(turns[1:], episode.sampled):
+            assert len(sampled.logprobs) == len(sampled.tokens)
+            same = common_prefix_length(tokens, sampled.tokens)  # a reply cut at max_new_tokens lacks the
+            torch.testing.assert_close(logps[start:start + same],  # end-of-turn token training adds
+                                       torch.tensor(sampled.logprobs[:same]), atol=1e-5, rtol=1e-5)
+            whole_turns += same == len(sampled.tokens)
+            compared += same
+            start += len(tokens)
+    assert whole_turns >= 6 and compared >= 100  # most turns were compared whole
