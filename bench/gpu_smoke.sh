@@ -95,6 +95,25 @@ if device.type == "cuda":
     torch.cuda.synchronize()
 seconds, tokens = time.perf_counter() - t, sum(len(o.tokens) for o in outs)
 print(f"ok decode: {tokens} tokens over 16 rows in {seconds:.2f} s ({tokens / seconds:.0f} tokens/s)")
+if device.type == "cuda":  # a decode step's forward must not wait for the GPU (the sampler's token read is the one sync)
+    from eto_ref.kv_cache import KVCache
+    cache = KVCache(model.config, 16, 256, device=device, dtype=torch.bfloat16)
+    host = lambda T: torch.ones(16, T, dtype=torch.bool)  # the sampler's masks: built on the host
+    with torch.no_grad():
+        model.next_token_logits(torch.zeros(16, 32, dtype=torch.long, device=device), host(32), cache,
+                                torch.full((16,), 31, device=device))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                model.next_token_logits(torch.zeros(16, 1, dtype=torch.long, device=device), host(1), cache,
+                                        torch.zeros(16, dtype=torch.long, device=device))
+            print("ok a decode step's forward runs without a device-to-host synchronisation")
+        except RuntimeError as e:
+            print(f"FAIL a decode step synchronised with the GPU: {str(e).splitlines()[0]}")
+            sys.exit(1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 EOF
 
 if [ "$GPUS" -ge 2 ]; then

@@ -72,26 +72,31 @@ class KVCache:
         """Claim slots for a forward of new tokens (b, T) (True = real, right-padded).
 
         Returns the new tokens' positions (b, T) and the attention mask (b, T, S) over
-        the S slots in use; remembers where `update` writes; counts the new tokens in.
+        the S slots in use, on the cache's device; remembers where `update` writes;
+        counts the new tokens in. The bookkeeping runs on the host: pass `new_valid` on
+        the CPU (the sampler builds it there), and a decode step reads nothing back from
+        the GPU (one host-to-device copy of the write indices, no synchronisation).
         """
+        new_valid = new_valid.cpu()  # a no-op for a host tensor
         b, T = new_valid.shape
         rows = torch.arange(self.batch_size) if self._rows is None else self._rows  # cache row of each input row
         if len(rows) != b:
             raise ValueError(f"KVCache: {b} input rows for {len(rows)} selected cache rows")
-        counts = new_valid.sum(-1).cpu()  # (b,)
+        counts = new_valid.sum(-1)  # (b,)
         columns = torch.arange(T)
-        if not torch.equal(new_valid.cpu(), columns[None, :] < counts[:, None]):
+        if not torch.equal(new_valid, columns[None, :] < counts[:, None]):
             raise ValueError("KVCache: new tokens must be right-padded (each row's real tokens first)")
         lengths = torch.tensor(self.lengths, dtype=torch.long)
         before = lengths[rows]  # (b,)
         self.ensure_capacity(int((before + counts).max()))
-        r, c = new_valid.cpu().nonzero(as_tuple=True)
-        self._write = (rows[r].to(self.device), r.to(self.device), c.to(self.device), (before[r] + c).to(self.device))
+        r, c = new_valid.nonzero(as_tuple=True)  # (n,) each: input row and column of every real new token
+        device = self.k[0].device
+        self._write = tuple(torch.stack([rows[r], r, c, before[r] + c]).to(device))  # cache rows, rows, cols, slots
         lengths[rows] = before + counts
         self.lengths = lengths.tolist()
         self._span = max(int((before + counts).max()), 1)  # S: slots the selected rows attend over
-        positions = (before[:, None] + columns[None, :]).to(new_valid.device)  # (b, T)
-        mask = torch.arange(self._span, device=new_valid.device)[None, None, :] <= positions[:, :, None]  # (b, T, S)
+        positions = (before[:, None] + columns[None, :]).to(device)  # (b, T)
+        mask = torch.arange(self._span, device=device)[None, None, :] <= positions[:, :, None]  # (b, T, S)
         return positions, mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

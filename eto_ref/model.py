@@ -349,7 +349,8 @@ class Transformer(nn.Module):
     def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kv_cache,
                           last: torch.Tensor) -> torch.Tensor:
         """Generation: feed ids (B, T) after the tokens already in `kv_cache` (eto_ref/kv_cache.py, right
-        padding, mask (B, T) bool); returns the logits (B, V) after each row's token `last` (B,) long."""
+        padding, mask (B, T) bool, best on the host: see KVCache.begin); returns the logits (B, V) after each
+        row's token `last` (B,) long."""
         position_ids, mask = kv_cache.begin(attention_mask.bool())  # (B, T), (B, T, S)
         x = self.decoder(input_ids, position_ids, mask, kv_cache)  # (B, T, D)
         return self.lm_head(x[torch.arange(len(x), device=x.device), last])  # (B, V)

@@ -277,20 +277,21 @@ class Session:
             self._pending[row] = []
         every_row = len(rows) == len(self.rows)
         self.cache.select(None if every_row and rows == self.rows else [self.rows.index(r) for r in rows])
-        logits = self.model.next_token_logits(ids.to(self.device), real.to(self.device), self.cache,
+        logits = self.model.next_token_logits(ids.to(self.device), real, self.cache,  # real: on the host
                                               last.to(self.device))  # (b, V)
         self.cache.select(None)
         return logits
 
     def _decode(self, replying: list[int]) -> None:
         """Feed the token each replying row sampled last, one per cache row, in one forward."""
-        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)  # (B,)
-        feed = torch.zeros(len(self.rows), dtype=torch.bool, device=self.device)  # (B,) False: row not replying
+        tokens = torch.zeros(len(self.rows), dtype=torch.long)  # (B,) built on the host, copied once
+        feed = torch.zeros(len(self.rows), dtype=torch.bool)  # (B,) False: row not replying; stays on the host
         for row in replying:
             tokens[self.rows.index(row)], feed[self.rows.index(row)] = self._replies[row][-1], True
             self._fed[row] += 1
         last = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)  # (B,)
-        step_logits = self.model.next_token_logits(tokens[:, None], feed[:, None], self.cache, last)  # (B, V)
+        step_logits = self.model.next_token_logits(tokens[:, None].to(self.device), feed[:, None], self.cache,
+                                                   last)  # (B, V)
         for row in replying:
             self._logits[row] = step_logits[self.rows.index(row)]
 

@@ -127,6 +127,26 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 9:], atol=1e-5, rtol=1e-5)
 
 
+def test_a_generation_forward_reads_nothing_back_from_the_device():
+    """With the model and the cache on the "meta" device (shapes, no data: copying a tensor to the host
+    raises), a prefill and decode steps still run when the masks are on the host as the sampler passes
+    them: the cache's bookkeeping never waits for the accelerator."""
+    model = Transformer(ModelConfig(**BASE, num_key_value_heads=2)).to("meta").eval()
+    cache = KVCache(model.config, batch_size=2, max_len=32, device="meta")
+    with torch.no_grad():
+        real = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])  # (2, 7) right-padded, on the host
+        logits = model.next_token_logits(torch.zeros(2, 7, dtype=torch.long, device="meta"), real, cache,
+                                         torch.tensor([6, 3], device="meta"))
+        for _ in range(3):
+            logits = model.next_token_logits(torch.zeros(2, 1, dtype=torch.long, device="meta"),
+                                             torch.ones(2, 1, dtype=torch.bool), cache,
+                                             torch.zeros(2, dtype=torch.long, device="meta"))
+    assert logits.device.type == "meta" and logits.shape == (2, BASE["vocab_size"])
+    assert cache.lengths == [10, 7]
+    with pytest.raises(NotImplementedError, match="meta"):  # what a read-back would do here
+        logits.cpu()
+
+
 def test_kv_cache_overflow_is_a_clear_error():
     model = Transformer(ModelConfig(**BASE)).eval()
     cache = KVCache(model.config, batch_size=1, max_len=8)
