@@ -158,8 +158,9 @@ def check_finite(loss: float, grad_norm: float, step: int | None) -> None:
 def check_finite_update(params, step: int, distributed: bool) -> None:
     """Stop when an update made a weight NaN or inf (e.g. an overflowing learning rate). Under torchrun
     each rank checks its own shard and the ranks add up their counts, so all of them stop together."""
-    bad = sum(not bool(torch.isfinite(local_tensor(p.detach()) if distributed else p.detach()).all())
-              for p in params)
+    flags = torch.stack([~torch.isfinite(local_tensor(p.detach()) if distributed else p.detach()).all()
+                         for p in params])  # (P,) on the device: one read-back below, not one per parameter
+    bad = int(flags.sum())
     if distributed:
         bad = all_reduce_sum({"bad": bad}, params[0].device)["bad"]
     if bad:

@@ -16,6 +16,7 @@ from eto_ref.sft import run_sft
 from eto_ref.trainer import NonFiniteLossError
 from tests.helpers import (
     assert_same_params,
+    params_of,
     dpo_config,
     sft_config,
 )
@@ -122,3 +123,14 @@ def test_an_update_that_makes_weights_non_finite_stops_before_anything_is_saved(
     with pytest.raises(NonFiniteLossError, match="^step 1: the update made weights NaN or inf"):
         run_sft(cfg)
     assert not (tmp_path / "final").exists() and not run_dir.checkpoint_dirs(tmp_path)
+
+
+def test_compiled_training_takes_the_uncompiled_steps(tiny_model, data_files, tmp_path):
+    """--compile (each decoder layer through torch.compile; inductor on the CPU) runs SFT steps on rows of
+    several lengths and ends with the weights of the same run uncompiled."""
+    kw = dict(epochs=1, max_len=512, batch_size=2, micro_batch_size=1)
+    plain = run_sft(sft_config(tiny_model, data_files, tmp_path / "plain", **kw))
+    compiled = run_sft(sft_config(tiny_model, data_files, tmp_path / "compiled", compile=True, **kw))
+    losses = [[m["loss"] for m in read_metrics(d.parent / "metrics.jsonl") if "loss" in m] for d in (plain, compiled)]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=1e-4)
+    assert_same_params(params_of(plain), params_of(compiled), atol=1e-4)
