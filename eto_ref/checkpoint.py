@@ -146,8 +146,14 @@ def _open_safetensors(path: Path):
                               "is it truncated (an interrupted copy or download)?") from None
 
 
-def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, keyed by checkpoint (HF) name."""
+def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, keyed by checkpoint (HF) name, on `device`.
+
+    One tensor at a time is read from the file (memory-mapped: ranks reading the same
+    file share the page cache), moved to the device, then cast there: host memory
+    holds one tensor, not the model in float32 (27 GB per rank at 7B).
+    """
     by_file: dict[Path, list[str]] = {}
     for name, path in weight_files(model_dir).items():
         by_file.setdefault(path, []).append(name)
@@ -156,7 +162,7 @@ def read_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[s
         with _open_safetensors(path) as f:
             for name in names:
                 try:
-                    t = f.get_tensor(name)
+                    t = f.get_tensor(name).to(device)
                 except Exception as e:
                     raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
                 tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
@@ -269,10 +275,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device
     check_tokenizer_fits(model_dir, config)
     with torch.device("meta"):
         model = Transformer(config)
-    tensors = read_state_dict(model_dir, dtype)
+    tensors = read_state_dict(model_dir, dtype, device)
     check_state_dict(model, tensors, model_dir)
     check_finite_tensors(tensors, model_dir)
-    state = {our_name(k): v.to(device) for k, v in tensors.items()}
+    state = {our_name(k): v for k, v in tensors.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -79,6 +79,16 @@ def barrier() -> None:
     """Wait until every rank gets here (no-op in a single process)."""
     if is_initialized():
         dist.barrier()
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """What rank 0 computes, on every rank: the others wait and receive it (a single process just computes it).
+    For checks that read a whole checkpoint, which one rank reading is enough."""
+    if not is_initialized():
+        return compute()
+    box = [compute() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shard(items: list[T], rank_: int | None = None, world: int | None = None) -> list[T]:

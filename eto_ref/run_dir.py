@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from eto_ref.checkpoint import (TOKENIZER_FILES, CheckpointError, check_state_dict, model_fingerprint, our_name,
                                 read_state_dict, replace_dir, save_model)
 from eto_ref.config import TrainConfig
-from eto_ref.distributed import barrier, full_tensor, is_fsdp, is_main, shard_like
+from eto_ref.distributed import barrier, from_main, full_tensor, is_fsdp, is_main, shard_like
 from eto_ref.jsonl import write_json_atomic
 from eto_ref.lora import inject_lora, load_adapter, remove_lora, save_adapter
 from eto_ref.model import Transformer
@@ -253,14 +253,18 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
     """The run's newest usable checkpoint (the folder's run.json has vouched for its settings).
 
     A newer checkpoint that does not read back whole, or holds NaN/inf, is skipped
-    with a warning naming the file (resume falls back to the one before it).
+    with a warning naming the file (resume falls back to the one before it). Under
+    torchrun rank 0 alone reads the checkpoints (a 7B one holds 80 GB with its optimizer
+    file) and tells the other ranks which one to resume from.
     """
-    for ckpt in reversed(checkpoint_dirs(cfg.out)):
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            return ckpt
-        log.warning("%s: not resumable (%s); falling back to the checkpoint before it", ckpt, problem)
-    return None
+    def newest_resumable() -> Path | None:
+        for ckpt in reversed(checkpoint_dirs(cfg.out)):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            log.warning("%s: not resumable (%s); falling back to the checkpoint before it", ckpt, problem)
+        return None
+    return from_main(newest_resumable)
 
 
 def finished_run(cfg: TrainConfig) -> Path | None:
@@ -403,7 +407,7 @@ def restore_weights(model, ckpt: Path, lora: bool) -> None:
     if lora:
         load_adapter(model, ckpt)
         return
-    tensors = read_state_dict(ckpt)
+    tensors = read_state_dict(ckpt, device=next(model.parameters()).device)
     check_state_dict(model, tensors, ckpt)
     with torch.no_grad():
         model.load_state_dict({our_name(k): v for k, v in tensors.items()}, strict=False)

@@ -73,6 +73,44 @@ def test_the_process_group_waits_longer_than_a_big_checkpoint_takes(monkeypatch)
     assert distributed.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
 
 
+def resume_check_job(out: str, log_dir: str) -> None:
+    """One rank looks for the checkpoint to resume from, noting each checkpoint it reads and its answer."""
+    from types import SimpleNamespace
+
+    from eto_ref import run_dir
+    from eto_ref.distributed import init_distributed, rank
+
+    init_distributed(torch.device("cpu"))
+    read = run_dir.checkpoint_problem
+
+    def noted(ckpt):
+        with open(Path(log_dir) / f"read-{rank()}", "a") as f:
+            f.write(ckpt.name + "\n")
+        return read(ckpt)
+    run_dir.checkpoint_problem = noted
+    found = run_dir.find_resume_checkpoint(SimpleNamespace(out=out))
+    (Path(log_dir) / f"found-{rank()}").write_text(found.name)
+
+
+def test_rank_0_alone_reads_the_checkpoints_to_resume_from(tmp_path):
+    """Rank 0 reads the checkpoints (here the newer one holds a NaN and is passed over) and tells rank 1
+    which one to resume from; rank 1 reads none (a 7B checkpoint and its optimizer file: 80 GB)."""
+    from safetensors.torch import save_file
+
+    from eto_ref.run_dir import OPTIMIZER_FILE, STATE_FILE
+
+    for step, value in ((2, 1.0), (4, float("nan"))):
+        ckpt = tmp_path / "run" / "checkpoints" / f"step-{step:06d}"
+        ckpt.mkdir(parents=True)
+        save_file({"w": torch.full((2,), value)}, str(ckpt / "model.safetensors"))
+        save_file({"w.exp_avg": torch.zeros(2)}, str(ckpt / OPTIMIZER_FILE))
+        (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "optimizer": {}}))
+    run_ranks(resume_check_job, str(tmp_path / "run"), str(tmp_path))
+    assert (tmp_path / "read-0").read_text().split() == ["step-000004", "step-000002"]
+    assert not (tmp_path / "read-1").exists()
+    assert [(tmp_path / f"found-{r}").read_text() for r in (0, 1)] == ["step-000002", "step-000002"]
+
+
 def test_shard_is_a_partition():
     items = list(range(7))
     parts = [shard(items, r, 3) for r in range(3)]
