@@ -143,6 +143,27 @@ def table(shape: Shape, gpus: int, tokens: int, lora_rank: int) -> str:
     return "\n".join(rows)
 
 
+def kv_cache_bytes(shape: Shape, rows: int, slots: int) -> int:
+    """The exploration KV cache (eto_ref/kv_cache.py): keys and values of every layer, bf16, rows x slots."""
+    return 2 * shape.layers * rows * shape.kv_heads * (shape.d // shape.heads) * slots * 2
+
+
+def exploration_table(shape: Shape, rows: int, max_len: int) -> str:
+    """Per-GPU memory (GiB) of exploration: bf16 weights and the KV cache as its capacity doubles to max_len."""
+    weights = 2 * shape.parameters() / GB
+    lines = [f"Exploration, one policy copy per GPU in bf16 ({weights:.1f} GiB), {rows} episodes at once. The cache "
+             "holds one capacity for every row: the longest conversation sets it (it doubles by need, up to "
+             f"max_len = min(--max-len, the model's positions) = {max_len}).", "",
+             "| cache capacity (tokens per row) | KV cache | + weights | + one layer's copy while rows are dropped |",
+             "|---:|---:|---:|---:|"]
+    slots = 256
+    while slots <= max_len:
+        cache = kv_cache_bytes(shape, rows, slots) / GB
+        lines.append(f"| {slots} | {cache:.1f} | {weights + cache:.1f} | {weights + cache * (1 + 1 / shape.layers):.1f} |")
+        slots *= 2
+    return "\n".join(lines)
+
+
 def measure_on_cuda(tokens: int = 2048) -> str:
     """Peak allocated memory of one full fine-tuning step (fp32 weights, bf16 autocast, AdamW) vs the formula."""
     from eto_ref.model import ModelConfig, Transformer
@@ -181,8 +202,12 @@ def main(argv=None) -> None:
     p.add_argument("--gpus", type=int, default=8, help="FSDP ranks sharing weights, grads, states (default 8)")
     p.add_argument("--tokens", type=int, default=4 * 4096, help="tokens per micro-batch per GPU (default 4x4096)")
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--rows", type=int, default=16, help="episodes explored at once per GPU (default 16, "
+                   "explore.py --batch-size)")
     args = p.parse_args(argv)
     print(table(LLAMA2_7B, args.gpus, args.tokens, args.lora_rank))
+    print()
+    print(exploration_table(LLAMA2_7B, args.rows, 4096))
     print()
     if torch.cuda.is_available():
         print(measure_on_cuda())

@@ -6,6 +6,8 @@ reverse: what we save loads in transformers with identical logits.
 """
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +364,20 @@ def test_left_padded_rows_keep_the_boolean_mask():
     mask = training_mask(left, 2, fused=True)
     assert not isinstance(mask, CausalBias) and mask.shape == (2, 3, 5)
     assert isinstance(training_mask(left.flip(-1), 2, fused=True), CausalBias)
+
+
+def test_the_memory_bench_counts_the_cache_the_sampler_allocates():
+    """bench/memory.py's KV-cache formula equals the bytes KVCache allocates (bf16, grouped-query heads)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_bench", Path(__file__).parent.parent / "bench" / "memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    config = ModelConfig(**{**BASE, "num_key_value_heads": 2})
+    cache = KVCache(config, batch_size=3, max_len=64, capacity=64, dtype=torch.bfloat16)
+    allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    shape = bench.Shape(vocab=config.vocab_size, d=config.hidden_size, f=config.intermediate_size,
+                        layers=config.num_hidden_layers, heads=config.num_attention_heads,
+                        kv_heads=config.num_key_value_heads)
+    assert bench.kv_cache_bytes(shape, rows=3, slots=64) == allocated
