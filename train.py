@@ -8,7 +8,7 @@
     python train.py --stage ppo --model runs/main/sft/final --out runs/ppo \
         --trajectories runs/main/eto/iter-1/explore/trajectories.jsonl
     python train.py --stage grpo --model runs/main/sft/final --samples runs/samples --out runs/grpo
-    python train.py --stage grpo --model runs/main/sft/final --explore-limit 192 --temperature 0.7 --out runs/grpo-online
+    python train.py --stage grpo --model runs/main/sft/final --explore-limit 192 --out runs/grpo-online
 
 --stage sft   behavioral cloning on expert trajectories (paper Eq. 5, eto_ref/sft.py).
 --stage eto   the ETO loop (paper Algorithm 1, eto_ref/eto.py) from --model: per iteration, explore

@@ -180,7 +180,9 @@ class GRPOConfig(TrainConfig):
     eval_fraction: float = setting(0.0, "held-out fraction of the episodes (GRPO trains on all)", low=0, high=1)
     group_size: int = setting(4, "online GRPO (no --samples): sampled runs of each task per iteration, over "
                                  "explore_limit // group_size tasks", low=2)
-    RUNNING = TrainConfig.RUNNING + ("group_size",)  # how the loop collects groups, not what a stage computes
+    group_temperature: float = setting(0.7, "online GRPO: the temperature its groups are sampled at (evaluation "
+                                            "keeps the agent's --temperature, greedy by default)", low=0, above=True)
+    RUNNING = TrainConfig.RUNNING + ("group_size", "group_temperature")  # how the loop collects groups
     STAGE = "grpo"
 
 

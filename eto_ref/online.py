@@ -6,10 +6,10 @@
 Iteration k spends one ETO iteration's budget of environment episodes, `explore_limit`:
 
     PPO   pi_{k-1} runs train[:explore_limit] once, greedily, as ETO explores; PPO trains on the episodes
-    GRPO  pi_{k-1} runs train[:explore_limit // group_size] group_size times, sampled at the agent's
-          temperature (seeds seed, seed + 1000, ...); GRPO trains on the groups
+    GRPO  pi_{k-1} runs train[:explore_limit // group_size] group_size times, sampled at the stage's
+          group_temperature (seeds seed, seed + 1000, ...); GRPO trains on the groups
 
-then pi_k is evaluated on the loop's evaluation splits. The KL reference stays pi_0, the policy
+then pi_k is evaluated on the loop's evaluation splits with the agent's own sampling (greedy by default). The KL reference stays pi_0, the policy
 the loop starts from, as in online PPO (ETO instead resets its DPO reference every iteration).
 Every phase resumes on its own, as in the ETO loop (eto_ref/eto.py):
 
@@ -38,8 +38,6 @@ def check_budget(cfg: LoopConfig, stage: PPOConfig | GRPOConfig) -> None:
         if cfg.explore_limit is None or cfg.explore_limit < 2 * stage.group_size:
             raise ValueError(f"GRPO: explore limit {cfg.explore_limit}: give the episodes per iteration, at least "
                              f"2 groups of {stage.group_size} (--explore-limit)")
-        if cfg.agent.sampling.greedy:
-            raise ValueError("GRPO samples its groups: give a sampling temperature above 0 (--temperature 0.7)")
 
 
 def collect(policy: Path, it: Path, cfg: LoopConfig, stage: PPOConfig | GRPOConfig) -> tuple[Path, list[dict]]:
@@ -50,8 +48,9 @@ def collect(policy: Path, it: Path, cfg: LoopConfig, stage: PPOConfig | GRPOConf
     if isinstance(stage, PPOConfig):
         return it / "explore" / TRAJECTORIES, explore(model, tokenizer, run, stage.progress)
     records = []
+    sampling = replace(cfg.agent.sampling, temperature=stage.group_temperature)
     for i in range(stage.group_size):
-        agent = replace(cfg.agent, seed=(cfg.agent.seed or 0) + 1000 * i)
+        agent = replace(cfg.agent, sampling=sampling, seed=(cfg.agent.seed or 0) + 1000 * i)
         sample = replace(run, out_dir=str(it / "samples" / f"sample-{i}"), limit=cfg.explore_limit // stage.group_size,
                          agent=agent)
         records += explore(model, tokenizer, sample, stage.progress)

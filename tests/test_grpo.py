@@ -146,8 +146,9 @@ def test_refuses_a_single_sample_and_a_task_without_a_group(tiny_model, tmp_path
 def test_the_command_line_stage(tiny_model, samples, tmp_path):
     import train
 
-    with pytest.raises(SystemExit, match="GRPO samples its groups: give a sampling temperature"):
-        train.main(["--stage", "grpo", "--model", str(tiny_model)])  # without --samples: the online loop
+    with pytest.raises(SystemExit, match="at least 2 groups of 4"):  # without --samples: the online loop
+        train.main(["--stage", "grpo", "--model", str(tiny_model), "--explore-limit", "6", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
     final = train.main(["--stage", "grpo", "--model", str(tiny_model), "--samples", str(samples), "--out",
                         str(tmp_path / "grpo"), "--max-steps", "1", "--device", "cpu", "--no-progress"])
     load_model(final)

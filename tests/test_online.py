@@ -51,25 +51,29 @@ def test_online_ppo_explores_trains_and_evaluates_with_pi0_as_reference(policy, 
     assert "test_seen" in rows[1] and json.loads((tmp_path / "ppo" / "summary.json").read_text()) == rows
 
 
-def test_online_grpo_samples_groups_within_the_budget(policy, tmp_path):
-    rows = run_online(loop(policy, tmp_path / "grpo", temperature=1.0, iterations=1),
-                      GRPOConfig(group_size=2, **STAGE))
+def test_online_grpo_samples_groups_within_the_budget_and_evaluates_greedily(policy, tmp_path):
+    rows = run_online(loop(policy, tmp_path / "grpo", iterations=1), GRPOConfig(group_size=2, group_temperature=1.0,
+                                                                               **STAGE))
     assert rows[0]["episodes"] == 4  # 2 tasks x 2 samples
     samples = tmp_path / "grpo" / "iter-1" / "samples"
     runs = [[json.loads(line)["id"] for line in (samples / f"sample-{i}" / "trajectories.jsonl").open()]
             for i in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 2  # the same 2 tasks, once per sample
-    seeds = [json.loads((samples / f"sample-{i}" / "run.json").read_text())["identity"]["agent"]["seed"]
-             for i in range(2)]
-    assert seeds == [0, 1000]
+    agents = [json.loads((samples / f"sample-{i}" / "run.json").read_text())["identity"]["agent"] for i in range(2)]
+    assert [a["seed"] for a in agents] == [0, 1000] and [a["sampling"]["temperature"] for a in agents] == [1.0, 1.0]
+    evaluation = json.loads((tmp_path / "grpo" / "iter-1" / "eval-test_seen" / "run.json").read_text())["identity"]
+    assert evaluation["agent"]["sampling"]["temperature"] == 0.0  # the policy is judged greedily
     assert (tmp_path / "grpo" / "iter-1" / "grpo" / "final" / "config.json").is_file()
 
 
-def test_online_grpo_refuses_greedy_groups_and_a_budget_below_two_groups(policy, tmp_path):
-    with pytest.raises(ValueError, match="temperature above 0"):
-        run_online(loop(policy, tmp_path / "a"), GRPOConfig(group_size=2, **STAGE))
+def test_online_grpo_refuses_greedy_groups_and_a_budget_below_two_groups(policy, tmp_path, capsys):
+    import train
+
+    with pytest.raises(SystemExit):  # greedy groups would all tie
+        train.main(["--stage", "grpo", "--model", str(policy), "--out", str(tmp_path / "a"), "--group-temperature", "0"])
+    assert "argument --group-temperature: must be > 0, got 0.0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 2 groups of 4"):
-        run_online(replace(loop(policy, tmp_path / "b", temperature=1.0), explore_limit=6),
+        run_online(replace(loop(policy, tmp_path / "b"), explore_limit=6),
                    GRPOConfig(group_size=4, **STAGE))
 
 
