@@ -28,13 +28,12 @@ from typing import Callable
 import torch
 
 from eto_ref.config import GRPOConfig
-from eto_ref.ppo import (RolloutStage, check_rollout_checkpoints, encode_episodes, episode_logprobs, load_episodes,
-                         reference_logprobs)
+from eto_ref.ppo import RolloutStage, check_rollout_checkpoints, encode_episodes, episode_logprobs, reference_logprobs
 from eto_ref.rl import clipped_surrogate, group_advantages, k3_kl
 from eto_ref.run_dir import restore_weights
 from eto_ref.tokenizer import Tokenizer
 from eto_ref.trainer import fit, load_trainable_model, scored_logprobs, training_run
-from eto_ref.trajectory import Trajectory
+from eto_ref.trajectory import Trajectory, load_episodes
 
 
 def load_groups(samples: str | Path) -> tuple[list[Trajectory], list[float]]:

@@ -56,7 +56,7 @@ from eto_ref.sft import scored_targets
 from eto_ref.tokenizer import Tokenizer
 from eto_ref.trainer import (chunks, fit, load_trainable_model, scored_logprobs, split_train_eval, to_device,
                              training_run)
-from eto_ref.trajectory import Trajectory, encode_sft, load_trajectories
+from eto_ref.trajectory import Trajectory, encode_sft, load_episodes
 
 
 def logprobs_and_values(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,15 +151,6 @@ class PPOStage(RolloutStage):
 # --------------------------------------------------------------------------- the data and the reference
 
 
-def load_episodes(path: str | Path, max_examples: int | None = None) -> list[Trajectory]:
-    """The episodes of an exploration's trajectories.jsonl; each must carry its reward."""
-    episodes = load_trajectories(path, on_error="skip")[:max_examples]
-    for e in episodes:
-        if e.reward is None:
-            raise ValueError(f"{e.source}: reward: missing; RL learns from each episode's reward")
-    return episodes
-
-
 def encode_episodes(episodes: list[Trajectory], tokenizer: Tokenizer, max_len: int) -> tuple[list, list[int], dict]:
     """Render episodes: (examples, the indices of the episodes kept, stats). An episode with no agent token
     left after truncation is dropped; a cut one keeps its reward, given at its last kept agent token."""
@@ -221,7 +212,7 @@ def run_ppo(cfg: PPOConfig, callback: Callable | None = None) -> Path:
             raise ValueError(f"{cfg.out}: PPO does not run under FSDP (its value head is not sharded); "
                              "use LoRA replicas (--lora-rank) without --fsdp")
         tok = Tokenizer.from_dir(cfg.model)
-        episodes = load_episodes(cfg.trajectories, cfg.max_examples)
+        episodes = load_episodes(cfg.trajectories)[:cfg.max_examples]
         examples, kept, stats = encode_episodes(episodes, tok, cfg.max_len)
         if not examples:
             raise ValueError(f"{cfg.trajectories}: no episode with an agent token")

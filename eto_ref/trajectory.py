@@ -37,6 +37,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 
@@ -178,11 +179,13 @@ def parse_reward(reward) -> float | None:
     return float(reward)
 
 
-def parse_trajectory(record) -> Trajectory:
+def parse_trajectory(record, episode: bool = False) -> Trajectory:
     """One SFT record -> Trajectory. Raises ValueError naming the field.
 
     A conversation that ends with an observation (as explored episodes do) loses
     that last human turn: nothing after the agent's last action is trained on.
+    An `episode` (an explored run, for RL) must carry its reward, and may hold an
+    empty reply: the agent ended its turn at once, a choice its reward judges.
     """
     rid = _record_id(record)
     if "conversations" not in record:
@@ -190,8 +193,11 @@ def parse_trajectory(record) -> Trajectory:
     turns = record["conversations"]
     if isinstance(turns, list) and len(turns) > 2 and isinstance(turns[-1], dict) and turns[-1].get("from") == "human":
         turns = turns[:-1]
-    messages = check_turns(turns, "conversations", first="human", last="gpt")
-    return Trajectory(rid, messages, parse_reward(record.get("reward")))
+    messages = check_turns(turns, "conversations", first="human", last="gpt", allow_empty_agent=episode)
+    reward = parse_reward(record.get("reward"))
+    if episode and reward is None:
+        raise ValueError("reward: missing; RL learns from each episode's reward")
+    return Trajectory(rid, messages, reward)
 
 
 def parse_pair(record) -> PreferencePair:
@@ -297,6 +303,12 @@ def _load(path, parse, on_error: str, kind: str) -> list:
 def load_trajectories(path: str | Path, on_error: str = "skip") -> list[Trajectory]:
     """Read SFT trajectories (JSON list or JSONL), validating each record."""
     return _load(path, parse_trajectory, on_error, "trajectory")
+
+
+def load_episodes(path: str | Path) -> list[Trajectory]:
+    """Read explored episodes, each with its reward (`parse_trajectory(episode=True)`). A bad record is an
+    error, not skipped: RL compares the episodes of a batch or a group, and a missing one would bias that."""
+    return _load(path, partial(parse_trajectory, episode=True), "raise", "episode")
 
 
 def load_pairs(path: str | Path, on_error: str = "skip") -> list[PreferencePair]:

@@ -236,3 +236,19 @@ def test_the_training_forward_scores_the_sampled_tokens_with_the_log_probs_they_
             compared += same
             start += len(tokens)
     assert whole_turns >= 6 and compared >= 100  # most turns were compared whole
+
+
+def test_an_episode_whose_agent_ended_its_turn_at_once_is_trained_on(tmp_path):
+    """An explored episode may hold an empty reply (reason "no_output"): it is a choice the reward judges, so RL
+    keeps it (its only agent token there is the end of the turn); a bad record is an error, never skipped."""
+    from eto_ref.trajectory import TrajectoryError
+
+    path = tmp_path / "trajectories.jsonl"
+    turns = [{"from": "human", "value": "Do the task."}, {"from": "gpt", "value": "OK"},
+             {"from": "human", "value": "Task: boil water."}, {"from": "gpt", "value": ""}]
+    path.write_text(json.dumps({"id": "t0", "conversations": turns, "reward": 0.0, "reason": "no_output"}) + "\n")
+    assert [(e.id, e.messages[-1]["content"], e.reward) for e in ppo.load_episodes(path)] == [("t0", "", 0.0)]
+    with open(path, "a") as f:
+        f.write(json.dumps({"id": "t1", "conversations": turns}) + "\n")
+    with pytest.raises(TrajectoryError, match=r"record 1 \(id 't1', line 2\): reward: missing"):
+        ppo.load_episodes(path)
