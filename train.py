@@ -60,7 +60,7 @@ STAGES = ("sft", "eto", "ppo", "grpo", "all")
 # Agent fields whose names a training stage already uses: on train.py they take an "agent-" prefix.
 AGENT_CLASHES = ("batch_size", "max_len", "max_steps")
 # TrainConfig fields that --stage all sets itself (per phase) or holds at the job level.
-JOB_LEVEL = ("model", "out", "seed", "resume", "data", "pairs", "trajectories")
+JOB_LEVEL = ("model", "out", "seed", "resume", "data", "pairs", "trajectories", "samples")
 
 
 def presets_of(key: str) -> dict:
@@ -123,10 +123,10 @@ def build_parser(stage: str | None) -> argparse.ArgumentParser:
                        help="with --seeds: run nothing, only write the report from the phases finished so far")
         add_loop_flags(p)
         add_agent_flags(p)
-        both = p.add_argument_group("the training stages (--sft-X, --dpo-X or --ppo-X sets one of them)")
-        add_config_flags(both, TrainConfig, skip=JOB_LEVEL, note=" [SFT, DPO and PPO]")
+        both = p.add_argument_group("the training stages (--sft-X, --dpo-X, --ppo-X or --grpo-X sets one of them)")
+        add_config_flags(both, TrainConfig, skip=JOB_LEVEL, note=" [SFT, DPO, PPO and GRPO]")
         add_config_flags(both, DPOConfig, skip=tuple(f.name for f in fields(TrainConfig)), note=" [DPO]")
-        for prefix, cls in (("sft-", SFTConfig), ("dpo-", DPOConfig), ("ppo-", PPOConfig)):
+        for prefix, cls in (("sft-", SFTConfig), ("dpo-", DPOConfig), ("ppo-", PPOConfig), ("grpo-", GRPOConfig)):
             add_config_flags(p.add_argument_group(f"{prefix[:-1].upper()} only"), cls, prefix=prefix,
                              skip=JOB_LEVEL, presets=presets_of(prefix[:-1]))
     return p
@@ -249,12 +249,13 @@ def announce(cfg, preset: str) -> None:
 
 
 def pipeline_config(args):
-    given = given_values(args, PipelineConfig, skip=("sft", "dpo", "ppo", "loop"))
+    given = given_values(args, PipelineConfig, skip=("sft", "dpo", "ppo", "grpo", "loop"))
     model = given.get("model", "auto")
     preset = model_preset(default_model() if model == "auto" else model, args)
     return PipelineConfig(sft=stage_config(SFTConfig, args, preset, prefix="sft-", skip=JOB_LEVEL),
                           dpo=stage_config(DPOConfig, args, preset, prefix="dpo-", skip=JOB_LEVEL),
                           ppo=stage_config(PPOConfig, args, preset, prefix="ppo-", skip=JOB_LEVEL),
+                          grpo=stage_config(GRPOConfig, args, preset, prefix="grpo-", skip=JOB_LEVEL),
                           loop=loop_config(args, preset),
                           **{**preset_values(preset, "pipeline"), **given})
 

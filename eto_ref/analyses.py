@@ -39,7 +39,7 @@ from eto_ref.agent import AgentConfig
 from eto_ref.baselines import SUCCESS, rft_records
 from eto_ref.batches import collate_sft
 from eto_ref.checkpoint import load_model
-from eto_ref.config import DPOConfig, PPOConfig, SFTConfig
+from eto_ref.config import DPOConfig, GRPOConfig, PPOConfig, SFTConfig
 from eto_ref.dpo import run_dpo
 from eto_ref.eto import TEST_SPLITS, VALID, LoopConfig, eval_config
 from eto_ref.exploration import TRAJECTORIES, ExploreConfig, evaluate, explore, explore_and_pair, load_policy
@@ -47,7 +47,7 @@ from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atom
 from eto_ref.losses import next_token_targets
 from eto_ref.pairs import self_play_pairs
 from eto_ref.pipeline import PipelineConfig
-from eto_ref.ppo import encode_episodes, load_episodes
+from eto_ref.ppo import encode_episodes
 from eto_ref.results import paired_difference, per_task_rewards, phase_folders, task_rewards
 from eto_ref.run_dir import RunError, recorded_identity
 from eto_ref.runtime import add_threads_flag, setup_cpu, stop_on_terminate
@@ -55,6 +55,7 @@ from eto_ref.sampler import SamplingConfig
 from eto_ref.sft import run_sft
 from eto_ref.tokenizer import Tokenizer
 from eto_ref.trainer import scored_logprobs
+from eto_ref.trajectory import load_episodes
 
 
 def run_config(run: Path) -> PipelineConfig:
@@ -64,11 +65,11 @@ def run_config(run: Path) -> PipelineConfig:
     agent = d["loop"].pop("agent")
     agent = AgentConfig(sampling=SamplingConfig(**agent.pop("sampling")), **agent)
     loop = LoopConfig(agent=agent, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("loop").items()})
-    if "ppo" not in d:
-        raise RunError(f"{run / 'pipeline_config.json'}: no ppo settings: written by an earlier version of eto_ref; "
+    if "grpo" not in d:
+        raise RunError(f"{run / 'pipeline_config.json'}: no grpo settings: written by an earlier version of eto_ref; "
                        "rerun the main job into another folder")
     stages = {key: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop(key).items()})
-              for key, cls in (("sft", SFTConfig), ("dpo", DPOConfig), ("ppo", PPOConfig))}
+              for key, cls in (("sft", SFTConfig), ("dpo", DPOConfig), ("ppo", PPOConfig), ("grpo", GRPOConfig))}
     return PipelineConfig(loop=loop, **stages, **d)
 
 

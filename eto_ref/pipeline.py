@@ -7,6 +7,8 @@
     OUT/eto/iter-k/           explore/ (trajectories, pairs), dpo/ (final/ = pi_k), eval-<split>/
     OUT/rft/                  RFT: pi_0 fine-tuned on expert + its successful explorations of iteration 1
     OUT/ppo/                  PPO (offline, the paper's row): pi_0 trained with PPO on the iteration-1 episodes
+    OUT/ppo-online/iter-k/    online PPO, one iteration per ETO iteration (with 2 or more: its first is OUT/ppo)
+    OUT/grpo/iter-k/          online GRPO, one iteration per ETO iteration, each one exploration's budget
     OUT/best-of-n/<split>/    N sampled runs of pi_0 per test task, best reward kept
     OUT/results.json, results.md, reward_per_iteration.svg   (results.md: the paired differences from SFT;
                                                               results.json: also the seconds per phase)
@@ -26,13 +28,14 @@ from pathlib import Path
 
 import envs
 from eto_ref.baselines import best_of_n, rft_records
-from eto_ref.config import DPOConfig, PPOConfig, SFTConfig, setting
+from eto_ref.config import DPOConfig, GRPOConfig, PPOConfig, SFTConfig, setting
 from eto_ref.eto import LoopConfig, evaluate_policy, run_eto
 from eto_ref.exploration import TRAJECTORIES, ExploreConfig, load_policy
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic
 from eto_ref.metrics import PhaseClock, duration
 from eto_ref.models import default_model, resolve_model
 from eto_ref.pairs import rejected_turns
+from eto_ref.online import run_online
 from eto_ref.ppo import run_ppo
 from eto_ref.report import build_report
 from eto_ref.results import (differences_from_sft, differences_table, per_task_rewards, report_seeds, results_table,
@@ -55,11 +58,12 @@ class PipelineConfig:
     rft_lr_scale: float = setting(0.25, "RFT: its learning rate as a fraction of the SFT one", low=0, above=True)
     best_of_n: int = setting(4, "N of the Best-of-N baseline (0 = skip it)", low=0)
     bon_temperature: float = setting(0.7, "Best-of-N sampling temperature", low=0)
-    baselines: bool = setting(False, "also run the RFT, PPO and Best-of-N baselines")
+    baselines: bool = setting(False, "also run the RFT, PPO (offline and online), GRPO and Best-of-N baselines")
     resume: bool = setting(True, "continue a job in `out` made with the same settings (False: start over)")
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def identity(self) -> dict:
@@ -70,7 +74,9 @@ class PipelineConfig:
         d = json.loads(json.dumps(asdict(self)))
         for key in ("out", "resume"):
             d.pop(key)
-        d["sft"], d["dpo"], d["ppo"] = self.sft.identity(), self.dpo.identity(), self.ppo.identity()
+        for stage in ("sft", "dpo", "ppo", "grpo"):
+            d[stage] = getattr(self, stage).identity()
+        d["grpo"].update(group_size=self.grpo.group_size, group_temperature=self.grpo.group_temperature)
         d["loop"].pop("out")
         d["loop"]["agent"].pop("batch_size")
         d["loop"]["rejected_cut"] = rejected_turns(d["loop"].pop("rejected_extra_turns"),  # the rule applied
@@ -142,6 +148,19 @@ def run_ppo_baseline(cfg: PipelineConfig, sft_final: Path) -> dict:
     return evaluate_once(final, out, cfg)
 
 
+def run_online_baselines(cfg: PipelineConfig, sft_final: Path) -> dict[str, dict]:
+    """Online PPO (with 2 or more iterations: its first equals the offline row) and online GRPO, from pi_0,
+    one iteration per ETO iteration, each spending one ETO exploration's budget of episodes."""
+    loop = replace(cfg.loop, model=str(sft_final))
+    rows = {}
+    if cfg.loop.iterations >= 2:
+        for it in run_online(replace(loop, out=str(Path(cfg.out) / "ppo-online")), cfg.ppo):
+            rows[f"PPO-online-iter-{it['iteration']}"] = {s: it[s] for s in cfg.loop.eval_splits}
+    for it in run_online(replace(loop, out=str(Path(cfg.out) / "grpo")), cfg.grpo):
+        rows[f"GRPO-iter-{it['iteration']}"] = {s: it[s] for s in cfg.loop.eval_splits}
+    return rows
+
+
 def run_best_of_n(cfg: PipelineConfig, sft_final: Path) -> dict:
     """Best-of-N of pi_0 on each test split (not on valid: Best-of-N is a baseline, not a setting to choose)."""
     model, tokenizer = load_policy(sft_final, cfg.sft.device, cfg.sft.dtype)
@@ -164,7 +183,7 @@ def resolved(cfg: PipelineConfig) -> PipelineConfig:
     """The config with the job's own settings filled in: the model chosen, the seed passed to every stage."""
     model = default_model() if cfg.model == "auto" else cfg.model
     return replace(cfg, model=model, sft=replace(cfg.sft, seed=cfg.seed), dpo=replace(cfg.dpo, seed=cfg.seed),
-                   ppo=replace(cfg.ppo, seed=cfg.seed))
+                   ppo=replace(cfg.ppo, seed=cfg.seed), grpo=replace(cfg.grpo, seed=cfg.seed))
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -174,8 +193,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out)
     with RunLock(out):
         claim_run(out, cfg.identity(), cfg.resume,
-                  outputs=("data", "sft", "eto", "rft", "ppo", "best-of-n", "results.json", "results.md",
-                           "phase_seconds.json", "phase_peak_rss_mb.json", "reward_per_iteration.svg",
+                  outputs=("data", "sft", "eto", "rft", "ppo", "ppo-online", "grpo", "best-of-n", "results.json",
+                           "results.md", "phase_seconds.json", "phase_peak_rss_mb.json", "reward_per_iteration.svg",
                            "report.html"), growable=GROWABLE)
         write_json_atomic(asdict(cfg), out / "pipeline_config.json")
         return run_phases(cfg, out)
@@ -202,6 +221,9 @@ def run_phases(cfg: PipelineConfig, out: Path) -> dict:
         log("PPO (offline)")
         with clock.phase("PPO"):
             rows["PPO"] = run_ppo_baseline(cfg, sft_final)
+        log("online PPO and GRPO")
+        with clock.phase("online RL"):
+            rows.update(run_online_baselines(cfg, sft_final))
     if cfg.baselines and cfg.best_of_n > 0:
         log(f"Best-of-{cfg.best_of_n}")
         with clock.phase(f"Best-of-{cfg.best_of_n}"):

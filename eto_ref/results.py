@@ -43,8 +43,9 @@ def phase_folders(out: str | Path) -> dict[str, Path]:
     """
     out = Path(out)
     folders = {"SFT": out / "sft", "RFT": out / "rft", "PPO": out / "ppo"}
-    iterations = sorted(out.glob("eto/iter-*"), key=lambda p: int(p.name.split("-")[1]))
-    folders.update({f"ETO-iter-{p.name.split('-')[1]}": p for p in iterations})
+    for row, loop in (("ETO", "eto"), ("PPO-online", "ppo-online"), ("GRPO", "grpo")):
+        iterations = sorted(out.glob(f"{loop}/iter-*"), key=lambda p: int(p.name.split("-")[1]))
+        folders.update({f"{row}-iter-{p.name.split('-')[1]}": p for p in iterations})
     return {name: folder for name, folder in folders.items() if folder.is_dir()}
 
 
@@ -212,9 +213,10 @@ def finished_rows(out: str | Path, splits) -> dict[str, dict]:
     if bon_summaries:
         n = json.loads(bon_summaries[0].read_text())["n"]
         rows[f"Best-of-{n}"] = averages(out / "best-of-n", "{split}")
-    eto_summary = out / "eto" / "summary.json"
-    for it in json.loads(eto_summary.read_text()) if eto_summary.is_file() else []:
-        rows[f"ETO-iter-{it['iteration']}"] = {s: it[s] for s in splits if s in it}
+    for row, loop in (("PPO-online", "ppo-online"), ("GRPO", "grpo"), ("ETO", "eto")):
+        summary = out / loop / "summary.json"
+        for it in json.loads(summary.read_text()) if summary.is_file() else []:
+            rows[f"{row}-iter-{it['iteration']}"] = {s: it[s] for s in splits if s in it}
     return rows
 
 

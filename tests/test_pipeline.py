@@ -27,7 +27,8 @@ def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
                           "--sft-examples", "32", "--sft-epochs", "3",
                           "--explore-limit", "8", "--eval-limit", "4", "--iterations", "2", "--best-of-n", "2",
                           "--max-new-tokens", "24", "--valid", "3", "--baselines", "--no-progress"])
-    assert set(results["rows"]) == {"SFT", "RFT", "PPO", "Best-of-2", "ETO-iter-1", "ETO-iter-2"} or \
+    online = {"PPO-online-iter-1", "PPO-online-iter-2", "GRPO-iter-1", "GRPO-iter-2"}
+    assert set(results["rows"]) == {"SFT", "RFT", "PPO", "Best-of-2", "ETO-iter-1", "ETO-iter-2"} | online or \
         "note" in results["iterations"][-1]
     for name, row in results["rows"].items():
         assert 0.0 <= row["test_seen"] <= 100.0, name
@@ -38,11 +39,13 @@ def test_main_job_end_to_end_on_reduced_sizes(tmp_path):
     assert "| method | valid | test_seen | test_unseen |" in (out / "results.md").read_text()
     assert "| method - SFT | valid | test_seen | test_unseen |" in (out / "results.md").read_text()
     assert "ETO-iter-1: valid " in (out / "results.md").read_text()  # the plain line on two standard errors
-    assert set(results["difference_from_sft"]) <= {"RFT", "PPO", "Best-of-2", "ETO-iter-1", "ETO-iter-2"}
+    assert set(results["difference_from_sft"]) <= {"RFT", "PPO", "Best-of-2", "ETO-iter-1", "ETO-iter-2"} | online
     assert (out / "reward_per_iteration.svg").is_file()
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     seconds = results["seconds"]
-    assert list(seconds) == ["base model", "SFT", "SFT evaluation", "ETO", "RFT", "PPO", "Best-of-2", "total"]
+    assert list(seconds) == ["base model", "SFT", "SFT evaluation", "ETO", "RFT", "PPO", "online RL", "Best-of-2",
+                             "total"]
+    assert len(list((out / "grpo" / "iter-2" / "samples").glob("sample-*"))) == 4  # GRPO's groups of 4
     assert (out / "ppo" / "final" / "config.json").is_file()
     assert seconds["total"] == pytest.approx(sum(t for name, t in seconds.items() if name != "total"), abs=0.1)
 

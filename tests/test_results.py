@@ -356,3 +356,19 @@ def test_verdict_says_in_words_whether_each_difference_is_beyond_two_standard_er
         "RFT: test_seen -5.0 ± 2.0, below SFT by more than two standard errors; "
         "test_unseen +4.0 ± 2.0, within two standard errors of SFT (no clear difference).",  # 4.0 = 2 SE: not beyond
     ]
+
+
+def test_the_online_baselines_are_rows_per_iteration(tmp_path):
+    """OUT/ppo-online/iter-k and OUT/grpo/iter-k are table rows, per-task rewards included, beside ETO's."""
+    for folder, reward in (("sft", 0.0), ("ppo-online/iter-2", 0.5), ("grpo/iter-1", 1.0), ("eto/iter-1", 1.0)):
+        run = tmp_path / folder / "eval-test_seen"
+        _summary(run, 100 * reward)
+        (run / "trajectories.jsonl").write_text(json.dumps({"id": "t0", "conversations": [], "reward": reward}) + "\n")
+    for loop, it, reward in (("ppo-online", 2, 50.0), ("grpo", 1, 100.0), ("eto", 1, 100.0)):
+        (tmp_path / loop / "summary.json").write_text(json.dumps([{"iteration": it, "test_seen": reward}]))
+    assert finished_rows(tmp_path, ("test_seen",)) == {
+        "SFT": {"test_seen": 0.0}, "PPO-online-iter-2": {"test_seen": 50.0}, "GRPO-iter-1": {"test_seen": 100.0},
+        "ETO-iter-1": {"test_seen": 100.0}}
+    rewards = per_task_rewards(tmp_path, ("test_seen",))
+    assert {name: r["test_seen"]["t0"] for name, r in rewards.items()} == {"SFT": 0.0, "PPO-online-iter-2": 0.5,
+                                                                           "GRPO-iter-1": 1.0, "ETO-iter-1": 1.0}
