@@ -310,7 +310,7 @@ def run_episodes(model, tokenizer, make_env, task_ids: list[str], config: AgentC
     episode keeps, per agent turn, the sampled tokens and log pi of each (`Episode.sampled`; not in
     its record). Training scores the canonical rendering of the 0-shot record: the same tokens and
     log-probs where the agent prompted 0-shot and its reply's tokens were the canonical ones
-    (tests/test_rl.py); with the in-context example the sampling context is longer than training's,
+    (tests/test_ppo.py); with the in-context example the sampling context is longer than training's,
     so PPO and GRPO score their "old" policy with the training forward (eto_ref/ppo.py).
     """
     config = config or AgentConfig()
