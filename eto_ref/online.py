@@ -10,7 +10,8 @@ Iteration k spends one ETO iteration's budget of environment episodes, `explore_
           group_temperature (seeds seed, seed + 1000, ...); GRPO trains on the groups
 
 then pi_k is evaluated on the loop's evaluation splits with the agent's own sampling (greedy by
-default). The KL reference stays pi_0, the policy the loop starts from, as in online PPO (ETO instead resets its DPO reference every iteration).
+default). The KL reference stays pi_0, the policy the loop starts from, as in online PPO (ETO
+instead resets its DPO reference every iteration).
 Every phase resumes on its own, as in the ETO loop (eto_ref/eto.py):
 
     OUT/iter-k/explore/ (PPO) or OUT/iter-k/samples/sample-i/ (GRPO)   the episodes collected
