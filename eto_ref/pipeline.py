@@ -152,12 +152,12 @@ def run_online_baselines(cfg: PipelineConfig, sft_final: Path) -> dict[str, dict
     """Online PPO (with 2 or more iterations: its first equals the offline row) and online GRPO, from pi_0,
     one iteration per ETO iteration, each spending one ETO exploration's budget of episodes."""
     loop = replace(cfg.loop, model=str(sft_final))
+    methods = [("PPO-online", "ppo-online", cfg.ppo)] if cfg.loop.iterations >= 2 else []
+    methods.append(("GRPO", "grpo", cfg.grpo))
     rows = {}
-    if cfg.loop.iterations >= 2:
-        for it in run_online(replace(loop, out=str(Path(cfg.out) / "ppo-online")), cfg.ppo):
-            rows[f"PPO-online-iter-{it['iteration']}"] = {s: it[s] for s in cfg.loop.eval_splits}
-    for it in run_online(replace(loop, out=str(Path(cfg.out) / "grpo")), cfg.grpo):
-        rows[f"GRPO-iter-{it['iteration']}"] = {s: it[s] for s in cfg.loop.eval_splits}
+    for name, folder, stage in methods:
+        for it in run_online(replace(loop, out=str(Path(cfg.out) / folder)), stage):
+            rows[f"{name}-iter-{it['iteration']}"] = {s: it[s] for s in cfg.loop.eval_splits}
     return rows
 
 
