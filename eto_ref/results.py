@@ -8,6 +8,7 @@
     python -m eto_ref.results purchases runs/valid-sft runs/valid-dpo                 # webshop: what each buy missed
     python -m eto_ref.results pairs runs/explore-1/pairs.json                         # where failed sides part
     python -m eto_ref.results seeds --base runs/sft-0 runs/sft-1 --other runs/dpo-0 runs/dpo-1  # over seeds
+    python -m eto_ref.results costs runs/main/sft runs/rl/grpo                        # steps, tokens, minutes
 
 A seeds report gives each method's per-seed averages and their mean, the share of
 agent replies without a parsable action, and each ETO iteration's difference from
@@ -349,6 +350,42 @@ def compare_runs(folders: list[Path], env: str | None = None) -> str:
     return "\n".join(lines)
 
 
+TRAINED_ON = {"train_examples": "examples", "train_pairs": "pairs", "train_episodes": "episodes"}
+
+
+def stage_cost(folder: Path) -> dict:
+    """What one finished training stage (a folder with metrics.jsonl) cost: the examples it trained on, its
+    optimizer steps, the loss tokens of those steps (PPO's ppo_epochs steps on a batch each count its tokens)
+    and the minutes the steps took (their step_time, summed over resumes; setup such as loading the model
+    and scoring the reference is not counted)."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no metrics.jsonl (not a training stage's folder)")
+    records = read_jsonl_records(path)
+    start = next((r for r in records if r.get("event") == "start"), None)
+    if start is None or not any(r.get("event") == "done" for r in records):
+        raise ValueError(f"{path}: the stage has not finished (no start or no done record)")
+    steps = [r for r in records if "step_time" in r]
+    if len(steps) != start["total_steps"]:
+        raise ValueError(f"{path}: {len(steps)} step records for total_steps {start['total_steps']}")
+    key = next((k for k in TRAINED_ON if k in start), None)
+    if key is None:
+        raise ValueError(f"{path}: the start record names none of {', '.join(TRAINED_ON)}")
+    return {"stage": start["stage"], "trained_on": f"{start[key]} {TRAINED_ON[key]}", "steps": len(steps),
+            "tokens": int(sum(r["tokens"] for r in steps)), "minutes": sum(r["step_time"] for r in steps) / 60}
+
+
+def costs_table(folders: list[Path]) -> str:
+    """One row per training stage: what it trained on, its optimizer steps, loss tokens and minutes."""
+    lines = ["| stage folder | stage | trained on | optimizer steps | loss tokens | minutes of steps |",
+             "|---|---|---:|---:|---:|---:|"]
+    for folder in folders:
+        c = stage_cost(folder)
+        lines.append(f"| {folder} | {c['stage']} | {c['trained_on']} | {c['steps']} | {c['tokens']:,} | "
+                     f"{c['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
 def compare_seeds(bases: list[Path], others: list[Path]) -> str:
     """A setting against its baseline over seeds, by hand (explore.py --out folders, seed i's baseline
     bases[i], its setting others[i]): one row per pair of folders, numbered from 1 in the order given
@@ -385,7 +422,7 @@ def compare_seeds(bases: list[Path], others: list[Path]) -> str:
 
 def main(argv=None) -> str:
     """python -m eto_ref.results compare BASE OTHER... [--env ENV] | purchases FOLDER... | pairs FILE...
-    | seeds --base BASE0 BASE1... --other OTHER0 OTHER1..."""
+    | seeds --base BASE0 BASE1... --other OTHER0 OTHER1... | costs STAGE..."""
     p = argparse.ArgumentParser(description="Compare evaluation folders (explore.py --out) task by task.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="rows: reward, paired difference from the first folder, behaviour")
@@ -397,6 +434,8 @@ def main(argv=None) -> str:
     e = sub.add_parser("seeds", help="a setting against its baseline over seeds: per-seed and pooled paired difference")
     e.add_argument("--base", nargs="+", type=Path, required=True, help="each seed's baseline folder, in seed order")
     e.add_argument("--other", nargs="+", type=Path, required=True, help="each seed's setting folder, same order")
+    k = sub.add_parser("costs", help="training stages (folders with metrics.jsonl): steps, loss tokens, minutes")
+    k.add_argument("folders", nargs="+", type=Path)
     q = sub.add_parser("pairs", help="preference pairs files: where the failed side parts from the expert's")
     q.add_argument("files", nargs="+", type=Path)
     args = p.parse_args(argv)
@@ -404,7 +443,7 @@ def main(argv=None) -> str:
         missing = [str(f) for f in args.files if not f.is_file()]
         if missing:
             p.error(f"no such pairs file: {', '.join(missing)}")
-    else:
+    elif args.command != "costs":  # costs: stage_cost names a folder that is not a finished stage
         if args.command == "seeds":
             args.folders = args.base + args.other
         missing = [str(f) for f in args.folders if not (f / TRAJECTORIES).is_file()]
@@ -412,7 +451,8 @@ def main(argv=None) -> str:
             p.error(f"no {TRAJECTORIES} in: {', '.join(missing)}")
     tables = {"compare": lambda: compare_runs(args.folders, args.env),
               "purchases": lambda: purchases_table(args.folders), "pairs": lambda: pairs_table(args.files),
-              "seeds": lambda: compare_seeds(args.base, args.other)}
+              "seeds": lambda: compare_seeds(args.base, args.other),
+              "costs": lambda: costs_table(args.folders)}
     try:
         table = tables[args.command]()
     except ValueError as e:

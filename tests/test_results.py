@@ -372,3 +372,42 @@ def test_the_online_baselines_are_rows_per_iteration(tmp_path):
     rewards = per_task_rewards(tmp_path, ("test_seen",))
     assert {name: r["test_seen"]["t0"] for name, r in rewards.items()} == {"SFT": 0.0, "PPO-online-iter-2": 0.5,
                                                                            "GRPO-iter-1": 1.0, "ETO-iter-1": 1.0}
+
+
+def _metrics(folder, records):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"stage": "ppo", **r}) + "\n" for r in records))
+
+
+def test_costs_sum_the_steps_of_a_finished_stage(tmp_path):
+    """Hand-made log: 2 steps of 100 and 250 tokens, 30 s and 90 s; an eval record has no step_time."""
+    _metrics(tmp_path / "ppo", [{"step": 0, "event": "start", "total_steps": 2, "train_episodes": 192},
+                                {"step": 1, "tokens": 100.0, "step_time": 30.0},
+                                {"step": 1, "eval_loss": 0.5},
+                                {"step": 2, "tokens": 250.0, "step_time": 90.0},
+                                {"step": 2, "event": "done", "final": "x"}])
+    assert results.stage_cost(tmp_path / "ppo") == {"stage": "ppo", "trained_on": "192 episodes", "steps": 2,
+                                                    "tokens": 350, "minutes": 2.0}
+    assert "| ppo | 192 episodes | 2 | 350 | 2.0 |" in results.main(["costs", str(tmp_path / "ppo")])
+
+
+def test_costs_refuse_an_unfinished_stage(tmp_path):
+    _metrics(tmp_path / "a", [{"step": 0, "event": "start", "total_steps": 2, "train_episodes": 4},
+                              {"step": 1, "tokens": 100.0, "step_time": 30.0}])
+    with pytest.raises(ValueError, match="not finished"):
+        results.stage_cost(tmp_path / "a")
+    with pytest.raises(ValueError, match="no metrics.jsonl"):
+        results.stage_cost(tmp_path / "missing")
+
+
+def test_costs_of_a_real_sft_run_count_every_epoch_of_its_tokens(tiny_model, data_files, tmp_path):
+    """The loss tokens of all steps are the start record's train_tokens once per epoch."""
+    from eto_ref.sft import run_sft
+    from tests.helpers import sft_config
+
+    run_sft(sft_config(tiny_model, data_files, tmp_path, epochs=2))
+    start = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    cost = results.stage_cost(tmp_path)
+    assert cost["tokens"] == 2 * start["train_tokens"] > 0
+    assert (cost["stage"], cost["trained_on"], cost["steps"]) == ("sft", f"{start['train_examples']} examples",
+                                                                   start["total_steps"])
