@@ -122,7 +122,8 @@ def run_eto(cfg: LoopConfig, dpo: DPOConfig) -> list[dict]:
         stage = replace(dpo, model=str(policy), pairs=str(pairs), out=str(it / "dpo"),
                         beta=iteration_value(cfg.beta_schedule, k, dpo.beta),
                         lr=iteration_value(cfg.lr_schedule, k, dpo.lr))
-        row = {"iteration": k, "policy": str(policy), "train_reward": explored["average_reward"],
+        row = {"iteration": k, "policy": str(policy), "episodes": explored["episodes"],
+               "train_reward": explored["average_reward"],
                "pairs": explored["pairs"], "win": explored["win"], "tie": explored["tie"],
                "lose": explored["lose"], "beta": stage.beta, "lr": stage.lr, "seconds": seconds}
         rows.append(row)

@@ -9,6 +9,7 @@
     python -m eto_ref.results pairs runs/explore-1/pairs.json                         # where failed sides part
     python -m eto_ref.results seeds --base runs/sft-0 runs/sft-1 --other runs/dpo-0 runs/dpo-1  # over seeds
     python -m eto_ref.results costs runs/main/sft runs/rl/grpo                        # steps, tokens, minutes
+    python -m eto_ref.results curve runs/main/eto runs/rl/grpo-online                 # reward against episodes
 
 A seeds report gives each method's per-seed averages and their mean, the share of
 agent replies without a parsable action, and each ETO iteration's difference from
@@ -386,6 +387,33 @@ def costs_table(folders: list[Path]) -> str:
     return "\n".join(lines)
 
 
+CURVE_SPLITS = ("valid", "test_seen", "test_unseen")
+
+
+def curve_table(loops: list[Path]) -> str:
+    """Reward against environment episodes: one row per iteration of each loop folder (ETO's, eto_ref/eto.py, or
+    an online PPO or GRPO loop's, eto_ref/online.py; their summary.json), with the episodes and minutes spent
+    so far (collecting, training and evaluating), the reward of the iteration's own episodes and the
+    evaluation of the policy it ends with."""
+    lines = ["| loop | iteration | episodes so far | minutes so far | reward of its episodes | "
+             + " | ".join(CURVE_SPLITS) + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(CURVE_SPLITS)]
+    for loop in loops:
+        path = loop / "summary.json"
+        if not path.is_file():
+            raise ValueError(f"{loop}: no summary.json (not an ETO or online RL loop's folder)")
+        episodes = minutes = 0.0
+        for i, row in enumerate(json.loads(path.read_text())):
+            missing = [k for k in ("iteration", "episodes", "train_reward", "seconds") if k not in row]
+            if missing:
+                raise ValueError(f"{path}: row {i} has no {', '.join(missing)} (written by an older version: rerun)")
+            episodes += row["episodes"]
+            minutes += sum(row["seconds"].values()) / 60
+            rewards = " | ".join(f"{row[s]:.1f}" if s in row else "-" for s in CURVE_SPLITS)
+            lines.append(f"| {loop} | {row['iteration']} | {episodes:.0f} | {minutes:.0f} | "
+                         f"{row['train_reward']:.1f} | {rewards} |")
+    return "\n".join(lines)
+
+
 def compare_seeds(bases: list[Path], others: list[Path]) -> str:
     """A setting against its baseline over seeds, by hand (explore.py --out folders, seed i's baseline
     bases[i], its setting others[i]): one row per pair of folders, numbered from 1 in the order given
@@ -422,7 +450,7 @@ def compare_seeds(bases: list[Path], others: list[Path]) -> str:
 
 def main(argv=None) -> str:
     """python -m eto_ref.results compare BASE OTHER... [--env ENV] | purchases FOLDER... | pairs FILE...
-    | seeds --base BASE0 BASE1... --other OTHER0 OTHER1... | costs STAGE..."""
+    | seeds --base BASE0 BASE1... --other OTHER0 OTHER1... | costs STAGE... | curve LOOP..."""
     p = argparse.ArgumentParser(description="Compare evaluation folders (explore.py --out) task by task.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="rows: reward, paired difference from the first folder, behaviour")
@@ -436,6 +464,8 @@ def main(argv=None) -> str:
     e.add_argument("--other", nargs="+", type=Path, required=True, help="each seed's setting folder, same order")
     k = sub.add_parser("costs", help="training stages (folders with metrics.jsonl): steps, loss tokens, minutes")
     k.add_argument("folders", nargs="+", type=Path)
+    r = sub.add_parser("curve", help="loops (ETO, online PPO or GRPO): reward against episodes and minutes")
+    r.add_argument("folders", nargs="+", type=Path)
     q = sub.add_parser("pairs", help="preference pairs files: where the failed side parts from the expert's")
     q.add_argument("files", nargs="+", type=Path)
     args = p.parse_args(argv)
@@ -443,7 +473,7 @@ def main(argv=None) -> str:
         missing = [str(f) for f in args.files if not f.is_file()]
         if missing:
             p.error(f"no such pairs file: {', '.join(missing)}")
-    elif args.command != "costs":  # costs: stage_cost names a folder that is not a finished stage
+    elif args.command not in ("costs", "curve"):  # these name a folder that is not what they read
         if args.command == "seeds":
             args.folders = args.base + args.other
         missing = [str(f) for f in args.folders if not (f / TRAJECTORIES).is_file()]
@@ -452,7 +482,7 @@ def main(argv=None) -> str:
     tables = {"compare": lambda: compare_runs(args.folders, args.env),
               "purchases": lambda: purchases_table(args.folders), "pairs": lambda: pairs_table(args.files),
               "seeds": lambda: compare_seeds(args.base, args.other),
-              "costs": lambda: costs_table(args.folders)}
+              "costs": lambda: costs_table(args.folders), "curve": lambda: curve_table(args.folders)}
     try:
         table = tables[args.command]()
     except ValueError as e:

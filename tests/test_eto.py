@@ -12,6 +12,7 @@ from eto_ref.checkpoint import save_model
 from eto_ref.config import DPOConfig
 from eto_ref.eto import LoopConfig, run_eto
 from eto_ref.model import ModelConfig, Transformer
+from eto_ref.results import curve_table
 from eto_ref.run_dir import RunError
 from eto_ref.sampler import SamplingConfig
 from eto_ref.tiny import environment_texts
@@ -45,6 +46,9 @@ def test_one_iteration_writes_every_phase(tmp_path):
     assert json.loads((tmp_path / "eto" / "summary.json").read_text()) == rows
     assert set(rows[0]["seconds"]) == {"explore", "dpo", "evaluate"}
     assert all(t >= 0 for t in rows[0]["seconds"].values())
+    assert [r["episodes"] for r in rows] == [2, 2]
+    curve = curve_table([tmp_path / "eto"]).splitlines()
+    assert [line.split(" | ")[1:3] for line in curve[2:]] == [["1", "2"], ["2", "4"]]  # iteration, episodes so far
     # Each exploration and evaluation folder records the policy that made it, so a rerun of the loop from
     # another starting model into the same folder is refused instead of resuming the old model's episodes.
     identity = json.loads((it / "explore" / "run.json").read_text())["identity"]

@@ -411,3 +411,27 @@ def test_costs_of_a_real_sft_run_count_every_epoch_of_its_tokens(tiny_model, dat
     assert cost["tokens"] == 2 * start["train_tokens"] > 0
     assert (cost["stage"], cost["trained_on"], cost["steps"]) == ("sft", f"{start['train_examples']} examples",
                                                                    start["total_steps"])
+
+
+def test_curve_adds_up_episodes_and_minutes_over_each_loops_iterations(tmp_path):
+    """ETO's loop ran 2 iterations (valid too), GRPO's 1; minutes are each row's phase seconds, summed."""
+    (tmp_path / "eto").mkdir()
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "eto" / "summary.json").write_text(json.dumps([
+        {"iteration": 1, "episodes": 192, "train_reward": 96.2, "seconds": {"explore": 420, "dpo": 60, "evaluate": 600},
+         "valid": 96.0, "test_seen": 96.0, "test_unseen": 74.0},
+        {"iteration": 2, "episodes": 192, "train_reward": 97.0, "seconds": {"explore": 400, "dpo": 20, "evaluate": 580},
+         "valid": 96.5, "test_seen": 96.4, "test_unseen": 75.0}]))
+    (tmp_path / "grpo" / "summary.json").write_text(json.dumps([
+        {"iteration": 1, "episodes": 192, "train_reward": 90.0, "seconds": {"collect": 480, "grpo": 1200},
+         "test_seen": 95.4, "test_unseen": 73.0}]))
+    lines = results.curve_table([tmp_path / "eto", tmp_path / "grpo"]).splitlines()
+    assert lines[2:] == [f"| {tmp_path / 'eto'} | 1 | 192 | 18 | 96.2 | 96.0 | 96.0 | 74.0 |",
+                         f"| {tmp_path / 'eto'} | 2 | 384 | 35 | 97.0 | 96.5 | 96.4 | 75.0 |",
+                         f"| {tmp_path / 'grpo'} | 1 | 192 | 28 | 90.0 | - | 95.4 | 73.0 |"]
+
+
+def test_curve_refuses_a_row_without_its_episodes(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps([{"iteration": 1, "train_reward": 96.2, "seconds": {}}]))
+    with pytest.raises(ValueError, match="row 0 has no episodes"):
+        results.curve_table([tmp_path])
