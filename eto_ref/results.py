@@ -357,8 +357,8 @@ TRAINED_ON = {"train_examples": "examples", "train_pairs": "pairs", "train_episo
 def stage_cost(folder: Path) -> dict:
     """What one finished training stage (a folder with metrics.jsonl) cost: the examples it trained on, its
     optimizer steps, the loss tokens of those steps (PPO's ppo_epochs steps on a batch each count its tokens)
-    and the minutes the steps took (their step_time, summed over resumes; setup such as loading the model
-    and scoring the reference is not counted)."""
+    and its minutes: from the start record to the last, each resumed run from its resume record on (rollout
+    scoring, steps, checkpoints; loading the model and scoring the reference come before the start record)."""
     path = folder / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{folder}: no metrics.jsonl (not a training stage's folder)")
@@ -372,13 +372,19 @@ def stage_cost(folder: Path) -> dict:
     key = next((k for k in TRAINED_ON if k in start), None)
     if key is None:
         raise ValueError(f"{path}: the start record names none of {', '.join(TRAINED_ON)}")
+    seconds, begun, last = 0.0, start["time"], start["time"]
+    for r in records:
+        if r.get("event") == "resume":  # the killed run's time after its last kept record is not counted
+            seconds, begun = seconds + last - begun, r["time"]
+        last = r["time"]
+    seconds += last - begun
     return {"stage": start["stage"], "trained_on": f"{start[key]} {TRAINED_ON[key]}", "steps": len(steps),
-            "tokens": int(sum(r["tokens"] for r in steps)), "minutes": sum(r["step_time"] for r in steps) / 60}
+            "tokens": int(sum(r["tokens"] for r in steps)), "minutes": seconds / 60}
 
 
 def costs_table(folders: list[Path]) -> str:
-    """One row per training stage: what it trained on, its optimizer steps, loss tokens and minutes."""
-    lines = ["| stage folder | stage | trained on | optimizer steps | loss tokens | minutes of steps |",
+    """One row per training stage: what it trained on, its optimizer steps, loss tokens and minutes (stage_cost)."""
+    lines = ["| stage folder | stage | trained on | optimizer steps | loss tokens | minutes |",
              "|---|---|---:|---:|---:|---:|"]
     for folder in folders:
         c = stage_cost(folder)
@@ -462,7 +468,7 @@ def main(argv=None) -> str:
     e = sub.add_parser("seeds", help="a setting against its baseline over seeds: per-seed and pooled paired difference")
     e.add_argument("--base", nargs="+", type=Path, required=True, help="each seed's baseline folder, in seed order")
     e.add_argument("--other", nargs="+", type=Path, required=True, help="each seed's setting folder, same order")
-    k = sub.add_parser("costs", help="training stages (folders with metrics.jsonl): steps, loss tokens, minutes")
+    k = sub.add_parser("costs", help="training stages (folders with metrics.jsonl): examples, steps, loss tokens, minutes")
     k.add_argument("folders", nargs="+", type=Path)
     r = sub.add_parser("curve", help="loops (ETO, online PPO or GRPO): reward against episodes and minutes")
     r.add_argument("folders", nargs="+", type=Path)

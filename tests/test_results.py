@@ -380,20 +380,31 @@ def _metrics(folder, records):
 
 
 def test_costs_sum_the_steps_of_a_finished_stage(tmp_path):
-    """Hand-made log: 2 steps of 100 and 250 tokens, 30 s and 90 s; an eval record has no step_time."""
-    _metrics(tmp_path / "ppo", [{"step": 0, "event": "start", "total_steps": 2, "train_episodes": 192},
-                                {"step": 1, "tokens": 100.0, "step_time": 30.0},
-                                {"step": 1, "eval_loss": 0.5},
-                                {"step": 2, "tokens": 250.0, "step_time": 90.0},
-                                {"step": 2, "event": "done", "final": "x"}])
+    """Hand-made log: 2 steps of 100 and 250 tokens (an eval record has none), from t=1000 s to t=1120 s."""
+    _metrics(tmp_path / "ppo", [{"step": 0, "event": "start", "total_steps": 2, "train_episodes": 192, "time": 1000},
+                                {"step": 1, "tokens": 100.0, "step_time": 25.0, "time": 1030},
+                                {"step": 1, "eval_loss": 0.5, "time": 1035},
+                                {"step": 2, "tokens": 250.0, "step_time": 80.0, "time": 1119},
+                                {"step": 2, "event": "done", "final": "x", "time": 1120}])
     assert results.stage_cost(tmp_path / "ppo") == {"stage": "ppo", "trained_on": "192 episodes", "steps": 2,
                                                     "tokens": 350, "minutes": 2.0}
     assert "| ppo | 192 episodes | 2 | 350 | 2.0 |" in results.main(["costs", str(tmp_path / "ppo")])
 
 
+def test_costs_of_a_resumed_stage_leave_out_the_time_after_its_last_kept_record(tmp_path):
+    """Killed after step 1 (t=60 s), resumed at t=200 s: 60 s + 70 s."""
+    _metrics(tmp_path / "dpo", [{"step": 0, "event": "start", "total_steps": 2, "train_pairs": 11, "time": 0},
+                                {"step": 1, "tokens": 10.0, "step_time": 50.0, "time": 60},
+                                {"step": 1, "event": "resume", "checkpoint": "c", "time": 200},
+                                {"step": 2, "tokens": 20.0, "step_time": 50.0, "time": 260},
+                                {"step": 2, "event": "done", "final": "x", "time": 270}])
+    cost = results.stage_cost(tmp_path / "dpo")
+    assert (cost["trained_on"], cost["tokens"], cost["minutes"]) == ("11 pairs", 30, 130 / 60)
+
+
 def test_costs_refuse_an_unfinished_stage(tmp_path):
-    _metrics(tmp_path / "a", [{"step": 0, "event": "start", "total_steps": 2, "train_episodes": 4},
-                              {"step": 1, "tokens": 100.0, "step_time": 30.0}])
+    _metrics(tmp_path / "a", [{"step": 0, "event": "start", "total_steps": 2, "train_episodes": 4, "time": 0},
+                              {"step": 1, "tokens": 100.0, "step_time": 30.0, "time": 30}])
     with pytest.raises(ValueError, match="not finished"):
         results.stage_cost(tmp_path / "a")
     with pytest.raises(ValueError, match="no metrics.jsonl"):
