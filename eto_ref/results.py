@@ -34,6 +34,7 @@ import envs
 from eto_ref.behaviour import pairs_table, purchases_table
 from eto_ref.exploration import TRAJECTORIES, invalid_format_rate, summarize, unmatched_action_rate
 from eto_ref.jsonl import read_jsonl_records, write_json_atomic, write_text_atomic
+from eto_ref.metrics import read_metrics
 from eto_ref.run_dir import RUN_FILE, recorded_identity
 from eto_ref.svg import point_chart
 
@@ -362,7 +363,7 @@ def stage_cost(folder: Path) -> dict:
     path = folder / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{folder}: no metrics.jsonl (not a training stage's folder)")
-    records = read_jsonl_records(path)
+    records = read_metrics(path)
     start = next((r for r in records if r.get("event") == "start"), None)
     if start is None or not any(r.get("event") == "done" for r in records):
         raise ValueError(f"{path}: the stage has not finished (no start or no done record)")
@@ -479,7 +480,7 @@ def main(argv=None) -> str:
         missing = [str(f) for f in args.files if not f.is_file()]
         if missing:
             p.error(f"no such pairs file: {', '.join(missing)}")
-    elif args.command not in ("costs", "curve"):  # these name a folder that is not what they read
+    elif args.command not in ("costs", "curve"):  # stage_cost and curve_table check their own folders
         if args.command == "seeds":
             args.folders = args.base + args.other
         missing = [str(f) for f in args.folders if not (f / TRAJECTORIES).is_file()]
