@@ -40,7 +40,7 @@ class LoopConfig:
     env: str = setting("science", "environment: webshop | household | science | scienceworld")
     env_seed: int = setting(0, "seed of the environment's task generator (which tasks exist)", low=0)
     iterations: int = setting(1, "iterations of explore -> pairs -> DPO -> evaluate (the online RL loop: "
-                                 "collect -> PPO or GRPO -> evaluate)", low=1)
+                                 "collect -> PPO or GRPO -> evaluate); a rerun may raise it", low=1)
     explore_limit: int | None = setting(None, "training tasks explored per iteration, the first of the split "
                                               "(None: all)", low=1)
     eval_limit: int | None = setting(None, "tasks per test split in evaluations (None: all); a rerun may "

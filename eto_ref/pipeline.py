@@ -87,7 +87,9 @@ class PipelineConfig:
         return d
 
 
-GROWABLE = ("loop.eval_limit",)  # a rerun may evaluate more test tasks: each evaluation extends, keeping its episodes
+# What a rerun may raise, keeping what was done: more test tasks (each evaluation extends, keeping its episodes)
+# and more iterations (iteration k's phases depend on k, not on how many follow; the finished ones resume as done).
+GROWABLE = ("loop.eval_limit", "loop.iterations")
 
 
 def log(message: str) -> None:

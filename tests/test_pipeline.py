@@ -114,6 +114,26 @@ def test_a_rerun_may_evaluate_more_tasks_but_not_fewer(tmp_path, monkeypatch):
     assert identity() is None
 
 
+def test_a_rerun_may_add_iterations_but_not_remove_them(tmp_path, monkeypatch):
+    """--iterations may grow on a rerun (the finished iterations resume as done, the new ones run);
+    fewer iterations are refused, and a refused rerun leaves run.json as it was."""
+    from dataclasses import replace
+
+    import eto_ref.pipeline as pipeline
+    from eto_ref.run_dir import RunError
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_phases", lambda cfg, out: ran.append(cfg.loop.iterations))
+    cfg = PipelineConfig(out=str(tmp_path), model="tiny", loop=LoopConfig(iterations=1))
+    iterations = lambda: json.loads((tmp_path / "run.json").read_text())["identity"]["loop"]["iterations"]  # noqa: E731
+    pipeline.run_pipeline(cfg)
+    pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, iterations=3)))
+    assert iterations() == 3 and ran == [1, 3]
+    with pytest.raises(RunError, match=r"loop\.iterations: 3 then, 2 now \(it can only grow\)"):
+        pipeline.run_pipeline(replace(cfg, loop=replace(cfg.loop, iterations=2)))
+    assert iterations() == 3 and ran == [1, 3]
+
+
 def test_how_often_checkpoints_are_saved_is_not_part_of_the_job(tmp_path, monkeypatch):
     """--sft-save-every / --dpo-keep-checkpoints change no result: a rerun may change them."""
     from dataclasses import replace
